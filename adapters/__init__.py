@@ -1,0 +1,1 @@
+"""Built-in modality plugins (installed as ``one_peace.adapters``): text, image, audio, video."""

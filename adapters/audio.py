@@ -1,0 +1,233 @@
+"""Audio modality: raw 16 kHz waveform, wav2vec2-style conv extractor (stride 320), conv positions, 1-D bias."""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from one_peace.config import ModelConfig
+from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
+from one_peace.models.adapter import Adapter, AdapterOutput, check_keep_ids, init_rel_table, require
+from one_peace.models.relpos import bucket_1d, bucket_1d_rows
+
+SAMPLE_RATE = 16000
+CONV_SPEC: tuple[tuple[int, int], ...] = ((10, 5),) + ((3, 2),) * 4 + ((2, 2),) * 2
+
+
+def num_frames(samples: int | torch.Tensor, spec: Sequence[tuple[int, int]] = CONV_SPEC) -> Any:
+    """Frames the conv extractor yields for ``samples`` waveform samples (int or tensor)."""
+    n = samples
+    for k, s in spec:
+        n = (n - k) // s + 1
+    return n
+
+
+class ConvFeatureExtractor(nn.Module):
+    """7 x [Conv1d (no bias) -> LayerNorm over channels -> GELU], then LayerNorm and Linear to the model width."""
+
+    def __init__(self, dim: int, channels: int = 512, spec: Sequence[tuple[int, int]] = CONV_SPEC) -> None:
+        super().__init__()
+        self.spec = tuple(spec)
+        self.convs = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        in_ch = 1
+        for k, s in self.spec:
+            self.convs.append(nn.Conv1d(in_ch, channels, k, s, bias=False))
+            self.norms.append(nn.LayerNorm(channels, eps=1e-5))
+            in_ch = channels
+        self.out_norm = nn.LayerNorm(channels, eps=1e-5)
+        self.proj = nn.Linear(channels, dim)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """``(B, N)`` waveform -> ``(B, T, D)`` frame features."""
+        x = wave.unsqueeze(1)
+        for conv, norm in zip(self.convs, self.norms):
+            x = F.gelu(norm(conv(x).transpose(1, 2)).transpose(1, 2))
+        return self.proj(self.out_norm(x.transpose(1, 2)))
+
+
+class ConvPositions(nn.Module):
+    """Convolutional positional signal: depth x [grouped Conv1d -> LayerNorm (no affine) -> GELU]."""
+
+    def __init__(self, dim: int, depth: int = 5, width: int = 95, groups: int = 16) -> None:
+        super().__init__()
+        k = max(3, width // depth)
+        self.convs = nn.ModuleList(nn.Conv1d(dim, dim, k, padding=k // 2, groups=groups) for _ in range(depth))
+        self.trim = 1 if k % 2 == 0 else 0
+        self.dim = dim
+
+    def forward(self, f: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        """``(B, T, D) -> (B, T, D)``; with ``pad (B, T)`` padded frames are zeroed before every conv."""
+        x = f.transpose(1, 2)
+        keep = None if pad is None else (~pad).unsqueeze(1).to(x.dtype)
+        for conv in self.convs:
+            if keep is not None:
+                x = x * keep
+            x = conv(x)
+            if self.trim:
+                x = x[..., : -self.trim]
+            x = F.gelu(F.layer_norm(x.transpose(1, 2), (self.dim,), eps=1e-5).transpose(1, 2))
+        return x.transpose(1, 2)
+
+
+class AudioAdapter(Adapter):
+    """Waveform -> conv features (+ conv positions) with CLS; 1-D bucketed relative bias.
+
+    Attributes:
+        official_padding: When True, padded frames are *not* masked before the positional convolutions
+            (the official behaviour, needed for parity); when False an item's output never depends on its batch.
+    """
+
+    modality = "audio"
+
+    def __init__(
+        self, dim: int, heads: int, feature_dim: int = 512, bucket_size: int = 512, pos_depth: int = 5,
+        pos_width: int = 95, pos_groups: int = 16,
+    ) -> None:
+        super().__init__()
+        self.bucket_size = bucket_size
+        self.official_padding = False
+        self.feature_extractor = ConvFeatureExtractor(dim, feature_dim)
+        self.positions = ConvPositions(dim, pos_depth, pos_width, pos_groups)
+        self.cls_embedding = nn.Parameter(torch.zeros(1, 1, dim))
+        self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, dim))
+        self.rel_pos_table = init_rel_table(bucket_1d_rows(bucket_size), heads)
+
+    def _frame_mask(self, batch: dict[str, Any], wave: torch.Tensor, frames: int) -> torch.Tensor | None:
+        if "padding_mask" in batch and batch["padding_mask"] is not None:
+            mask = batch["padding_mask"].bool()
+            if mask.shape != (wave.shape[0], frames + 1):
+                raise ValueError(f"audio batch 'padding_mask' must be (B, T+1) = {(wave.shape[0], frames + 1)}, got {tuple(mask.shape)}")
+            return mask
+        if "lengths" in batch and batch["lengths"] is not None:
+            valid = num_frames(batch["lengths"].long().to(wave.device))
+            pos = torch.arange(frames + 1, device=wave.device)
+            return pos[None, :] > valid[:, None]
+        return None
+
+    def _finish(self, f: torch.Tensor, frame_pad: torch.Tensor | None) -> torch.Tensor:
+        p = self.positions(f, None if self.official_padding else frame_pad)
+        b = f.shape[0]
+        x = torch.cat([self.cls_embedding.expand(b, -1, -1), f], dim=1)
+        return x + torch.cat([self.cls_pos_embed.expand(b, -1, -1), p], dim=1)
+
+    def forward(self, batch: dict[str, Any], keep_ids: torch.Tensor | None = None) -> AdapterOutput:
+        """Embed ``batch["waveform"] (B, N)`` with ``padding_mask (B, T+1)`` or ``lengths (B,)`` (optional).
+
+        With ``keep_ids`` the frames are gathered *before* the positional convolutions (official semantics).
+        """
+        wave = require(batch, "waveform", "audio")
+        if wave.dim() != 2:
+            raise ValueError(f"audio batch 'waveform' must be (B, N) at 16 kHz, got {tuple(wave.shape)}")
+        if wave.shape[1] < 400:
+            raise ValueError(f"audio waveform too short: {wave.shape[1]} samples (need >= 400, i.e. one frame)")
+        f = self.feature_extractor(wave)
+        b, t, d = f.shape
+        mask = self._frame_mask(batch, wave, t)
+        full_index = bucket_1d(t + 1, self.bucket_size).to(wave.device)
+        if keep_ids is None:
+            x = self._finish(f, None if mask is None else mask[:, 1:])
+            return AdapterOutput(x, mask if mask is not None and bool(mask.any()) else None, full_index, self.rel_pos_table)
+        keep_ids = check_keep_ids(keep_ids, b, t + 1, "audio adapter")
+        if bool((keep_ids[:, 0] != 0).any()):
+            raise ValueError("audio adapter: keep_ids must keep CLS (position 0) first in every row")
+        k = keep_ids.shape[1]
+        kpad = keep_ids.eq(-1)
+        g = keep_ids.masked_fill(kpad, k - 1)
+        frames = (g[:, 1:] - 1).clamp(min=0)
+        fk = f.gather(1, frames[:, :, None].expand(b, k - 1, d))
+        x = self._finish(fk, kpad[:, 1:])
+        idx = full_index.expand(b, t + 1, t + 1)
+        rel = idx.gather(1, g[:, :, None].expand(b, k, t + 1)).gather(2, g[:, None, :].expand(b, k, k))
+        return AdapterOutput(x, kpad if bool(kpad.any()) else None, rel, self.rel_pos_table)
+
+
+def load_audio(item: Any) -> tuple[np.ndarray, int]:
+    """Decode ``item`` (path, bytes, or ``(array, sample_rate)``) to a float32 ``(N,)`` or ``(N, C)`` array and rate."""
+    import soundfile as sf
+
+    if isinstance(item, tuple) and len(item) == 2:
+        data, sr = item
+        return np.asarray(data, dtype=np.float32), int(sr)
+    try:
+        if isinstance(item, str | Path):
+            data, sr = sf.read(str(item), dtype="float32", always_2d=False)
+        elif isinstance(item, bytes | bytearray | memoryview):
+            data, sr = sf.read(io.BytesIO(bytes(item)), dtype="float32", always_2d=False)
+        else:
+            raise TypeError(f"unsupported audio input type {type(item).__name__} (path, bytes or (array, sample_rate))")
+    except (RuntimeError, sf.LibsndfileError) as exc:
+        raise ValueError(f"cannot decode audio {item if isinstance(item, str | Path) else '<bytes>'}: {exc}") from exc
+    return data, int(sr)
+
+
+def preprocess_audio(item: Any, max_seconds: float = 15.0, min_samples: int = SAMPLE_RATE) -> dict[str, torch.Tensor]:
+    """Official audio preprocessing: mono (channel mean), soxr HQ to 16 kHz, normalise the whole clip, keep 15 s,
+    repeat clips under 1 s; returns ``{"waveform": (N,), "padding_mask": (T+1,)}``."""
+    data, sr = load_audio(item)
+    if data.ndim == 2:
+        data = data.mean(axis=1, dtype=np.float32)
+    if data.size == 0:
+        raise ValueError("audio input has no samples")
+    if not np.isfinite(data).all():
+        raise ValueError("audio input contains NaN or infinity")
+    if sr != SAMPLE_RATE:
+        import soxr
+
+        data = soxr.resample(data, sr, SAMPLE_RATE, quality="HQ").astype(np.float32)
+    wave = torch.from_numpy(np.ascontiguousarray(data))
+    wave = F.layer_norm(wave, wave.shape, eps=1e-5)
+    wave = wave[: int(max_seconds * SAMPLE_RATE)]
+    if wave.numel() < min_samples:
+        wave = wave.repeat(math.ceil(min_samples / wave.numel()))[:min_samples]
+    t = int(num_frames(wave.numel()))
+    return {"waveform": wave, "padding_mask": torch.zeros(t + 1, dtype=torch.bool)}
+
+
+@register_modality
+class AudioModality(ModalityPlugin):
+    """Audio plugin (official ONE-PEACE audio adapter)."""
+
+    name = "audio"
+    defaults = {"feature_dim": 512, "bucket_size": 512, "pos_depth": 5, "pos_width": 95, "pos_groups": 16, "max_seconds": 15.0}
+    masking = MaskingPolicy(kind="span", ratio=0.55, span=5)
+
+    def build_adapter(self, config: ModelConfig, siblings: dict[str, nn.Module]) -> nn.Module:
+        """Build an :class:`AudioAdapter`."""
+        o = self.options(config)
+        adapter = AudioAdapter(config.embed_dim, config.heads, o["feature_dim"], o["bucket_size"], o["pos_depth"], o["pos_width"], o["pos_groups"])
+        adapter.official_padding = config.official_padding
+        return adapter
+
+    def build_preprocessor(self, config: ModelConfig, tokenizer: Any = None) -> Any:
+        """Return ``path/bytes/(array, sr) -> {"waveform", "padding_mask"}``."""
+        max_seconds = self.options(config)["max_seconds"]
+        return lambda item: preprocess_audio(item, max_seconds)
+
+    def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Right-pad waveforms with 0.0 and frame masks with True."""
+        n = max(s["waveform"].numel() for s in samples)
+        t = max(s["padding_mask"].numel() for s in samples)
+        wave = torch.zeros(len(samples), n)
+        mask = torch.ones(len(samples), t, dtype=torch.bool)
+        for i, s in enumerate(samples):
+            wave[i, : s["waveform"].numel()] = s["waveform"]
+            mask[i, : s["padding_mask"].numel()] = s["padding_mask"]
+        return {"waveform": wave, "padding_mask": mask}
+
+    def example_batch(self, config: ModelConfig, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
+        """Random clips of 0.5-1 s at 16 kHz, padded."""
+        rows = []
+        for i in range(batch_size):
+            n = 16000 - (i % 3) * 4000
+            wave = torch.randn(n, generator=generator)
+            rows.append({"waveform": wave, "padding_mask": torch.zeros(int(num_frames(n)) + 1, dtype=torch.bool)})
+        return self.collate(rows)

@@ -1,0 +1,157 @@
+"""Image modality: hMLP stem (stride 16), CLS, learned absolute positions, 2-D BEiT relative bias."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from one_peace.config import ModelConfig
+from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
+from one_peace.models.adapter import Adapter, AdapterOutput, init_rel_table, require
+from one_peace.models.relpos import bucket_2d, bucket_2d_rows
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PATCH = 16
+
+
+class ChannelLayerNorm(nn.Module):
+    """LayerNorm over the channel dim of a ``(B, C, H, W)`` map."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise each pixel's channel vector."""
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class HMLPStem(nn.Module):
+    """Hierarchical MLP stem: conv4/s4 -> LN -> GELU -> conv2/s2 -> LN -> GELU -> conv2/s2 (total stride 16)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        inner = dim // 4
+        self.conv1 = nn.Conv2d(3, inner, 4, 4)
+        self.norm1 = ChannelLayerNorm(inner)
+        self.conv2 = nn.Conv2d(inner, inner, 2, 2)
+        self.norm2 = ChannelLayerNorm(inner)
+        self.conv3 = nn.Conv2d(inner, dim, 2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W) -> (B, D, H/16, W/16)``."""
+        x = F.gelu(self.norm1(self.conv1(x)))
+        x = F.gelu(self.norm2(self.conv2(x)))
+        return self.conv3(x)
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Bicubic-resize the patch rows of ``pos_embed (1+G*G, D)`` to ``grid`` (CLS row kept), as the official code."""
+    n, d = pos_embed.shape
+    src = int(round((n - 1) ** 0.5))
+    if (src, src) == tuple(grid):
+        return pos_embed
+    patches = pos_embed[1:].reshape(1, src, src, d).permute(0, 3, 1, 2)
+    resized = F.interpolate(patches.float(), size=grid, mode="bicubic", align_corners=False).to(pos_embed.dtype)
+    return torch.cat([pos_embed[:1], resized.permute(0, 2, 3, 1).reshape(grid[0] * grid[1], d)], dim=0)
+
+
+class ImageAdapter(Adapter):
+    """hMLP stem + CLS + absolute positions (resized for other resolutions) + 2-D relative bias."""
+
+    modality = "image"
+
+    def __init__(self, dim: int, heads: int, bucket_size: int = 16, rel_bucket_size: int = 16) -> None:
+        super().__init__()
+        self.rel_grid = rel_bucket_size
+        self.stem = HMLPStem(dim)
+        self.cls_embedding = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.randn(bucket_size * bucket_size + 1, dim) * 0.02)
+        self.rel_pos_table = init_rel_table(bucket_2d_rows(rel_bucket_size), heads)
+
+    def patch_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Stem output flattened row-major: ``(N, H/16*W/16, D)`` and the grid."""
+        feats = self.stem(pixels)
+        grid = (feats.shape[2], feats.shape[3])
+        return feats.flatten(2).transpose(1, 2), grid
+
+    def embed(self, batch: dict[str, Any]) -> AdapterOutput:
+        """Embed ``batch["pixels"] (B, 3, H, W)`` (H, W multiples of 16) into ``(B, 1+HW/256, D)``."""
+        pixels = require(batch, "pixels", "image")
+        if pixels.dim() != 4 or pixels.shape[1] != 3:
+            raise ValueError(f"image batch 'pixels' must be (B, 3, H, W), got {tuple(pixels.shape)}")
+        if pixels.shape[2] % PATCH or pixels.shape[3] % PATCH:
+            raise ValueError(f"image size {tuple(pixels.shape[2:])} must be a multiple of {PATCH} on both sides")
+        patches, grid = self.patch_tokens(pixels)
+        b = patches.shape[0]
+        pos = resize_pos_embed(self.pos_embed, grid)
+        x = torch.cat([self.cls_embedding.expand(b, -1, -1), patches], dim=1) + pos
+        index = bucket_2d(grid[0], grid[1], self.rel_grid).to(pixels.device)
+        return AdapterOutput(x, None, index, self.rel_pos_table)
+
+
+def load_image(item: Any) -> Any:
+    """Open ``item`` (path, bytes, PIL image, HWC uint8 array) as an RGB PIL image, with a clear error."""
+    from PIL import Image
+
+    try:
+        if isinstance(item, Image.Image):
+            img = item
+        elif isinstance(item, str | Path):
+            img = Image.open(item)
+            img.load()
+        elif isinstance(item, bytes | bytearray | memoryview):
+            img = Image.open(io.BytesIO(bytes(item)))
+            img.load()
+        elif isinstance(item, np.ndarray):
+            img = Image.fromarray(item)
+        else:
+            raise TypeError(f"unsupported image input type {type(item).__name__} (path, bytes, PIL image or array)")
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot decode image {str(item)[:120] if isinstance(item, str | Path) else '<bytes>'}: {exc}") from exc
+    return img.convert("RGB")
+
+
+def preprocess_image(item: Any, size: int = 256) -> torch.Tensor:
+    """Official image preprocessing: RGB, bicubic resize to ``size x size`` (no crop), CLIP mean/std."""
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    img = load_image(item).resize((size, size), Image.BICUBIC)
+    return TF.normalize(TF.to_tensor(img), CLIP_MEAN, CLIP_STD)
+
+
+@register_modality
+class ImageModality(ModalityPlugin):
+    """Image plugin (official ONE-PEACE vision adapter)."""
+
+    name = "image"
+    defaults = {"image_size": 256, "bucket_size": 16}
+    masking = MaskingPolicy(kind="random", ratio=0.75)
+
+    def build_adapter(self, config: ModelConfig, siblings: dict[str, nn.Module]) -> nn.Module:
+        """Build an :class:`ImageAdapter` whose relative grid matches ``image_size``."""
+        o = self.options(config)
+        return ImageAdapter(config.embed_dim, config.heads, o["bucket_size"], o.get("rel_bucket_size", o["image_size"] // PATCH))
+
+    def build_preprocessor(self, config: ModelConfig, tokenizer: Any = None) -> Any:
+        """Return ``path/bytes/PIL/array -> {"pixels": (3, S, S)}``."""
+        size = self.options(config)["image_size"]
+        return lambda item: {"pixels": preprocess_image(item, size)}
+
+    def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Stack images (all of one size)."""
+        return {"pixels": torch.stack([s["pixels"] for s in samples])}
+
+    def example_batch(self, config: ModelConfig, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
+        """Random normalised pixels at the configured size."""
+        size = self.options(config)["image_size"]
+        return {"pixels": torch.randn(batch_size, 3, size, size, generator=generator)}

@@ -1,0 +1,225 @@
+"""Text modality: GPT-2 byte-level BPE, learned CLS and absolute positions, 1-D bucketed relative bias."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from one_peace.config import ModelConfig
+from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
+from one_peace.models.adapter import Adapter, AdapterOutput, init_rel_table, require
+from one_peace.models.relpos import bucket_1d, bucket_1d_rows
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 1, 0, 2, 3
+BPE_FILES = ("encoder.json", "vocab.bpe", "dict.txt")
+
+
+class TextTokenizer:
+    """Official ONE-PEACE text tokenisation (``' ' + text.lower()`` -> GPT-2 BPE -> fairseq ids).
+
+    Built either from the official BPE files (``encoder.json``, ``vocab.bpe``, ``dict.txt`` in a folder the
+    user points to) or from a ``tokenizer.json`` trained with the ``tokenizers`` library (ids are then used
+    directly, shifted past the four special ids).
+
+    Args:
+        tokenizer: A ``tokenizers.Tokenizer`` doing byte-level BPE.
+        id_map: GPT-2 id -> fairseq dictionary id (official files); ``None`` for trained tokenizers.
+        max_tokens: Tokens kept before EOS (official: 70).
+        source: Where the files came from (for messages and for :meth:`save`).
+    """
+
+    def __init__(self, tokenizer: Any, id_map: dict[int, int] | None, max_tokens: int = 70, source: Path | None = None):
+        self.tokenizer = tokenizer
+        self.id_map = id_map
+        self.max_tokens = max_tokens
+        self.source = source
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the id space (embedding rows needed)."""
+        if self.id_map is not None:
+            return max(self.id_map.values()) + 1
+        return int(self.tokenizer.get_vocab_size()) + 4
+
+    @classmethod
+    def from_bpe_dir(cls, bpe_dir: str | Path, max_tokens: int = 70) -> TextTokenizer:
+        """Load the official GPT-2 BPE files from ``bpe_dir``.
+
+        Raises:
+            FileNotFoundError: a required file is missing (the message names it).
+        """
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        bpe_dir = Path(bpe_dir)
+        for name in BPE_FILES:
+            if not (bpe_dir / name).is_file():
+                raise FileNotFoundError(f"text tokenizer: {bpe_dir / name} not found (bpe_dir needs {', '.join(BPE_FILES)})")
+        tok = Tokenizer(models.BPE.from_file(str(bpe_dir / "encoder.json"), str(bpe_dir / "vocab.bpe")))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        id_map: dict[int, int] = {}
+        with open(bpe_dir / "dict.txt", encoding="utf-8") as fh:
+            for line_no, line in enumerate(fh):
+                word = line.rsplit(" ", 1)[0].strip()
+                if word.lstrip("-").isdigit():
+                    id_map[int(word)] = 4 + line_no
+        if not id_map:
+            raise ValueError(f"text tokenizer: {bpe_dir / 'dict.txt'} holds no 'GPT2-ID COUNT' lines")
+        return cls(tok, id_map, max_tokens, bpe_dir)
+
+    @classmethod
+    def from_file(cls, path: str | Path, max_tokens: int = 70) -> TextTokenizer:
+        """Load a trained ``tokenizer.json`` (from :meth:`train` or the ``tokenizers`` library)."""
+        from tokenizers import Tokenizer
+
+        return cls(Tokenizer.from_file(str(path)), None, max_tokens, Path(path))
+
+    @classmethod
+    def train(cls, texts: Sequence[str], vocab_size: int = 2000, max_tokens: int = 70) -> TextTokenizer:
+        """Train a byte-level BPE on ``texts`` (for runs from scratch; no outside files needed)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        )
+        tok.train_from_iterator((" " + t.lower() for t in texts), trainer=trainer)
+        return cls(tok, None, max_tokens)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one string: at most ``max_tokens`` ids followed by EOS."""
+        if not isinstance(text, str):
+            raise TypeError(f"text input must be a str, got {type(text).__name__}")
+        raw = self.tokenizer.encode(" " + text.lower(), add_special_tokens=False).ids
+        ids = [self.id_map.get(i, UNK_ID) for i in raw] if self.id_map is not None else [i + 4 for i in raw]
+        return ids[: self.max_tokens] + [EOS_ID]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Inverse of :meth:`encode` (special ids dropped)."""
+        if self.id_map is not None:
+            inv = getattr(self, "_inv", None)
+            if inv is None:
+                inv = {v: k for k, v in self.id_map.items()}
+                self._inv = inv
+            raw = [inv[i] for i in ids if i in inv]
+        else:
+            raw = [i - 4 for i in ids if i >= 4]
+        return str(self.tokenizer.decode(raw)).strip()
+
+    def save(self, folder: str | Path) -> dict[str, Any]:
+        """Write the tokenizer files into ``folder``; returns the config entry describing them."""
+        folder = Path(folder)
+        if self.id_map is not None:
+            if self.source is None:
+                raise ValueError("cannot save an official BPE tokenizer without its source folder")
+            for name in BPE_FILES:
+                shutil.copyfile(Path(self.source) / name, folder / name)
+            return {"kind": "gpt2_bpe", "files": list(BPE_FILES), "max_tokens": self.max_tokens}
+        self.tokenizer.save(str(folder / "tokenizer.json"))
+        return {"kind": "tokenizers", "files": ["tokenizer.json"], "max_tokens": self.max_tokens}
+
+    @classmethod
+    def from_config(cls, folder: str | Path, entry: dict[str, Any]) -> TextTokenizer:
+        """Load what :meth:`save` wrote, given its config entry."""
+        if entry.get("kind") == "gpt2_bpe":
+            return cls.from_bpe_dir(folder, entry.get("max_tokens", 70))
+        if entry.get("kind") == "tokenizers":
+            return cls.from_file(Path(folder) / "tokenizer.json", entry.get("max_tokens", 70))
+        raise ValueError(f"{folder}/config.json: unknown tokenizer kind {entry.get('kind')!r}")
+
+    def __repr__(self) -> str:
+        return f"TextTokenizer(vocab_size={self.vocab_size}, max_tokens={self.max_tokens}, source={self.source})"
+
+
+class TextAdapter(Adapter):
+    """Token embedding + learned CLS + learned absolute positions; 1-D bucketed relative bias."""
+
+    modality = "text"
+
+    def __init__(self, dim: int, heads: int, vocab_size: int, max_positions: int, bucket_size: int, pad_id: int) -> None:
+        super().__init__()
+        self.pad_id = pad_id
+        self.bucket_size = bucket_size
+        self.embed_tokens = nn.Embedding(vocab_size, dim, padding_idx=pad_id)
+        nn.init.normal_(self.embed_tokens.weight, std=dim**-0.5)
+        with torch.no_grad():
+            self.embed_tokens.weight[pad_id].zero_()
+        self.cls_embedding = nn.Parameter(torch.zeros(1, 1, dim))
+        self.embed_positions = nn.Embedding(max_positions, dim)
+        nn.init.normal_(self.embed_positions.weight, std=dim**-0.5)
+        self.rel_pos_table = init_rel_table(bucket_1d_rows(bucket_size), heads)
+
+    def embed(self, batch: dict[str, Any]) -> AdapterOutput:
+        """Embed ``batch["tokens"] (B, L)`` (right-padded with ``pad_id``) into ``(B, L+1, D)``."""
+        tokens = require(batch, "tokens", "text")
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"text batch 'tokens' must be an integer (B, L) tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+        b, length = tokens.shape
+        if length + 1 > self.embed_positions.num_embeddings:
+            raise ValueError(
+                f"text batch has {length} tokens (+CLS) but the model has {self.embed_positions.num_embeddings} positions"
+            )
+        if int(tokens.max()) >= self.embed_tokens.num_embeddings or int(tokens.min()) < 0:
+            raise ValueError(f"text token ids must lie in [0, {self.embed_tokens.num_embeddings}), got max {int(tokens.max())}")
+        x = torch.cat([self.cls_embedding.expand(b, -1, -1), self.embed_tokens(tokens)], dim=1)
+        x = x + self.embed_positions.weight[: length + 1]
+        pad = tokens.eq(self.pad_id)
+        mask = torch.cat([pad.new_zeros(b, 1), pad], dim=1) if bool(pad.any()) else None
+        index = bucket_1d(length + 1, self.bucket_size).to(tokens.device)
+        return AdapterOutput(x, mask, index, self.rel_pos_table)
+
+
+@register_modality
+class TextModality(ModalityPlugin):
+    """Text plugin: GPT-2 byte-level BPE tokens (official files or a trained ``tokenizers`` BPE)."""
+
+    name = "text"
+    defaults = {"vocab_size": 50264, "max_positions": 514, "bucket_size": 256, "pad_id": PAD_ID, "max_tokens": 70}
+    masking = MaskingPolicy(kind="whole_word", ratio=0.15)
+
+    def build_adapter(self, config: ModelConfig, siblings: dict[str, nn.Module]) -> nn.Module:
+        """Build a :class:`TextAdapter`."""
+        o = self.options(config)
+        return TextAdapter(config.embed_dim, config.heads, o["vocab_size"], o["max_positions"], o["bucket_size"], o["pad_id"])
+
+    def build_preprocessor(self, config: ModelConfig, tokenizer: Any = None) -> Any:
+        """Return ``str -> {"tokens": LongTensor}`` using ``tokenizer`` (required)."""
+        if tokenizer is None:
+            raise ValueError(
+                "text preprocessing needs a tokenizer: pass bpe_dir=... to one_peace.load, or set model.tokenizer "
+                "(one_peace.adapters.text.TextTokenizer.from_bpe_dir / from_file / train)"
+            )
+
+        def preprocess(text: Any) -> dict[str, Any]:
+            return {"tokens": torch.tensor(tokenizer.encode(text), dtype=torch.long)}
+
+        return preprocess
+
+    def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Right-pad token sequences with the pad id (1)."""
+        seqs = [s["tokens"] for s in samples]
+        longest = max(len(s) for s in seqs)
+        out = torch.full((len(seqs), longest), PAD_ID, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            out[i, : len(s)] = s
+        return {"tokens": out}
+
+    def example_batch(self, config: ModelConfig, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
+        """Random token rows of different lengths (EOS-terminated, right-padded)."""
+        o = self.options(config)
+        vocab = o["vocab_size"]
+        longest = 12
+        rows = []
+        for i in range(batch_size):
+            n = max(2, longest - (i % 4) * 3)
+            ids = torch.randint(4, vocab, (n - 1,), generator=generator)
+            rows.append({"tokens": torch.cat([ids, torch.tensor([EOS_ID])])})
+        return self.collate(rows)
+

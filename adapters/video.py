@@ -1,0 +1,138 @@
+"""Video modality: sampled frames through the image stem and image FFNs, plus a learned temporal embedding.
+
+The video adapter reuses the image adapter's stem, CLS, absolute positions and relative table (it holds a
+reference, so no weight is stored twice) and adds only ``temporal_embed``. Video tokens go through the
+image FFNs, final LayerNorm and head (``shares = "image"``), so the 4B model keeps 3 FFNs per layer.
+Zero-initialised, the temporal embedding makes a one-frame video encode exactly like the image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from one_peace.config import ModelConfig
+from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
+from one_peace.models.adapter import Adapter, AdapterOutput, require
+from one_peace.models.relpos import bucket_2d
+
+from .image import ImageAdapter, preprocess_image, resize_pos_embed
+
+
+class VideoAdapter(Adapter):
+    """Frames ``(B, F, 3, H, W)`` -> ``[CLS, frame0 patches, frame1 patches, ...]`` tokens."""
+
+    modality = "video"
+
+    def __init__(self, image: ImageAdapter, dim: int, max_frames: int = 64) -> None:
+        super().__init__()
+        object.__setattr__(self, "_image", image)  # shared, not re-registered (no duplicate weights)
+        self.temporal_embed = nn.Parameter(torch.zeros(max_frames, dim))
+
+    @property
+    def image(self) -> ImageAdapter:
+        """The image adapter whose stem and positions this adapter shares."""
+        return self._image  # type: ignore[no-any-return]
+
+    def embed(self, batch: dict[str, Any]) -> AdapterOutput:
+        """Embed ``batch["frames"] (B, F, 3, H, W)`` with optional ``frame_mask (B, F)`` (True = padded frame)."""
+        frames = require(batch, "frames", "video")
+        if frames.dim() != 5 or frames.shape[2] != 3:
+            raise ValueError(f"video batch 'frames' must be (B, F, 3, H, W), got {tuple(frames.shape)}")
+        b, nf = frames.shape[:2]
+        if nf > self.temporal_embed.shape[0]:
+            raise ValueError(f"video has {nf} frames but the model supports at most {self.temporal_embed.shape[0]}")
+        patches, grid = self.image.patch_tokens(frames.flatten(0, 1))
+        p, d = patches.shape[1], patches.shape[2]
+        pos = resize_pos_embed(self.image.pos_embed, grid)
+        x = patches.view(b, nf, p, d) + pos[1:] + self.temporal_embed[:nf, None, :]
+        cls = (self.image.cls_embedding + pos[0]).expand(b, 1, d)
+        x = torch.cat([cls, x.reshape(b, nf * p, d)], dim=1)
+        mask = None
+        frame_mask = batch.get("frame_mask")
+        if frame_mask is not None and bool(frame_mask.any()):
+            mask = torch.cat([frame_mask.new_zeros(b, 1), frame_mask.bool().repeat_interleave(p, dim=1)], dim=1)
+        img_index = bucket_2d(grid[0], grid[1], self.image.rel_grid).to(frames.device)
+        index = torch.empty(1 + nf * p, 1 + nf * p, dtype=img_index.dtype, device=frames.device)
+        index[1:, 1:] = img_index[1:, 1:].repeat(nf, nf)
+        index[0, :] = img_index[0, 1]
+        index[:, 0] = img_index[1, 0]
+        index[0, 0] = img_index[0, 0]
+        return AdapterOutput(x, mask, index, self.image.rel_pos_table)
+
+
+def sample_frame_indices(total: int, num: int) -> list[int]:
+    """``num`` indices spread uniformly over ``total`` frames (segment centres)."""
+    if total <= 0:
+        raise ValueError("video has no frames")
+    return [min(total - 1, int((i + 0.5) * total / num)) for i in range(num)]
+
+
+def load_video_frames(item: Any, num_frames: int) -> list[Any]:
+    """Frames of a video: a folder of images, a list of images/paths, or a file decoded with PyAV."""
+    if isinstance(item, list | tuple):
+        frames = list(item)
+    elif isinstance(item, str | Path) and Path(item).is_dir():
+        exts = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+        frames = sorted(p for p in Path(item).iterdir() if p.suffix.lower() in exts)
+        if not frames:
+            raise ValueError(f"video folder {item} holds no image frames")
+    else:
+        try:
+            import av
+        except ImportError as exc:
+            raise ImportError("decoding video files needs PyAV: pip install 'one-peace[video]'") from exc
+        try:
+            with av.open(str(item) if isinstance(item, str | Path) else item) as container:
+                frames = [f.to_image() for f in container.decode(video=0)]
+        except Exception as exc:
+            raise ValueError(f"cannot decode video {item}: {exc}") from exc
+    return [frames[i] for i in sample_frame_indices(len(frames), num_frames)]
+
+
+@register_modality
+class VideoModality(ModalityPlugin):
+    """Video plugin: uniform frame sampling, image stem/FFNs/head, learned temporal embedding."""
+
+    name = "video"
+    shares = "image"
+    requires = ("image",)
+    defaults = {"num_frames": 8, "max_frames": 64}
+    masking = MaskingPolicy(kind="random", ratio=0.75)
+
+    def build_adapter(self, config: ModelConfig, siblings: dict[str, nn.Module]) -> nn.Module:
+        """Build a :class:`VideoAdapter` over the already built image adapter."""
+        image = siblings.get("image")
+        if not isinstance(image, ImageAdapter):
+            raise ValueError("video modality needs the image modality's adapter (add 'image' to modalities)")
+        return VideoAdapter(image, config.embed_dim, self.options(config)["max_frames"])
+
+    def build_preprocessor(self, config: ModelConfig, tokenizer: Any = None) -> Any:
+        """Return ``video -> {"frames": (F, 3, S, S)}`` (file via PyAV, folder of frames, or list of images)."""
+        n = self.options(config)["num_frames"]
+        size = config.modality_options.get("image", {}).get("image_size", 256)
+
+        def preprocess(item: Any) -> dict[str, Any]:
+            return {"frames": torch.stack([preprocess_image(f, size) for f in load_video_frames(item, n)])}
+
+        return preprocess
+
+    def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Pad frame sequences (zeros) and mark padded frames in ``frame_mask``."""
+        nf = max(s["frames"].shape[0] for s in samples)
+        shape = samples[0]["frames"].shape[1:]
+        frames = torch.zeros(len(samples), nf, *shape)
+        mask = torch.ones(len(samples), nf, dtype=torch.bool)
+        for i, s in enumerate(samples):
+            frames[i, : s["frames"].shape[0]] = s["frames"]
+            mask[i, : s["frames"].shape[0]] = False
+        return {"frames": frames, "frame_mask": mask}
+
+    def example_batch(self, config: ModelConfig, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
+        """Random 2-frame clips at the image size."""
+        size = config.modality_options.get("image", {}).get("image_size", 256)
+        return {"frames": torch.randn(batch_size, 2, 3, size, size, generator=generator)}

@@ -1,0 +1,88 @@
+"""one-peace: any-modality representation learning in the style of ONE-PEACE.
+
+Importing this package gives the inference surface only (model, registry, checkpoints); the trainer,
+Hydra and the data pipeline are imported by their own modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from one_peace.config import SIZES, ModelConfig, model_config
+from one_peace.registry import (
+    MaskingPolicy,
+    ModalityPlugin,
+    PluginError,
+    get_plugin,
+    list_modalities,
+    register_modality,
+)
+from one_peace.models.encoder import EncoderOutput, OnePeaceModel, build_model, count_parameters
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+__version__ = "0.1.0"
+
+
+def example_inputs(
+    modalities: Sequence[str] = ("text", "image", "audio"),
+    batch_size: int = 2,
+    config: ModelConfig | None = None,
+    seed: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """A ready batch dict ``{modality: batch}`` of small random inputs for docs, tests and benchmarks.
+
+    Args:
+        modalities: Modalities to include (any registered plugin).
+        batch_size: Samples per modality.
+        config: Model config whose options (vocabulary, image size) the inputs must fit; tiny defaults if None.
+        seed: Seed of the generator, so calls are reproducible.
+    """
+    if config is None:
+        config = model_config("tiny", tuple(modalities))
+    gen = torch.Generator().manual_seed(seed)
+    return {m: get_plugin(m).example_batch(config, batch_size, gen) for m in modalities}
+
+
+def load(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    bpe_dir: str | Path | None = None,
+    **kwargs: Any,
+) -> OnePeaceModel:
+    """Load an official ONE-PEACE checkpoint file or one of our checkpoint folders (see :mod:`one_peace.checkpoint`)."""
+    from one_peace.checkpoint import load as _load
+
+    return _load(path, dtype=dtype, device=device, bpe_dir=bpe_dir, **kwargs)
+
+
+def save(model: OnePeaceModel, folder: str | Path) -> Path:
+    """Write ``model`` as a checkpoint folder (safetensors + ``config.json`` + tokenizer files)."""
+    from one_peace.checkpoint import save as _save
+
+    return _save(model, folder)
+
+
+__all__ = [
+    "SIZES",
+    "EncoderOutput",
+    "MaskingPolicy",
+    "ModalityPlugin",
+    "ModelConfig",
+    "OnePeaceModel",
+    "PluginError",
+    "build_model",
+    "count_parameters",
+    "example_inputs",
+    "get_plugin",
+    "list_modalities",
+    "load",
+    "model_config",
+    "register_modality",
+    "save",
+]

@@ -1,0 +1,267 @@
+"""Checkpoints: our folder format (safetensors + ``config.json``) and official ONE-PEACE ``.pt`` files.
+
+Folder contract (shared by the trainer, the converter and :func:`load`):
+``config.json`` (format version, model config, tokenizer entry), ``model.safetensors`` or shards
+``model-0000i-of-0000N.safetensors`` + ``model.safetensors.index.json``, the tokenizer files, and optionally
+``pretrain_decoder.safetensors`` (official decoder keys, unchanged) and ``training_state/``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from one_peace.checkpoint.official import (
+    IGNORED,
+    infer_config,
+    interpolate_image_table,
+    is_ignored,
+    is_pretrain_key,
+    looks_official,
+    map_official_key,
+)
+from one_peace.checkpoint.safe_pickle import CheckpointError, safe_torch_load
+from one_peace.config import CONFIG_FORMAT_VERSION, ModelConfig
+from one_peace.models.encoder import OnePeaceModel
+
+__all__ = ["IGNORED", "CheckpointError", "load", "load_official", "official_state_items", "save"]
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+PRETRAIN = "pretrain_decoder.safetensors"
+
+
+# ------------------------------------------------------------------------------------------------ our folders
+def save(model: OnePeaceModel, folder: str | Path, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model`` into ``folder`` atomically (a temp folder renamed into place).
+
+    Args:
+        model: The model; its tokenizer (if any) is saved beside the weights.
+        folder: Destination; replaced if it exists.
+        extra_tensors: Optional pretraining-only tensors written to ``pretrain_decoder.safetensors``.
+    """
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        if extra_tensors:
+            save_file({k: v.contiguous() for k, v in extra_tensors.items()}, str(tmp / PRETRAIN))
+        write_config(tmp, model.config, model.tokenizer)
+        _replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def write_config(folder: Path, config: ModelConfig, tokenizer: Any, **extra: Any) -> None:
+    """Write ``config.json`` (and the tokenizer files) into ``folder``."""
+    entry = tokenizer.save(folder) if tokenizer is not None else None
+    doc = {"format_version": CONFIG_FORMAT_VERSION, "library": "one-peace", "model": config.to_dict(), "tokenizer": entry, **extra}
+    (folder / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def _replace_dir(tmp: Path, folder: Path) -> None:
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+        folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(folder)
+
+
+def _read_folder_config(folder: Path) -> dict[str, Any]:
+    path = folder / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: not a one-peace checkpoint folder (no config.json)")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON: {exc}") from None
+    if not isinstance(doc, dict) or "model" not in doc:
+        raise CheckpointError(f"{path}: missing the 'model' section")
+    version = doc.get("format_version")
+    if version != CONFIG_FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version!r} is not supported (expected {CONFIG_FORMAT_VERSION})")
+    return doc
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    if (folder / WEIGHTS).is_file():
+        return [folder / WEIGHTS]
+    if (folder / INDEX).is_file():
+        index = json.loads((folder / INDEX).read_text())
+        return [folder / name for name in sorted(set(index["weight_map"].values()))]
+    raise CheckpointError(f"{folder}: no {WEIGHTS} or {INDEX}")
+
+
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import SafetensorError, safe_open
+
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as fh:
+                for key in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    yield key, fh.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{f}: unreadable safetensors file (truncated or corrupted?): {exc}") from None
+
+
+def _build_meta(config: ModelConfig) -> OnePeaceModel:
+    with torch.device("meta"):
+        return OnePeaceModel(config)
+
+
+def _assign(model: OnePeaceModel, items: Iterator[tuple[str, torch.Tensor]], source: str, dtype: torch.dtype | None,
+            device: str | torch.device, rename: Any = None) -> None:
+    """Stream tensors into a meta-built model, checking names and shapes, then verify nothing is left unset."""
+    params = dict(model.named_parameters())
+    seen: set[str] = set()
+    for key, tensor in items:
+        name = rename(key) if rename else key
+        if name is None:
+            continue
+        if name not in params:
+            raise CheckpointError(f"{source}: unexpected key {key!r} (no such parameter in the model)")
+        p = params[name]
+        if tuple(tensor.shape) != tuple(p.shape):
+            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(p.shape)}")
+        target_dtype = dtype or (torch.float32 if tensor.is_floating_point() else tensor.dtype)
+        value = tensor.to(device=device, dtype=target_dtype)
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        setattr(module, attr, torch.nn.Parameter(value, requires_grad=p.requires_grad))
+        seen.add(name)
+    missing = sorted(set(params) - seen)
+    if missing:
+        raise CheckpointError(f"{source}: missing weights for {len(missing)} parameter(s): {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+
+
+def _load_folder(folder: Path, dtype: torch.dtype | None, device: str | torch.device, official_padding: bool | None,
+                 bpe_dir: str | Path | None) -> OnePeaceModel:
+    from one_peace.adapters.text import TextTokenizer
+
+    doc = _read_folder_config(folder)
+    try:
+        config = ModelConfig.from_dict(doc["model"], source=str(folder / "config.json"))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{folder / 'config.json'}: invalid model section: {exc}") from None
+    model = _build_meta(config)
+    _assign(model, _iter_safetensors(_weight_files(folder)), str(folder), dtype, device)
+    if doc.get("tokenizer"):
+        model.tokenizer = TextTokenizer.from_config(folder, doc["tokenizer"])
+    if bpe_dir is not None:
+        model.tokenizer = TextTokenizer.from_bpe_dir(bpe_dir)
+    if official_padding is not None:
+        model.official_padding = official_padding
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------- official files
+def read_official(path: str | Path, mmap: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Read an official checkpoint safely; returns ``(state_dict, cfg)`` (cfg may be ``None``)."""
+    data = safe_torch_load(path, mmap=mmap)
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        state, cfg = data["model"], data.get("cfg")
+        if cfg is None and isinstance(data.get("args"), dict):
+            cfg = {"model": {"encoder": {}}, "task": data["args"]}
+    elif isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values()):
+        state, cfg = data, None
+    else:
+        raise CheckpointError(f"{path}: expected a dict with a 'model' state dict (fairseq layout) or a plain state dict")
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entry {bad[0]!r} of the state dict is not a tensor")
+    if not looks_official(state):
+        raise CheckpointError(f"{path}: no 'encoder_wrapper.*' keys: not an official ONE-PEACE checkpoint (keys start with {sorted(state)[:3]})")
+    return state, cfg if isinstance(cfg, dict) else None
+
+
+def official_state_items(state: dict[str, torch.Tensor], config: ModelConfig, extra: dict[str, Any], source: str,
+                         unknown: list[str], pretrain: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(our_name, tensor)`` for an official state dict, interpolating the image table if the size changed.
+
+    Unknown keys are appended to ``unknown``; pretraining-only keys go to ``pretrain`` when given.
+    """
+    want_grid = config.modality_options.get("image", {}).get("rel_bucket_size")
+    for key in list(state):
+        tensor = state[key]
+        if is_ignored(key):
+            continue
+        if is_pretrain_key(key):
+            if pretrain is not None:
+                pretrain[key] = tensor
+            continue
+        name = map_official_key(key)
+        if name is None:
+            unknown.append(key)
+            continue
+        if name == "adapters.image.rel_pos_table" and want_grid and want_grid != extra.get("checkpoint_image_grid"):
+            tensor = interpolate_image_table(tensor.float(), extra["checkpoint_image_grid"], want_grid)
+        yield name, tensor
+
+
+def load_official(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                  bpe_dir: str | Path | None = None, image_size: int | None = None,
+                  official_padding: bool | None = None, strict: bool = True) -> OnePeaceModel:
+    """Load an official ONE-PEACE ``.pt`` checkpoint (safe unpickling) into our model.
+
+    Args:
+        path: The official file (``{"cfg": ..., "model": state_dict}`` or a bare state dict).
+        dtype: Floating dtype of the loaded weights (default float32, whatever the file stores).
+        device: Where the weights go.
+        bpe_dir: Folder with ``encoder.json``, ``vocab.bpe``, ``dict.txt`` for text preprocessing.
+        image_size: Run images at this size (e.g. 384): positions are resized at run time and the relative
+            table interpolated at load time, as the official code does.
+        official_padding: Reproduce the official padding leaks (default False).
+        strict: Fail on unknown keys (otherwise they are reported as a warning).
+    """
+    import warnings
+
+    from one_peace.adapters.text import TextTokenizer
+
+    state, cfg = read_official(path)
+    try:
+        config, extra = infer_config(state, cfg, str(path))
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    if image_size is not None and "image" in config.modalities:
+        config.modality_options["image"].update(image_size=image_size, rel_bucket_size=image_size // 16)
+    model = _build_meta(config)
+    unknown: list[str] = []
+    _assign(model, official_state_items(state, config, extra, str(path), unknown), str(path), dtype, device)
+    if unknown:
+        msg = f"{path}: unknown key(s) not used by the model: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}"
+        if strict:
+            raise CheckpointError(msg)
+        warnings.warn(msg, stacklevel=2)
+    if bpe_dir is not None:
+        model.tokenizer = TextTokenizer.from_bpe_dir(bpe_dir, config.modality_options.get("text", {}).get("max_tokens", 70))
+    if official_padding is not None:
+        model.official_padding = official_padding
+    return model.eval()
+
+
+def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+         bpe_dir: str | Path | None = None, **kwargs: Any) -> OnePeaceModel:
+    """Load a checkpoint folder of ours or an official ONE-PEACE file (see :func:`load_official` for kwargs)."""
+    path = Path(path)
+    if path.is_dir():
+        allowed = {"official_padding"}
+        bad = set(kwargs) - allowed
+        if bad:
+            raise TypeError(f"load(folder) got unexpected keyword(s) {sorted(bad)}")
+        return _load_folder(path, dtype, device, kwargs.get("official_padding"), bpe_dir)
+    return load_official(path, dtype=dtype, device=device, bpe_dir=bpe_dir, **kwargs)

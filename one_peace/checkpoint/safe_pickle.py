@@ -1,0 +1,139 @@
+"""Reading official ``.pt`` files safely: ``torch.load(weights_only=True)`` plus an explicit allow-list.
+
+fairseq checkpoints pickle their config as omegaconf ``DictConfig``/``ListConfig`` objects or an argparse
+``Namespace``. Those classes are *not* imported or executed: each allowed global name is mapped to an inert
+stand-in defined here, and the stand-ins are turned into plain dicts, lists and scalars afterwards. Any other
+global (``os.system``, arbitrary classes, numpy objects ...) makes the load fail with a message naming it.
+There is no fallback to unrestricted unpickling.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read or does not fit the model; the message names the file (and key)."""
+
+
+class _Stub:
+    """Inert object created for an allowed global; keeps the pickled state and nothing else."""
+
+    kind = "object"
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+        self.state: Any = None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _DictConfigStub(_Stub):
+    kind = "dictconfig"
+
+
+class _ListConfigStub(_Stub):
+    kind = "listconfig"
+
+
+class _NodeStub(_Stub):
+    kind = "node"
+
+
+class _MetadataStub(_Stub):
+    kind = "metadata"
+
+
+class _NamespaceStub(_Stub):
+    kind = "namespace"
+
+
+class _Sentinel:
+    """Stands for a type object referenced as a value (``typing.Any``, ``dict`` ...) in config metadata."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<{self.name}>"
+
+
+def _plain_dict(*args: Any) -> dict[str, Any]:
+    return {}
+
+
+_OMEGACONF_NODES = (
+    "AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "EnumNode", "BytesNode", "PathNode",
+    "InterpolationResultNode",
+)
+
+#: Every global an official checkpoint may reference beyond tensors, mapped to its inert stand-in.
+ALLOWED_GLOBALS: dict[str, Any] = {
+    "omegaconf.dictconfig.DictConfig": _DictConfigStub,
+    "omegaconf.listconfig.ListConfig": _ListConfigStub,
+    "omegaconf.base.ContainerMetadata": _MetadataStub,
+    "omegaconf.base.Metadata": _MetadataStub,
+    **{f"omegaconf.nodes.{n}": _NodeStub for n in _OMEGACONF_NODES},
+    "argparse.Namespace": _NamespaceStub,
+    "collections.defaultdict": _plain_dict,
+    "typing.Any": _Sentinel("typing.Any"),
+    "builtins.dict": _Sentinel("dict"),
+    "builtins.list": _Sentinel("list"),
+    "builtins.int": _Sentinel("int"),
+    "builtins.float": _Sentinel("float"),
+    "builtins.str": _Sentinel("str"),
+    "builtins.bool": _Sentinel("bool"),
+    "builtins.tuple": _Sentinel("tuple"),
+    "builtins.object": _Sentinel("object"),
+}
+
+
+def to_plain(obj: Any) -> Any:
+    """Turn stand-ins into plain Python data (dicts, lists, scalars); tensors are left as they are."""
+    if isinstance(obj, _DictConfigStub):
+        content = (obj.state or {}).get("_content")
+        return {k: to_plain(v) for k, v in content.items()} if isinstance(content, dict) else content
+    if isinstance(obj, _ListConfigStub):
+        content = (obj.state or {}).get("_content")
+        return [to_plain(v) for v in content] if isinstance(content, list) else content
+    if isinstance(obj, _NodeStub):
+        return to_plain((obj.state or {}).get("_val"))
+    if isinstance(obj, _NamespaceStub):
+        return {k: to_plain(v) for k, v in (obj.state or {}).items()}
+    if isinstance(obj, _MetadataStub | _Sentinel):
+        return None
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_plain(v) for v in obj)
+    return obj
+
+
+def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
+    """Load a torch pickle with ``weights_only=True`` and the config allow-list; return plain data + tensors.
+
+    Raises:
+        CheckpointError: the file is missing, truncated, corrupted, or references a global outside the allow-list.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    use_mmap = mmap and zipfile.is_zipfile(path)
+    try:
+        with torch.serialization.safe_globals([(v, k) for k, v in ALLOWED_GLOBALS.items()]):
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+    except pickle.UnpicklingError as exc:
+        msg = str(exc).split("\n")[0]
+        raise CheckpointError(
+            f"{path}: refused to unpickle: {msg}. Only tensors and omegaconf/argparse config objects are allowed "
+            "(weights_only=True with an explicit allow-list); the file was not executed."
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupted?): {exc}") from None
+    return to_plain(data)

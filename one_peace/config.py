@@ -1,0 +1,101 @@
+"""Typed model configuration and the named sizes (tiny, base, large, one_peace_4b)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+CONFIG_FORMAT_VERSION = 1
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Hyper-parameters of a ONE-PEACE style encoder.
+
+    Attributes:
+        embed_dim: Width of the shared stack.
+        layers: Number of shared layers.
+        heads: Attention heads (``embed_dim`` must divide evenly).
+        ffn_dim: Inner width of each GeGLU FFN.
+        modalities: Modalities the model is built with (order fixes nothing at run time).
+        modality_options: Per-modality adapter/preprocessing options overriding the plugin defaults.
+        layer_scale_init: Initial value of the layer-scale vectors (``0`` disables layer scale).
+        drop_path_rate: Stochastic depth at the last layer (linearly increasing from 0).
+        official_padding: Reproduce the official code's padding leaks (audio positional convs see padded
+            frames) for parity with official outputs; ``False`` makes every item independent of its batch.
+        attn_backend: ``"sdpa"`` (default, any device) or ``"xformers"`` (CUDA only).
+        name: Size name this config came from, for display.
+    """
+
+    embed_dim: int
+    layers: int
+    heads: int
+    ffn_dim: int
+    modalities: tuple[str, ...] = ("text", "image", "audio")
+    modality_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    layer_scale_init: float = 1e-6
+    drop_path_rate: float = 0.0
+    official_padding: bool = False
+    attn_backend: str = "sdpa"
+    name: str = "custom"
+
+    def validate(self) -> None:
+        """Check the values, raising ``ValueError`` naming the offending field."""
+        for key in ("embed_dim", "layers", "heads", "ffn_dim"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model config field {key!r} must be a positive integer, got {value!r}")
+        if self.embed_dim % self.heads:
+            raise ValueError(f"model config: embed_dim ({self.embed_dim}) must be divisible by heads ({self.heads})")
+        if not self.modalities:
+            raise ValueError("model config field 'modalities' must name at least one modality")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"model config field 'drop_path_rate' must be in [0, 1), got {self.drop_path_rate}")
+        if self.attn_backend not in ("sdpa", "xformers"):
+            raise ValueError(f"model config field 'attn_backend' must be 'sdpa' or 'xformers', got {self.attn_backend!r}")
+        unknown = set(self.modality_options) - set(self.modalities)
+        if unknown:
+            raise ValueError(f"model config field 'modality_options' names modalities not in the model: {sorted(unknown)}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.embed_dim // self.heads
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["modalities"] = list(self.modalities)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> ModelConfig:
+        """Build from a dict, rejecting unknown keys with a message naming them and ``source``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"{source}: unknown model config key(s) {sorted(unknown)}; expected some of {sorted(names)}")
+        data = dict(data)
+        if "modalities" in data:
+            data["modalities"] = tuple(data["modalities"])
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"embed_dim": 64, "layers": 2, "heads": 4, "ffn_dim": 128},
+    "base": {"embed_dim": 768, "layers": 12, "heads": 12, "ffn_dim": 3072},
+    "large": {"embed_dim": 1024, "layers": 24, "heads": 16, "ffn_dim": 4096},
+    "one_peace_4b": {"embed_dim": 1536, "layers": 40, "heads": 24, "ffn_dim": 6144},
+}
+
+
+def model_config(size: str, modalities: tuple[str, ...] | list[str] = ("text", "image", "audio"), **overrides: Any) -> ModelConfig:
+    """Return the config of a named size (``tiny``, ``base``, ``large``, ``one_peace_4b``) with overrides."""
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
+    cfg = ModelConfig(**SIZES[size], modalities=tuple(modalities), name=size, **overrides)
+    cfg.validate()
+    return cfg

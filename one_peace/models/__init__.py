@@ -1,0 +1,1 @@
+"""Model building blocks: shared layers, relative positions, and the encoder."""

@@ -1,0 +1,357 @@
+"""The ONE-PEACE encoder: modality adapters, a shared stack with routed FFNs, per-modality norms and heads."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from one_peace.config import ModelConfig
+from one_peace.registry import ModalityPlugin, get_plugin
+from one_peace.models.adapter import AdapterOutput
+from one_peace.models.layers import SharedLayer
+
+
+@dataclass
+class EncoderOutput:
+    """Token states of a (possibly fused) forward.
+
+    Attributes:
+        hidden: Modality -> ``(B, T_m, D)`` states after the modality's final LayerNorm (CLS at 0).
+        padding_mask: Modality -> ``(B, T_m)`` bool padding mask, or ``None`` when unpadded.
+        layer_states: With ``return_layer_states``: one dict per layer, modality -> states before the final LN.
+        adapter_states: With ``return_layer_states``: modality -> adapter output tokens.
+    """
+
+    hidden: dict[str, torch.Tensor]
+    padding_mask: dict[str, torch.Tensor | None]
+    layer_states: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    adapter_states: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class PackedOutput:
+    """Result of :meth:`OnePeaceModel.forward_packed`.
+
+    Attributes:
+        hidden: ``(B, T, D)`` per-sample states unpacked to the padded layout (zeros on padding).
+        padding_mask: ``(B, T)`` padding mask of the input batch (or ``None``).
+        rows: Number of packed rows the samples were placed in.
+        fill: Fraction of packed positions holding a real token.
+    """
+
+    hidden: torch.Tensor
+    padding_mask: torch.Tensor | None
+    rows: int
+    fill: float
+
+
+def resolve_modalities(names: Sequence[str]) -> list[ModalityPlugin]:
+    """Plugins for ``names`` plus whatever they require, required ones first, without duplicates."""
+    order: list[str] = []
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if name in order:
+            return
+        if name in chain:
+            raise ValueError(f"modality requirements form a cycle: {' -> '.join((*chain, name))}")
+        plugin = get_plugin(name)
+        for req in plugin.requires:
+            visit(req, (*chain, name))
+        order.append(name)
+
+    for n in names:
+        visit(n, ())
+    return [get_plugin(n) for n in order]
+
+
+class OnePeaceModel(nn.Module):
+    """Any-modality ONE-PEACE encoder.
+
+    Routing is stateless: :meth:`forward_features` takes a dict ``modality -> batch`` and fuses the modalities
+    in the dict's order; each token goes through its own modality's FFN only, relative bias applies inside
+    each modality block and is zero across blocks, and padded keys are masked.
+
+    Args:
+        config: Model hyper-parameters; ``config.modalities`` is expanded with required modalities.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        config.validate()
+        plugins = resolve_modalities(config.modalities)
+        config.modalities = tuple(p.name for p in plugins)
+        self.config = config
+        self.plugins: dict[str, ModalityPlugin] = {p.name: p for p in plugins}
+        self.groups: dict[str, str] = {p.name: p.shares or p.name for p in plugins}
+        for name, group in self.groups.items():
+            if group not in self.plugins:
+                raise ValueError(f"modality {name!r} shares FFNs with {group!r}, which is not in the model")
+        group_names = list(dict.fromkeys(self.groups.values()))
+        self.adapters = nn.ModuleDict()
+        for p in plugins:
+            self.adapters[p.name] = p.build_adapter(config, dict(self.adapters.items()))
+        d = config.embed_dim
+        rates = [config.drop_path_rate * i / max(1, config.layers - 1) for i in range(config.layers)]
+        self.layers = nn.ModuleList(
+            SharedLayer(
+                d, config.heads, {g: self.plugins[g].build_ffn(config) for g in group_names},
+                config.layer_scale_init, rates[i], config.attn_backend,
+            )
+            for i in range(config.layers)
+        )
+        self.final_norms = nn.ModuleDict({g: nn.LayerNorm(d, eps=1e-5) for g in group_names})
+        self.heads = nn.ModuleDict({g: nn.Linear(d, d) for g in group_names})
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.grad_checkpointing = False
+        self.tokenizer: Any = None
+        self._preprocessors: dict[str, Any] = {}
+
+    # ----------------------------------------------------------------------------------------------- setup
+    @property
+    def official_padding(self) -> bool:
+        """Whether the official padding leaks are reproduced (see :class:`ModelConfig`)."""
+        return self.config.official_padding
+
+    @official_padding.setter
+    def official_padding(self, value: bool) -> None:
+        self.config.official_padding = bool(value)
+        for adapter in self.adapters.values():
+            if hasattr(adapter, "official_padding"):
+                adapter.official_padding = bool(value)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each shared layer in the backward pass instead of storing its activations."""
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters that should not get weight decay (norms, biases, embeddings, tables, scales)."""
+        skip = set()
+        for name, p in self.named_parameters():
+            if p.dim() <= 1 or any(k in name for k in ("embed", "rel_pos_table", "cls_", "logit_scale")):
+                skip.add(name)
+        return skip
+
+    def parameter_groups(self, modality: str) -> list[str]:
+        """Names of the parameters specific to ``modality`` (adapter, its FFNs, final LN, head)."""
+        group = self.groups[modality]
+        prefixes = [f"adapters.{modality}."]
+        if group == modality:
+            prefixes += [f"final_norms.{group}.", f"heads.{group}."]
+        names = []
+        for name, _ in self.named_parameters():
+            if any(name.startswith(p) for p in prefixes) or (group == modality and f".ffns.{group}." in name):
+                names.append(name)
+        return names
+
+    # --------------------------------------------------------------------------------------------- forward
+    def _attention_bias(self, outs: list[AdapterOutput], pad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask ``(1|B, H, S, S)``: relative bias inside each block, 0 across, -inf on padded keys."""
+        b = outs[0].tokens.shape[0]
+        per_sample = pad is not None or any(o.rel_index.dim() == 3 for o in outs)
+        lengths = [o.tokens.shape[1] for o in outs]
+        s = sum(lengths)
+        h = self.config.heads
+        device = outs[0].tokens.device
+        blocks = [o.rel_table.to(dtype)[o.rel_index].movedim(-1, -3) for o in outs]  # (..., H, T, T)
+        if len(outs) == 1:
+            bias = blocks[0] if blocks[0].dim() == 4 else blocks[0].unsqueeze(0)
+            if per_sample:
+                bias = bias.expand(b, h, s, s)
+        else:
+            bias = torch.zeros(b if per_sample else 1, h, s, s, dtype=dtype, device=device)
+            start = 0
+            for block, n in zip(blocks, lengths):
+                bias[:, :, start : start + n, start : start + n] = block
+                start += n
+        if pad is not None:
+            bias = bias.masked_fill(pad[:, None, None, :], float("-inf"))
+        return bias
+
+    def _check_inputs(self, inputs: Mapping[str, Any]) -> None:
+        if not isinstance(inputs, Mapping) or not inputs:
+            raise ValueError("forward_features expects a non-empty dict {modality: batch}")
+        for name in inputs:
+            if name not in self.adapters:
+                raise KeyError(f"modality {name!r} is not in this model (it has {list(self.adapters)})")
+
+    def forward_features(
+        self,
+        inputs: Mapping[str, dict[str, Any]],
+        keep_ids: Mapping[str, torch.Tensor] | None = None,
+        return_layer_states: bool = False,
+    ) -> EncoderOutput:
+        """Encode one or several modalities as one fused sequence (in the dict's order).
+
+        Args:
+            inputs: Modality -> ready batch (as produced by the plugin's collator); batch sizes must agree.
+            keep_ids: Optional modality -> ``(B, K)`` positions to keep (token dropping; -1 pads a row).
+            return_layer_states: Also return adapter outputs and every layer's output.
+        """
+        self._check_inputs(inputs)
+        keep_ids = keep_ids or {}
+        names = list(inputs)
+        outs = [self.adapters[m](inputs[m], keep_ids.get(m)) for m in names]
+        sizes = {m: o.tokens.shape[0] for m, o in zip(names, outs)}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"fused modalities must have the same batch size, got {sizes}")
+        x = torch.cat([o.tokens for o in outs], dim=1) if len(outs) > 1 else outs[0].tokens
+        masks = [o.padding_mask for o in outs]
+        pad = None
+        if any(mk is not None for mk in masks):
+            pad = torch.cat(
+                [mk if mk is not None else torch.zeros(o.tokens.shape[:2], dtype=torch.bool, device=x.device) for mk, o in zip(masks, outs)],
+                dim=1,
+            )
+            x = x * (~pad).unsqueeze(-1).to(x.dtype)
+        bias = self._attention_bias(outs, pad, x.dtype)
+        segments = [(self.groups[m], o.tokens.shape[1]) for m, o in zip(names, outs)]
+        result = EncoderOutput({}, {})
+        if return_layer_states:
+            result.adapter_states = {m: o.tokens for m, o in zip(names, outs)}
+        for layer in self.layers:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, bias, segments=segments, use_reentrant=False)
+            else:
+                x = layer(x, bias, segments=segments)
+            if return_layer_states:
+                result.layer_states.append(self._split(x, names, outs))
+        for (m, part), o in zip(self._split(x, names, outs).items(), outs):
+            result.hidden[m] = self.final_norms[self.groups[m]](part)
+            result.padding_mask[m] = o.padding_mask
+        return result
+
+    @staticmethod
+    def _split(x: torch.Tensor, names: list[str], outs: list[AdapterOutput]) -> dict[str, torch.Tensor]:
+        parts = torch.split(x, [o.tokens.shape[1] for o in outs], dim=1)
+        return dict(zip(names, parts))
+
+    def forward(self, inputs: Mapping[str, dict[str, Any]], keep_ids: Mapping[str, torch.Tensor] | None = None) -> EncoderOutput:
+        """Alias of :meth:`forward_features`."""
+        return self.forward_features(inputs, keep_ids)
+
+    def embed(self, modality: str, hidden: torch.Tensor) -> torch.Tensor:
+        """Project the CLS state of ``hidden (B, T, D)`` with the modality's head and L2-normalise."""
+        return F.normalize(self.heads[self.groups[modality]](hidden[:, 0]), dim=-1, eps=1e-12)
+
+    def encode(self, modality: str, batch: Any) -> torch.Tensor:
+        """``(B, D)`` L2-normalised embeddings of one modality.
+
+        Args:
+            modality: A modality of this model.
+            batch: A ready batch dict, or a list of raw inputs (strings, paths, bytes, arrays, PIL images)
+                that the plugin's preprocessor and collator turn into one.
+        """
+        if modality not in self.adapters:
+            raise KeyError(f"modality {modality!r} is not in this model (it has {list(self.adapters)})")
+        if not isinstance(batch, Mapping):
+            batch = self.prepare(modality, batch)
+        out = self.forward_features({modality: batch})
+        return self.embed(modality, out.hidden[modality])
+
+    def prepare(self, modality: str, items: Any) -> dict[str, torch.Tensor]:
+        """Preprocess and collate raw inputs of ``modality`` into a batch on the model's device."""
+        if isinstance(items, str | bytes) or not isinstance(items, Sequence):
+            items = [items]
+        if len(items) == 0:
+            raise ValueError(f"no {modality} inputs given")
+        plugin = self.plugins[modality]
+        if modality not in self._preprocessors or (modality == "text" and self._preprocessors.get("_tok") is not self.tokenizer):
+            self._preprocessors[modality] = plugin.build_preprocessor(self.config, self.tokenizer)
+            if modality == "text":
+                self._preprocessors["_tok"] = self.tokenizer
+        batch = plugin.collate([self._preprocessors[modality](item) for item in items])
+        device = next(self.parameters()).device
+        dtype = next(self.parameters()).dtype
+        return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
+
+    # ---------------------------------------------------------------------------------------------- packing
+    def forward_packed(self, modality: str, batch: dict[str, Any], row_length: int | None = None) -> PackedOutput:
+        """Encode a batch with several samples packed per row (block-diagonal attention, one CLS per sample).
+
+        Padding is removed, samples are placed first-fit into rows of ``row_length`` tokens (default: the
+        longest sample), each sample attends only to itself with its own relative bias, and the results are
+        unpacked to the batch layout. Output equals the unpacked forward on every real token.
+        """
+        out = self.adapters[modality](batch)
+        b, t, d = out.tokens.shape
+        valid = t - out.padding_mask.sum(1) if out.padding_mask is not None else torch.full((b,), t, device=out.tokens.device)
+        lengths = [int(n) for n in valid]
+        row_length = row_length or max(lengths)
+        if max(lengths) > row_length:
+            raise ValueError(f"row_length {row_length} is shorter than the longest sample ({max(lengths)} tokens)")
+        rows: list[list[int]] = []
+        used: list[int] = []
+        for i, n in enumerate(lengths):
+            for r in range(len(rows)):
+                if used[r] + n <= row_length:
+                    rows[r].append(i)
+                    used[r] += n
+                    break
+            else:
+                rows.append([i])
+                used.append(n)
+        h = self.config.heads
+        dtype = out.tokens.dtype
+        x = out.tokens.new_zeros(len(rows), row_length, d)
+        bias = torch.full((len(rows), h, row_length, row_length), float("-inf"), dtype=dtype, device=x.device)
+        bias.diagonal(dim1=-2, dim2=-1).fill_(0.0)  # unused tail rows attend to themselves only
+        table = out.rel_table.to(dtype)
+        place: list[tuple[int, int, int]] = []
+        for r, members in enumerate(rows):
+            start = 0
+            for i in members:
+                n = lengths[i]
+                idx = out.rel_index[i] if out.rel_index.dim() == 3 else out.rel_index
+                x[r, start : start + n] = out.tokens[i, :n]
+                bias[r, :, start : start + n, start : start + n] = table[idx[:n, :n]].movedim(-1, 0)
+                place.append((i, r, start))
+                start += n
+        segments = [(self.groups[modality], row_length)]
+        for layer in self.layers:
+            x = layer(x, bias, segments=segments)
+        x = self.final_norms[self.groups[modality]](x)
+        hidden = x.new_zeros(b, t, d)
+        for i, r, start in place:
+            hidden[i, : lengths[i]] = x[r, start : start + lengths[i]]
+        return PackedOutput(hidden, out.padding_mask, len(rows), sum(lengths) / (len(rows) * row_length))
+
+
+def build_model(
+    size: str | ModelConfig = "tiny",
+    modalities: Sequence[str] = ("text", "image", "audio"),
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    **overrides: Any,
+) -> OnePeaceModel:
+    """Build a ONE-PEACE encoder of a named size (``tiny``, ``base``, ``large``, ``one_peace_4b``) or a config.
+
+    ``device="meta"`` builds without allocating memory (e.g. to count the 4B model's parameters).
+    """
+    from one_peace.config import model_config
+
+    config = size if isinstance(size, ModelConfig) else model_config(size, tuple(modalities), **overrides)
+    with torch.device(device) if device is not None else _nullcontext():
+        model = OnePeaceModel(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (works on the meta device)."""
+    return sum(p.numel() for p in model.parameters())
