@@ -1,0 +1,245 @@
+"""The encoder on the tiny config: every modality, fusion, padding, routing, token dropping, packing, compile."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import one_peace
+from one_peace.models.layers import GeGLUFFN, route_ffn
+
+BUILTINS = ("text", "image", "audio", "video")
+
+
+def _grads(model, prefix):
+    return [p.grad for n, p in model.named_parameters() if n.startswith(prefix)]
+
+
+@pytest.mark.parametrize("modality", BUILTINS)
+def test_every_builtin_modality_forward_backward(tiny_model, modality):
+    inputs = one_peace.example_inputs((modality,), 2, tiny_model.config)
+    tiny_model.train()
+    emb = tiny_model.encode(modality, inputs[modality])
+    assert emb.shape == (2, 64)
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(2))
+    emb.sum().backward()
+    group = tiny_model.groups[modality]
+    assert all(g is not None and g.abs().sum() > 0 for g in _grads(tiny_model, f"adapters.{modality}."))
+    assert tiny_model.layers[0].ffns[group].wi_0.weight.grad.abs().sum() > 0
+    others = [g for g in tiny_model.layers[0].ffns if g != group]
+    assert all(tiny_model.layers[0].ffns[g].wi_0.weight.grad is None for g in others)  # no FFN runs on foreign tokens
+
+
+@pytest.mark.parametrize("combo", [("text", "image"), ("text", "audio"), ("text", "image", "audio"), ("audio", "video", "text")])
+def test_fused_forward(tiny_model, combo):
+    inputs = one_peace.example_inputs(combo, 2, tiny_model.config)
+    out = tiny_model.forward_features(inputs)
+    assert list(out.hidden) == list(combo)
+    for m in combo:
+        alone = tiny_model.forward_features({m: inputs[m]}).hidden[m]
+        assert out.hidden[m].shape == alone.shape
+        assert not torch.allclose(out.hidden[m], alone, atol=1e-4), f"{m} tokens did not attend across modalities"
+    sum(h.sum() for h in out.hidden.values()).backward()
+
+
+def test_segment_order_gives_same_per_token_result(tiny_model):
+    inputs = one_peace.example_inputs(("text", "image", "audio"), 2, tiny_model.config)
+    a = tiny_model.forward_features(inputs)
+    b = tiny_model.forward_features({m: inputs[m] for m in ("audio", "text", "image")})
+    for m in inputs:
+        torch.testing.assert_close(a.hidden[m], b.hidden[m], atol=2e-5, rtol=1e-5)
+
+
+def _pad_text(batch, extra):
+    tokens = batch["tokens"]
+    return {"tokens": torch.cat([tokens, torch.ones(tokens.shape[0], extra, dtype=tokens.dtype)], 1)}
+
+
+def test_padding_invariance_all_modalities(tiny_model):
+    cfg = tiny_model.config
+    inputs = one_peace.example_inputs(("text", "image", "audio", "video"), 3, cfg)
+    # text: extra pad columns change nothing on real tokens
+    base = tiny_model.forward_features({"text": inputs["text"]}).hidden["text"]
+    padded = tiny_model.forward_features({"text": _pad_text(inputs["text"], 5)}).hidden["text"]
+    real = ~torch.cat([torch.zeros(3, 1, dtype=torch.bool), inputs["text"]["tokens"].eq(1)], 1)
+    torch.testing.assert_close(padded[:, : base.shape[1]][real], base[real], atol=1e-5, rtol=1e-5)
+    # audio: appended zero samples + masked frames
+    audio = inputs["audio"]
+    longer = {"waveform": torch.cat([audio["waveform"], torch.zeros(3, 3200)], 1),
+              "padding_mask": torch.cat([audio["padding_mask"], torch.ones(3, 10, dtype=torch.bool)], 1)}
+    a0 = tiny_model.forward_features({"audio": audio}).hidden["audio"]
+    a1 = tiny_model.forward_features({"audio": longer}).hidden["audio"]
+    valid = ~audio["padding_mask"]
+    torch.testing.assert_close(a1[:, : a0.shape[1]][valid], a0[valid], atol=1e-5, rtol=1e-5)
+    # ... and every item equals its own unpadded forward
+    for i in range(3):
+        n = int(valid[i].sum())
+        single = {"waveform": audio["waveform"][i : i + 1, : (n - 1) * 320 + 80], "padding_mask": None}
+        s = tiny_model.forward_features({"audio": single}).hidden["audio"][0]
+        assert s.shape[0] == n
+        torch.testing.assert_close(a0[i, :n], s, atol=1e-5, rtol=1e-5)
+    # the official switch reproduces the leak (padded frames feed the positional convs)
+    tiny_model.official_padding = True
+    leak = tiny_model.forward_features({"audio": longer}).hidden["audio"]
+    tiny_model.official_padding = False
+    assert not torch.allclose(leak[:, : a0.shape[1]][valid], a0[valid], atol=1e-4)
+    # video: padded frames
+    video = inputs["video"]
+    extra = {"frames": torch.cat([video["frames"], torch.randn(3, 1, *video["frames"].shape[2:])], 1),
+             "frame_mask": torch.tensor([[False, False, True]] * 3)}
+    v0 = tiny_model.forward_features({"video": video}).hidden["video"]
+    v1 = tiny_model.forward_features({"video": extra}).hidden["video"]
+    torch.testing.assert_close(v1[:, : v0.shape[1]], v0, atol=1e-5, rtol=1e-5)
+    # image: fused with text, more text padding changes nothing on image tokens
+    i0 = tiny_model.forward_features({"text": inputs["text"], "image": inputs["image"]}).hidden["image"]
+    i1 = tiny_model.forward_features({"text": _pad_text(inputs["text"], 7), "image": inputs["image"]}).hidden["image"]
+    torch.testing.assert_close(i1, i0, atol=1e-5, rtol=1e-5)
+
+
+def test_routing_matches_naive_per_token_reference():
+    torch.manual_seed(0)
+    ffns = torch.nn.ModuleDict({g: GeGLUFFN(16, 32) for g in ("text", "image", "audio")})
+    x = torch.randn(2, 12, 16)
+    ids = torch.randint(0, 3, (2, 12))
+    names = ["text", "image", "audio"]
+    naive = torch.stack([torch.stack([ffns[names[int(ids[b, t])]](x[b, t]) for t in range(12)]) for b in range(2)])
+    torch.testing.assert_close(route_ffn(ffns, x, modality_ids=ids, id_to_group=names), naive, atol=1e-6, rtol=1e-6)
+    segments = [("image", 5), ("text", 4), ("audio", 3)]
+    seg_ids = torch.tensor([1] * 5 + [0] * 4 + [2] * 3).expand(2, 12)
+    naive_seg = route_ffn(ffns, x, modality_ids=seg_ids, id_to_group=names)
+    torch.testing.assert_close(route_ffn(ffns, x, segments=segments), naive_seg, atol=1e-6, rtol=1e-6)
+
+
+def test_each_ffn_sees_exactly_its_tokens(tiny_model):
+    inputs = one_peace.example_inputs(("text", "image", "audio", "video"), 2, tiny_model.config)
+    seen: dict[str, int] = {}
+    hooks = [ffn.register_forward_hook(lambda mod, inp, out, g=g: seen.__setitem__(g, seen.get(g, 0) + inp[0].shape[:-1].numel()))
+             for g, ffn in tiny_model.layers[0].ffns.items()]
+    out = tiny_model.forward_features(inputs)
+    for h in hooks:
+        h.remove()
+    sizes = {m: h.shape[0] * h.shape[1] for m, h in out.hidden.items()}
+    assert seen == {"text": sizes["text"], "image": sizes["image"] + sizes["video"], "audio": sizes["audio"]}
+
+
+def test_token_dropping_only_kept_tokens_enter_the_stack(tiny_model):
+    inputs = one_peace.example_inputs(("image", "text"), 2, tiny_model.config)
+    lengths = []
+    hook = tiny_model.layers[0].register_forward_pre_hook(lambda mod, args: lengths.append(args[0].shape[1]))
+    keep = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(256)[:63].sort().values + 1]) for _ in range(2)])
+    out = tiny_model.forward_features(inputs, keep_ids={"image": keep})
+    hook.remove()
+    text_len = inputs["text"]["tokens"].shape[1] + 1
+    assert lengths == [64 + text_len]
+    assert out.hidden["image"].shape == (2, 64, 64)
+    # keeping every position is the full forward
+    full = torch.arange(257).expand(2, 257)
+    torch.testing.assert_close(tiny_model.forward_features(inputs, keep_ids={"image": full}).hidden["image"],
+                               tiny_model.forward_features(inputs).hidden["image"], atol=1e-5, rtol=1e-5)
+
+
+def test_token_dropping_generic_for_audio_and_video(tiny_model):
+    inputs = one_peace.example_inputs(("audio", "video"), 2, tiny_model.config)
+    keep_a = torch.tensor([[0, 1, 2, 5, 9, 20], [0, 3, 4, 7, -1, -1]])
+    out = tiny_model.forward_features({"audio": inputs["audio"]}, keep_ids={"audio": keep_a})
+    assert out.hidden["audio"].shape == (2, 6, 64)
+    assert out.padding_mask["audio"].tolist() == [[False] * 6, [False] * 4 + [True] * 2]
+    keep_v = torch.tensor([[0, 1, 300, 512]] * 2)
+    assert tiny_model.forward_features({"video": inputs["video"]}, keep_ids={"video": keep_v}).hidden["video"].shape == (2, 4, 64)
+    with pytest.raises(ValueError, match="keep_ids must index positions"):
+        tiny_model.forward_features({"video": inputs["video"]}, keep_ids={"video": keep_v + 1000})
+
+
+@pytest.mark.parametrize("modality", ["text", "audio"])
+def test_packed_sequences_match_unpacked(tiny_model, modality):
+    inputs = one_peace.example_inputs((modality,), 5, tiny_model.config)
+    ref = tiny_model.forward_features(inputs)
+    hidden, mask = ref.hidden[modality], ref.padding_mask[modality]
+    packed = tiny_model.forward_packed(modality, inputs[modality], row_length=2 * hidden.shape[1])
+    assert packed.rows < 5
+    valid = ~mask if mask is not None else torch.ones(hidden.shape[:2], dtype=torch.bool)
+    torch.testing.assert_close(packed.hidden[valid], hidden[valid], atol=2e-5, rtol=1e-5)
+    # one CLS per sample: embeddings from the packed CLS states equal the normal ones
+    torch.testing.assert_close(tiny_model.embed(modality, packed.hidden), tiny_model.embed(modality, hidden), atol=1e-5, rtol=1e-5)
+
+
+def test_grad_checkpointing_gives_same_gradients(tiny_model):
+    inputs = one_peace.example_inputs(("text", "image"), 2, tiny_model.config)
+    tiny_model.train()
+
+    def grads():
+        tiny_model.zero_grad()
+        out = tiny_model.forward_features(inputs)
+        (out.hidden["text"].square().mean() + out.hidden["image"].square().mean()).backward()
+        return {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    tiny_model.set_grad_checkpointing(True)
+    ckpt = grads()
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], atol=1e-6, rtol=1e-5)
+
+
+def test_torch_compile_matches_eager(tiny_model):
+    inputs = one_peace.example_inputs(("text", "image"), 2, tiny_model.config)
+    eager = tiny_model.forward_features(inputs).hidden
+    compiled = torch.compile(tiny_model.forward_features)
+    with torch.no_grad():
+        out = compiled(inputs).hidden
+    for m in eager:
+        torch.testing.assert_close(out[m], eager[m], atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_inference_path(tiny_model):
+    inputs = one_peace.example_inputs(("text", "image"), 2, tiny_model.config)
+    ref = tiny_model.encode("image", inputs["image"])
+    model16 = tiny_model.to(torch.bfloat16)
+    with torch.inference_mode():
+        emb = model16.encode("image", {"pixels": inputs["image"]["pixels"].bfloat16()})
+    assert emb.dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(emb.float(), ref).min() > 0.99
+
+
+def test_logit_scale_is_a_log(tiny_model):
+    assert math.isclose(one_peace.build_model("tiny", modalities=("text",)).logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)
+
+
+def test_4b_builds_on_meta_with_official_parameter_count(parity: Path):
+    model = one_peace.build_model("one_peace_4b", modalities=("text", "image", "audio"), device="meta")
+    assert all(p.is_meta for p in model.parameters())
+    keys = json.loads((parity / "one_peace_4b_keys.json").read_text())["variants"]["one_peace_retrieval__head_val__from_pretrained"]
+    # the only official parameter we do not keep is the unused audio mask_embedding (1 x 1536)
+    assert one_peace.count_parameters(model) == keys["num_parameters"] - 1536
+    assert len(model.layers) == 40 and len(model.layers[0].ffns) == 3
+
+
+def test_bad_batches_give_clear_errors(tiny_model):
+    with pytest.raises(KeyError, match="text batch must contain 'tokens'"):
+        tiny_model.encode("text", {"ids": torch.zeros(1, 3, dtype=torch.long)})
+    with pytest.raises(ValueError, match=r"multiple of 16"):
+        tiny_model.encode("image", {"pixels": torch.zeros(1, 3, 250, 250)})
+    with pytest.raises(ValueError, match="same batch size"):
+        tiny_model.forward_features({"text": {"tokens": torch.full((2, 3), 5)}, "image": {"pixels": torch.zeros(3, 3, 32, 32)}})
+    with pytest.raises(KeyError, match="not in this model"):
+        one_peace.build_model("tiny", modalities=("text",)).encode("audio", {"waveform": torch.zeros(1, 16000)})
+    with pytest.raises(ValueError, match="text preprocessing needs a tokenizer"):
+        tiny_model.encode("text", ["a dog"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers backend needs a CUDA device")
+def test_xformers_backend_agrees_with_sdpa():  # pragma: no cover - GPU only
+    model = one_peace.build_model("tiny", modalities=("text", "image")).cuda().eval()
+    inputs = one_peace.example_inputs(("text", "image"), 2, model.config)
+    inputs = {m: {k: v.cuda() for k, v in b.items()} for m, b in inputs.items()}
+    ref = model.forward_features(inputs).hidden
+    for layer in model.layers:
+        layer.attn.backend = "xformers"
+    out = model.forward_features(inputs).hidden
+    for m in ref:
+        torch.testing.assert_close(out[m], ref[m], atol=1e-5, rtol=1e-5)
