@@ -6,7 +6,7 @@ import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from one_peace.config import ModelConfig
-from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
 from one_peace.models.adapter import Adapter, AdapterOutput, check_keep_ids, init_rel_table, require
 from one_peace.models.relpos import bucket_1d, bucket_1d_rows
+from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
 
 SAMPLE_RATE = 16000
 CONV_SPEC: tuple[tuple[int, int], ...] = ((10, 5),) + ((3, 2),) * 4 + ((2, 2),) * 2
@@ -89,8 +89,14 @@ class AudioAdapter(Adapter):
     modality = "audio"
 
     def __init__(
-        self, dim: int, heads: int, feature_dim: int = 512, bucket_size: int = 512, pos_depth: int = 5,
-        pos_width: int = 95, pos_groups: int = 16,
+        self,
+        dim: int,
+        heads: int,
+        feature_dim: int = 512,
+        bucket_size: int = 512,
+        pos_depth: int = 5,
+        pos_width: int = 95,
+        pos_groups: int = 16,
     ) -> None:
         super().__init__()
         self.bucket_size = bucket_size
@@ -105,7 +111,10 @@ class AudioAdapter(Adapter):
         if "padding_mask" in batch and batch["padding_mask"] is not None:
             mask = batch["padding_mask"].bool()
             if mask.shape != (wave.shape[0], frames + 1):
-                raise ValueError(f"audio batch 'padding_mask' must be (B, T+1) = {(wave.shape[0], frames + 1)}, got {tuple(mask.shape)}")
+                raise ValueError(
+                    f"audio batch 'padding_mask' must be (B, T+1) = {(wave.shape[0], frames + 1)}, "
+                    f"got {tuple(mask.shape)}"
+                )
             return mask
         if "lengths" in batch and batch["lengths"] is not None:
             valid = num_frames(batch["lengths"].long().to(wave.device))
@@ -135,7 +144,9 @@ class AudioAdapter(Adapter):
         full_index = bucket_1d(t + 1, self.bucket_size).to(wave.device)
         if keep_ids is None:
             x = self._finish(f, None if mask is None else mask[:, 1:])
-            return AdapterOutput(x, mask if mask is not None and bool(mask.any()) else None, full_index, self.rel_pos_table)
+            return AdapterOutput(
+                x, mask if mask is not None and bool(mask.any()) else None, full_index, self.rel_pos_table
+            )
         keep_ids = check_keep_ids(keep_ids, b, t + 1, "audio adapter")
         if bool((keep_ids[:, 0] != 0).any()):
             raise ValueError("audio adapter: keep_ids must keep CLS (position 0) first in every row")
@@ -197,13 +208,28 @@ class AudioModality(ModalityPlugin):
     """Audio plugin (official ONE-PEACE audio adapter)."""
 
     name = "audio"
-    defaults = {"feature_dim": 512, "bucket_size": 512, "pos_depth": 5, "pos_width": 95, "pos_groups": 16, "max_seconds": 15.0}
+    defaults: ClassVar[dict[str, Any]] = {
+        "feature_dim": 512,
+        "bucket_size": 512,
+        "pos_depth": 5,
+        "pos_width": 95,
+        "pos_groups": 16,
+        "max_seconds": 15.0,
+    }
     masking = MaskingPolicy(kind="span", ratio=0.55, span=5)
 
     def build_adapter(self, config: ModelConfig, siblings: dict[str, nn.Module]) -> nn.Module:
         """Build an :class:`AudioAdapter`."""
         o = self.options(config)
-        adapter = AudioAdapter(config.embed_dim, config.heads, o["feature_dim"], o["bucket_size"], o["pos_depth"], o["pos_width"], o["pos_groups"])
+        adapter = AudioAdapter(
+            config.embed_dim,
+            config.heads,
+            o["feature_dim"],
+            o["bucket_size"],
+            o["pos_depth"],
+            o["pos_width"],
+            o["pos_groups"],
+        )
         adapter.official_padding = config.official_padding
         return adapter
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from one_peace.config import ModelConfig
-from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
 from one_peace.models.adapter import Adapter, AdapterOutput, init_rel_table, require
 from one_peace.models.relpos import bucket_2d, bucket_2d_rows
+from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -56,7 +56,7 @@ class HMLPStem(nn.Module):
 def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Bicubic-resize the patch rows of ``pos_embed (1+G*G, D)`` to ``grid`` (CLS row kept), as the official code."""
     n, d = pos_embed.shape
-    src = int(round((n - 1) ** 0.5))
+    src = round((n - 1) ** 0.5)
     if (src, src) == tuple(grid):
         return pos_embed
     patches = pos_embed[1:].reshape(1, src, src, d).permute(0, 3, 1, 2)
@@ -116,7 +116,9 @@ def load_image(item: Any) -> Any:
         else:
             raise TypeError(f"unsupported image input type {type(item).__name__} (path, bytes, PIL image or array)")
     except (OSError, ValueError) as exc:
-        raise ValueError(f"cannot decode image {str(item)[:120] if isinstance(item, str | Path) else '<bytes>'}: {exc}") from exc
+        raise ValueError(
+            f"cannot decode image {str(item)[:120] if isinstance(item, str | Path) else '<bytes>'}: {exc}"
+        ) from exc
     return img.convert("RGB")
 
 
@@ -125,7 +127,7 @@ def preprocess_image(item: Any, size: int = 256) -> torch.Tensor:
     from PIL import Image
     from torchvision.transforms import functional as TF
 
-    img = load_image(item).resize((size, size), Image.BICUBIC)
+    img = load_image(item).resize((size, size), Image.Resampling.BICUBIC)
     return TF.normalize(TF.to_tensor(img), CLIP_MEAN, CLIP_STD)
 
 
@@ -134,13 +136,15 @@ class ImageModality(ModalityPlugin):
     """Image plugin (official ONE-PEACE vision adapter)."""
 
     name = "image"
-    defaults = {"image_size": 256, "bucket_size": 16}
+    defaults: ClassVar[dict[str, Any]] = {"image_size": 256, "bucket_size": 16}
     masking = MaskingPolicy(kind="random", ratio=0.75)
 
     def build_adapter(self, config: ModelConfig, siblings: dict[str, nn.Module]) -> nn.Module:
         """Build an :class:`ImageAdapter` whose relative grid matches ``image_size``."""
         o = self.options(config)
-        return ImageAdapter(config.embed_dim, config.heads, o["bucket_size"], o.get("rel_bucket_size", o["image_size"] // PATCH))
+        return ImageAdapter(
+            config.embed_dim, config.heads, o["bucket_size"], o.get("rel_bucket_size", o["image_size"] // PATCH)
+        )
 
     def build_preprocessor(self, config: ModelConfig, tokenizer: Any = None) -> Any:
         """Return ``path/bytes/PIL/array -> {"pixels": (3, S, S)}``."""

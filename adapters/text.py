@@ -5,15 +5,15 @@ from __future__ import annotations
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from one_peace.config import ModelConfig
-from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
 from one_peace.models.adapter import Adapter, AdapterOutput, init_rel_table, require
 from one_peace.models.relpos import bucket_1d, bucket_1d_rows
+from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 1, 0, 2, 3
 BPE_FILES = ("encoder.json", "vocab.bpe", "dict.txt")
@@ -58,7 +58,9 @@ class TextTokenizer:
         bpe_dir = Path(bpe_dir)
         for name in BPE_FILES:
             if not (bpe_dir / name).is_file():
-                raise FileNotFoundError(f"text tokenizer: {bpe_dir / name} not found (bpe_dir needs {', '.join(BPE_FILES)})")
+                raise FileNotFoundError(
+                    f"text tokenizer: {bpe_dir / name} not found (bpe_dir needs {', '.join(BPE_FILES)})"
+                )
         tok = Tokenizer(models.BPE.from_file(str(bpe_dir / "encoder.json"), str(bpe_dir / "vocab.bpe")))
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
         tok.decoder = decoders.ByteLevel()
@@ -99,7 +101,7 @@ class TextTokenizer:
             raise TypeError(f"text input must be a str, got {type(text).__name__}")
         raw = self.tokenizer.encode(" " + text.lower(), add_special_tokens=False).ids
         ids = [self.id_map.get(i, UNK_ID) for i in raw] if self.id_map is not None else [i + 4 for i in raw]
-        return ids[: self.max_tokens] + [EOS_ID]
+        return [*ids[: self.max_tokens], EOS_ID]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Inverse of :meth:`encode` (special ids dropped)."""
@@ -143,7 +145,9 @@ class TextAdapter(Adapter):
 
     modality = "text"
 
-    def __init__(self, dim: int, heads: int, vocab_size: int, max_positions: int, bucket_size: int, pad_id: int) -> None:
+    def __init__(
+        self, dim: int, heads: int, vocab_size: int, max_positions: int, bucket_size: int, pad_id: int
+    ) -> None:
         super().__init__()
         self.pad_id = pad_id
         self.bucket_size = bucket_size
@@ -160,14 +164,19 @@ class TextAdapter(Adapter):
         """Embed ``batch["tokens"] (B, L)`` (right-padded with ``pad_id``) into ``(B, L+1, D)``."""
         tokens = require(batch, "tokens", "text")
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"text batch 'tokens' must be an integer (B, L) tensor, got {tuple(tokens.shape)} {tokens.dtype}")
+            raise ValueError(
+                f"text batch 'tokens' must be an integer (B, L) tensor, got {tuple(tokens.shape)} {tokens.dtype}"
+            )
         b, length = tokens.shape
         if length + 1 > self.embed_positions.num_embeddings:
             raise ValueError(
-                f"text batch has {length} tokens (+CLS) but the model has {self.embed_positions.num_embeddings} positions"
+                f"text batch has {length} tokens (+CLS) but the model has "
+                f"{self.embed_positions.num_embeddings} positions"
             )
         if int(tokens.max()) >= self.embed_tokens.num_embeddings or int(tokens.min()) < 0:
-            raise ValueError(f"text token ids must lie in [0, {self.embed_tokens.num_embeddings}), got max {int(tokens.max())}")
+            raise ValueError(
+                f"text token ids must lie in [0, {self.embed_tokens.num_embeddings}), got max {int(tokens.max())}"
+            )
         x = torch.cat([self.cls_embedding.expand(b, -1, -1), self.embed_tokens(tokens)], dim=1)
         x = x + self.embed_positions.weight[: length + 1]
         pad = tokens.eq(self.pad_id)
@@ -181,13 +190,21 @@ class TextModality(ModalityPlugin):
     """Text plugin: GPT-2 byte-level BPE tokens (official files or a trained ``tokenizers`` BPE)."""
 
     name = "text"
-    defaults = {"vocab_size": 50264, "max_positions": 514, "bucket_size": 256, "pad_id": PAD_ID, "max_tokens": 70}
+    defaults: ClassVar[dict[str, Any]] = {
+        "vocab_size": 50264,
+        "max_positions": 514,
+        "bucket_size": 256,
+        "pad_id": PAD_ID,
+        "max_tokens": 70,
+    }
     masking = MaskingPolicy(kind="whole_word", ratio=0.15)
 
     def build_adapter(self, config: ModelConfig, siblings: dict[str, nn.Module]) -> nn.Module:
         """Build a :class:`TextAdapter`."""
         o = self.options(config)
-        return TextAdapter(config.embed_dim, config.heads, o["vocab_size"], o["max_positions"], o["bucket_size"], o["pad_id"])
+        return TextAdapter(
+            config.embed_dim, config.heads, o["vocab_size"], o["max_positions"], o["bucket_size"], o["pad_id"]
+        )
 
     def build_preprocessor(self, config: ModelConfig, tokenizer: Any = None) -> Any:
         """Return ``str -> {"tokens": LongTensor}`` using ``tokenizer`` (required)."""
@@ -222,4 +239,3 @@ class TextModality(ModalityPlugin):
             ids = torch.randint(4, vocab, (n - 1,), generator=generator)
             rows.append({"tokens": torch.cat([ids, torch.tensor([EOS_ID])])})
         return self.collate(rows)
-

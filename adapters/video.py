@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from one_peace.config import ModelConfig
-from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
 from one_peace.models.adapter import Adapter, AdapterOutput, require
 from one_peace.models.relpos import bucket_2d
+from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
 
 from .image import ImageAdapter, preprocess_image, resize_pos_embed
 
@@ -36,7 +36,8 @@ class VideoAdapter(Adapter):
     @property
     def image(self) -> ImageAdapter:
         """The image adapter whose stem and positions this adapter shares."""
-        return self._image  # type: ignore[no-any-return]
+        image: ImageAdapter = self.__dict__["_image"]
+        return image
 
     def embed(self, batch: dict[str, Any]) -> AdapterOutput:
         """Embed ``batch["frames"] (B, F, 3, H, W)`` with optional ``frame_mask (B, F)`` (True = padded frame)."""
@@ -101,7 +102,7 @@ class VideoModality(ModalityPlugin):
     name = "video"
     shares = "image"
     requires = ("image",)
-    defaults = {"num_frames": 8, "max_frames": 64}
+    defaults: ClassVar[dict[str, Any]] = {"num_frames": 8, "max_frames": 64}
     masking = MaskingPolicy(kind="random", ratio=0.75)
 
     def build_adapter(self, config: ModelConfig, siblings: dict[str, nn.Module]) -> nn.Module:

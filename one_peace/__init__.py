@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from one_peace.config import SIZES, ModelConfig, model_config
+from one_peace.models.encoder import EncoderOutput, OnePeaceModel, build_model, count_parameters
 from one_peace.registry import (
     MaskingPolicy,
     ModalityPlugin,
@@ -20,7 +21,6 @@ from one_peace.registry import (
     list_modalities,
     register_modality,
 )
-from one_peace.models.encoder import EncoderOutput, OnePeaceModel, build_model, count_parameters
 
 if TYPE_CHECKING:
     from pathlib import Path

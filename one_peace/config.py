@@ -53,10 +53,14 @@ class ModelConfig:
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"model config field 'drop_path_rate' must be in [0, 1), got {self.drop_path_rate}")
         if self.attn_backend not in ("sdpa", "xformers"):
-            raise ValueError(f"model config field 'attn_backend' must be 'sdpa' or 'xformers', got {self.attn_backend!r}")
+            raise ValueError(
+                f"model config field 'attn_backend' must be 'sdpa' or 'xformers', got {self.attn_backend!r}"
+            )
         unknown = set(self.modality_options) - set(self.modalities)
         if unknown:
-            raise ValueError(f"model config field 'modality_options' names modalities not in the model: {sorted(unknown)}")
+            raise ValueError(
+                f"model config field 'modality_options' names modalities not in the model: {sorted(unknown)}"
+            )
 
     @property
     def head_dim(self) -> int:
@@ -75,7 +79,9 @@ class ModelConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names
         if unknown:
-            raise ValueError(f"{source}: unknown model config key(s) {sorted(unknown)}; expected some of {sorted(names)}")
+            raise ValueError(
+                f"{source}: unknown model config key(s) {sorted(unknown)}; expected some of {sorted(names)}"
+            )
         data = dict(data)
         if "modalities" in data:
             data["modalities"] = tuple(data["modalities"])
@@ -84,18 +90,39 @@ class ModelConfig:
         return cfg
 
 
-SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"embed_dim": 64, "layers": 2, "heads": 4, "ffn_dim": 128},
-    "base": {"embed_dim": 768, "layers": 12, "heads": 12, "ffn_dim": 3072},
-    "large": {"embed_dim": 1024, "layers": 24, "heads": 16, "ffn_dim": 4096},
-    "one_peace_4b": {"embed_dim": 1536, "layers": 40, "heads": 24, "ffn_dim": 6144},
-}
+def _load_sizes() -> dict[str, dict[str, int]]:
+    """Read the named sizes from the packaged ``recipes/model/*.yaml`` (the single source of truth)."""
+    from importlib.resources import files
+
+    import yaml
+
+    sizes: dict[str, dict[str, int]] = {}
+    for entry in sorted(files("one_peace.recipes").joinpath("model").iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            doc = yaml.safe_load(entry.read_text())
+            sizes[doc["size"]] = {k: int(doc[k]) for k in ("embed_dim", "layers", "heads", "ffn_dim")}
+    return sizes
 
 
-def model_config(size: str, modalities: tuple[str, ...] | list[str] = ("text", "image", "audio"), **overrides: Any) -> ModelConfig:
+#: Named sizes: ``tiny`` (2 x 64), ``base`` (12 x 768), ``large`` (24 x 1024), ``one_peace_4b`` (40 x 1536).
+SIZES: dict[str, dict[str, int]] = _load_sizes()
+
+
+def model_config(
+    size: str, modalities: tuple[str, ...] | list[str] = ("text", "image", "audio"), **overrides: Any
+) -> ModelConfig:
     """Return the config of a named size (``tiny``, ``base``, ``large``, ``one_peace_4b``) with overrides."""
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; choose one of {sorted(SIZES)}")
-    cfg = ModelConfig(**SIZES[size], modalities=tuple(modalities), name=size, **overrides)
+    dims = SIZES[size]
+    cfg = ModelConfig(
+        embed_dim=dims["embed_dim"],
+        layers=dims["layers"],
+        heads=dims["heads"],
+        ffn_dim=dims["ffn_dim"],
+        modalities=tuple(modalities),
+        name=size,
+        **overrides,
+    )
     cfg.validate()
     return cfg

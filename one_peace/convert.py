@@ -19,7 +19,16 @@ from pathlib import Path
 
 import torch
 
-from one_peace.checkpoint import INDEX, PRETRAIN, WEIGHTS, _build_meta, _replace_dir, official_state_items, read_official, write_config
+from one_peace.checkpoint import (
+    INDEX,
+    PRETRAIN,
+    WEIGHTS,
+    _build_meta,
+    _replace_dir,
+    official_state_items,
+    read_official,
+    write_config,
+)
 from one_peace.checkpoint.official import IGNORED, infer_config, is_ignored
 from one_peace.checkpoint.safe_pickle import CheckpointError
 
@@ -49,8 +58,14 @@ class ConversionReport:
     seconds: float = 0.0
 
 
-def convert(src: str | Path, dst: str | Path, bpe_dir: str | Path | None = None, shard_size: int = 2 << 30,
-            dtype: torch.dtype | None = None, image_size: int | None = None) -> ConversionReport:
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    bpe_dir: str | Path | None = None,
+    shard_size: int = 2 << 30,
+    dtype: torch.dtype | None = None,
+    image_size: int | None = None,
+) -> ConversionReport:
     """Convert an official checkpoint to our folder format (atomically: a temp folder renamed into place).
 
     Raises:
@@ -89,11 +104,13 @@ def convert(src: str | Path, dst: str | Path, bpe_dir: str | Path | None = None,
                 weight_map.update(dict.fromkeys(shard, name))
                 shard, size = {}, 0
 
-        for name, tensor in official_state_items(state, config, extra, str(src), report.unknown, pretrain):
+        for name, tensor, key in official_state_items(state, config, extra, str(src), report.unknown, pretrain):
             if name not in expected:
                 raise CheckpointError(f"{src}: mapped key {name!r} is not a parameter of the inferred model")
             if tuple(tensor.shape) != expected[name]:
-                raise CheckpointError(f"{src}: tensor for {name!r} has shape {tuple(tensor.shape)}, expected {expected[name]}")
+                raise CheckpointError(
+                    f"{src}: key {key!r} (ours: {name}) has shape {tuple(tensor.shape)}, expected {expected[name]}"
+                )
             t = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
             shard[name] = t.contiguous().clone()
             size += t.numel() * t.element_size()
@@ -152,13 +169,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, help="interpolate the image relative table for this size (e.g. 384)")
     args = parser.parse_args(argv)
     try:
-        rep = convert(args.src, args.dst, args.bpe_dir, _parse_size(args.shard_size),
-                      _DTYPES[args.dtype] if args.dtype else None, args.image_size)
+        rep = convert(
+            args.src,
+            args.dst,
+            args.bpe_dir,
+            _parse_size(args.shard_size),
+            _DTYPES[args.dtype] if args.dtype else None,
+            args.image_size,
+        )
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {args.dst}: {rep.tensors} tensors in {len(rep.shards)} file(s) in {rep.seconds:.1f}s")
-    print(f"ignored {len(rep.ignored)} official buffer(s): {', '.join(rep.ignored[:6])}{' ...' if len(rep.ignored) > 6 else ''}")
+    print(
+        f"ignored {len(rep.ignored)} official buffer(s): "
+        f"{', '.join(rep.ignored[:6])}{' ...' if len(rep.ignored) > 6 else ''}"
+    )
     if rep.pretrain:
         print(f"carried {len(rep.pretrain)} pretraining-only key(s) into {PRETRAIN}")
     if rep.unknown:

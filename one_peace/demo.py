@@ -22,7 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     modalities = tuple(one_peace.list_modalities())
     model = one_peace.build_model(args.size, modalities=modalities).eval()
-    print(f"model {args.size}: {one_peace.count_parameters(model) / 1e6:.2f}M parameters, modalities {list(model.adapters)}")
+    print(
+        f"model {args.size}: {one_peace.count_parameters(model) / 1e6:.2f}M parameters, "
+        f"modalities {list(model.adapters)}"
+    )
     inputs = one_peace.example_inputs(modalities, args.batch_size, model.config)
     embeddings = {}
     with torch.inference_mode():
@@ -31,8 +34,10 @@ def main(argv: list[str] | None = None) -> int:
             emb = model.encode(name, batch)
             embeddings[name] = emb
             norms = emb.norm(dim=-1)
-            print(f"  {name:>6}: embeddings {tuple(emb.shape)}, norms {norms.min():.3f}..{norms.max():.3f}, "
-                  f"{(time.perf_counter() - t0) * 1e3:.0f} ms")
+            print(
+                f"  {name:>6}: embeddings {tuple(emb.shape)}, norms {norms.min():.3f}..{norms.max():.3f}, "
+                f"{(time.perf_counter() - t0) * 1e3:.0f} ms"
+            )
         fused = [m for m in ("text", "image", "audio") if m in inputs]
         out = model.forward_features({m: inputs[m] for m in fused})
         print("  fused " + " + ".join(fused) + ": " + ", ".join(f"{m} {tuple(h.shape)}" for m, h in out.hidden.items()))

@@ -128,9 +128,7 @@ def _validate(plugin_cls: type[ModalityPlugin], where: str) -> None:
         raise PluginError(f"modality plugin {label!r} ({where}) must be a subclass of one_peace.ModalityPlugin")
     if not plugin_cls.name or not plugin_cls.name.isidentifier():
         raise PluginError(f"modality plugin {plugin_cls.__name__} ({where}) needs a `name` that is an identifier")
-    missing = [
-        piece for piece in plugin_cls.REQUIRED if getattr(plugin_cls, piece) is getattr(ModalityPlugin, piece)
-    ]
+    missing = [piece for piece in plugin_cls.REQUIRED if getattr(plugin_cls, piece) is getattr(ModalityPlugin, piece)]
     if missing:
         raise PluginError(
             f"modality plugin {plugin_cls.name!r} ({where}) is missing required piece(s): {', '.join(missing)}"
@@ -146,9 +144,7 @@ def _add(plugin_cls: type[ModalityPlugin], source: str) -> ModalityPlugin:
         if existing is not None:
             if type(existing) is plugin_cls:
                 return existing
-            raise PluginError(
-                f"modality {plugin_cls.name!r} is registered twice: by {existing.source} and by {source}"
-            )
+            raise PluginError(f"modality {plugin_cls.name!r} is registered twice: by {existing.source} and by {source}")
         plugin = plugin_cls()
         plugin.source = source
         _REGISTRY.plugins[plugin_cls.name] = plugin
@@ -161,7 +157,12 @@ def register_modality(plugin_cls: type[ModalityPlugin]) -> type[ModalityPlugin]:
     Raises:
         PluginError: the name is taken by another plugin, or a required piece is missing.
     """
-    _add(plugin_cls, f"module {plugin_cls.__module__}" if not plugin_cls.__module__.startswith("one_peace.") else f"built-in ({plugin_cls.__module__})")
+    _add(
+        plugin_cls,
+        f"module {plugin_cls.__module__}"
+        if not plugin_cls.__module__.startswith("one_peace.")
+        else f"built-in ({plugin_cls.__module__})",
+    )
     return plugin_cls
 
 

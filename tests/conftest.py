@@ -44,7 +44,13 @@ def official_tiny(parity: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     state = load_file(str(parity / "one_peace_tiny_state.safetensors"))
     cfg = json.loads((parity / "one_peace_tiny_config.json").read_text())
     path = tmp_path_factory.mktemp("official") / "one_peace_tiny.pt"
-    torch.save({"cfg": {"model": {"_name": "one_peace_retrieval", "encoder": cfg["encoder"]}, "task": cfg["task"]}, "model": state}, path)
+    torch.save(
+        {
+            "cfg": {"model": {"_name": "one_peace_retrieval", "encoder": cfg["encoder"]}, "task": cfg["task"]},
+            "model": state,
+        },
+        path,
+    )
     return path
 
 

@@ -34,7 +34,9 @@ def test_every_builtin_modality_forward_backward(tiny_model, modality):
     assert all(tiny_model.layers[0].ffns[g].wi_0.weight.grad is None for g in others)  # no FFN runs on foreign tokens
 
 
-@pytest.mark.parametrize("combo", [("text", "image"), ("text", "audio"), ("text", "image", "audio"), ("audio", "video", "text")])
+@pytest.mark.parametrize(
+    "combo", [("text", "image"), ("text", "audio"), ("text", "image", "audio"), ("audio", "video", "text")]
+)
 def test_fused_forward(tiny_model, combo):
     inputs = one_peace.example_inputs(combo, 2, tiny_model.config)
     out = tiny_model.forward_features(inputs)
@@ -69,8 +71,10 @@ def test_padding_invariance_all_modalities(tiny_model):
     torch.testing.assert_close(padded[:, : base.shape[1]][real], base[real], atol=1e-5, rtol=1e-5)
     # audio: appended zero samples + masked frames
     audio = inputs["audio"]
-    longer = {"waveform": torch.cat([audio["waveform"], torch.zeros(3, 3200)], 1),
-              "padding_mask": torch.cat([audio["padding_mask"], torch.ones(3, 10, dtype=torch.bool)], 1)}
+    longer = {
+        "waveform": torch.cat([audio["waveform"], torch.zeros(3, 3200)], 1),
+        "padding_mask": torch.cat([audio["padding_mask"], torch.ones(3, 10, dtype=torch.bool)], 1),
+    }
     a0 = tiny_model.forward_features({"audio": audio}).hidden["audio"]
     a1 = tiny_model.forward_features({"audio": longer}).hidden["audio"]
     valid = ~audio["padding_mask"]
@@ -89,8 +93,10 @@ def test_padding_invariance_all_modalities(tiny_model):
     assert not torch.allclose(leak[:, : a0.shape[1]][valid], a0[valid], atol=1e-4)
     # video: padded frames
     video = inputs["video"]
-    extra = {"frames": torch.cat([video["frames"], torch.randn(3, 1, *video["frames"].shape[2:])], 1),
-             "frame_mask": torch.tensor([[False, False, True]] * 3)}
+    extra = {
+        "frames": torch.cat([video["frames"], torch.randn(3, 1, *video["frames"].shape[2:])], 1),
+        "frame_mask": torch.tensor([[False, False, True]] * 3),
+    }
     v0 = tiny_model.forward_features({"video": video}).hidden["video"]
     v1 = tiny_model.forward_features({"video": extra}).hidden["video"]
     torch.testing.assert_close(v1[:, : v0.shape[1]], v0, atol=1e-5, rtol=1e-5)
@@ -117,8 +123,12 @@ def test_routing_matches_naive_per_token_reference():
 def test_each_ffn_sees_exactly_its_tokens(tiny_model):
     inputs = one_peace.example_inputs(("text", "image", "audio", "video"), 2, tiny_model.config)
     seen: dict[str, int] = {}
-    hooks = [ffn.register_forward_hook(lambda mod, inp, out, g=g: seen.__setitem__(g, seen.get(g, 0) + inp[0].shape[:-1].numel()))
-             for g, ffn in tiny_model.layers[0].ffns.items()]
+    hooks = [
+        ffn.register_forward_hook(
+            lambda mod, inp, out, g=g: seen.__setitem__(g, seen.get(g, 0) + inp[0].shape[:-1].numel())
+        )
+        for g, ffn in tiny_model.layers[0].ffns.items()
+    ]
     out = tiny_model.forward_features(inputs)
     for h in hooks:
         h.remove()
@@ -130,7 +140,9 @@ def test_token_dropping_only_kept_tokens_enter_the_stack(tiny_model):
     inputs = one_peace.example_inputs(("image", "text"), 2, tiny_model.config)
     lengths = []
     hook = tiny_model.layers[0].register_forward_pre_hook(lambda mod, args: lengths.append(args[0].shape[1]))
-    keep = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(256)[:63].sort().values + 1]) for _ in range(2)])
+    keep = torch.stack(
+        [torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(256)[:63].sort().values + 1]) for _ in range(2)]
+    )
     out = tiny_model.forward_features(inputs, keep_ids={"image": keep})
     hook.remove()
     text_len = inputs["text"]["tokens"].shape[1] + 1
@@ -138,8 +150,12 @@ def test_token_dropping_only_kept_tokens_enter_the_stack(tiny_model):
     assert out.hidden["image"].shape == (2, 64, 64)
     # keeping every position is the full forward
     full = torch.arange(257).expand(2, 257)
-    torch.testing.assert_close(tiny_model.forward_features(inputs, keep_ids={"image": full}).hidden["image"],
-                               tiny_model.forward_features(inputs).hidden["image"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        tiny_model.forward_features(inputs, keep_ids={"image": full}).hidden["image"],
+        tiny_model.forward_features(inputs).hidden["image"],
+        atol=1e-5,
+        rtol=1e-5,
+    )
 
 
 def test_token_dropping_generic_for_audio_and_video(tiny_model):
@@ -149,7 +165,9 @@ def test_token_dropping_generic_for_audio_and_video(tiny_model):
     assert out.hidden["audio"].shape == (2, 6, 64)
     assert out.padding_mask["audio"].tolist() == [[False] * 6, [False] * 4 + [True] * 2]
     keep_v = torch.tensor([[0, 1, 300, 512]] * 2)
-    assert tiny_model.forward_features({"video": inputs["video"]}, keep_ids={"video": keep_v}).hidden["video"].shape == (2, 4, 64)
+    assert tiny_model.forward_features({"video": inputs["video"]}, keep_ids={"video": keep_v}).hidden[
+        "video"
+    ].shape == (2, 4, 64)
     with pytest.raises(ValueError, match="keep_ids must index positions"):
         tiny_model.forward_features({"video": inputs["video"]}, keep_ids={"video": keep_v + 1000})
 
@@ -164,7 +182,9 @@ def test_packed_sequences_match_unpacked(tiny_model, modality):
     valid = ~mask if mask is not None else torch.ones(hidden.shape[:2], dtype=torch.bool)
     torch.testing.assert_close(packed.hidden[valid], hidden[valid], atol=2e-5, rtol=1e-5)
     # one CLS per sample: embeddings from the packed CLS states equal the normal ones
-    torch.testing.assert_close(tiny_model.embed(modality, packed.hidden), tiny_model.embed(modality, hidden), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        tiny_model.embed(modality, packed.hidden), tiny_model.embed(modality, hidden), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_grad_checkpointing_gives_same_gradients(tiny_model):
@@ -206,13 +226,17 @@ def test_bf16_inference_path(tiny_model):
 
 
 def test_logit_scale_is_a_log(tiny_model):
-    assert math.isclose(one_peace.build_model("tiny", modalities=("text",)).logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)
+    assert math.isclose(
+        one_peace.build_model("tiny", modalities=("text",)).logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6
+    )
 
 
 def test_4b_builds_on_meta_with_official_parameter_count(parity: Path):
     model = one_peace.build_model("one_peace_4b", modalities=("text", "image", "audio"), device="meta")
     assert all(p.is_meta for p in model.parameters())
-    keys = json.loads((parity / "one_peace_4b_keys.json").read_text())["variants"]["one_peace_retrieval__head_val__from_pretrained"]
+    keys = json.loads((parity / "one_peace_4b_keys.json").read_text())["variants"][
+        "one_peace_retrieval__head_val__from_pretrained"
+    ]
     # the only official parameter we do not keep is the unused audio mask_embedding (1 x 1536)
     assert one_peace.count_parameters(model) == keys["num_parameters"] - 1536
     assert len(model.layers) == 40 and len(model.layers[0].ffns) == 3
@@ -224,7 +248,9 @@ def test_bad_batches_give_clear_errors(tiny_model):
     with pytest.raises(ValueError, match=r"multiple of 16"):
         tiny_model.encode("image", {"pixels": torch.zeros(1, 3, 250, 250)})
     with pytest.raises(ValueError, match="same batch size"):
-        tiny_model.forward_features({"text": {"tokens": torch.full((2, 3), 5)}, "image": {"pixels": torch.zeros(3, 3, 32, 32)}})
+        tiny_model.forward_features(
+            {"text": {"tokens": torch.full((2, 3), 5)}, "image": {"pixels": torch.zeros(3, 3, 32, 32)}}
+        )
     with pytest.raises(KeyError, match="not in this model"):
         one_peace.build_model("tiny", modalities=("text",)).encode("audio", {"waveform": torch.zeros(1, 16000)})
     with pytest.raises(ValueError, match="text preprocessing needs a tokenizer"):

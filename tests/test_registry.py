@@ -15,7 +15,7 @@ import one_peace
 from one_peace import registry
 from one_peace.registry import ModalityPlugin, PluginError, register_modality
 
-PLUGIN_SRC = '''
+PLUGIN_SRC = """
 import torch
 from torch import nn
 from one_peace.registry import ModalityPlugin, MaskingPolicy
@@ -55,7 +55,7 @@ class TabularModality(ModalityPlugin):
 
     def example_batch(self, config, batch_size, generator):
         return {"values": torch.randn(batch_size, self.options(config)["features"], generator=generator)}
-'''
+"""
 
 
 @pytest.fixture
@@ -107,8 +107,13 @@ def test_entry_point_plugin_is_discovered_and_broken_one_reported(plugin_path: P
 
 def test_cli_lists_plugins_and_failures(plugin_path: Path):
     env_path = f"{plugin_path}:{':'.join(sys.path)}"
-    out = subprocess.run([sys.executable, "-m", "one_peace.modalities"], capture_output=True, text=True,
-                         env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"}, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "one_peace.modalities"],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"},
+        check=True,
+    )
     assert "tabular" in out.stdout and "entry point" in out.stdout
     assert "FAILED broken" in out.stdout
     assert "video" in out.stdout and "shares FFN/head with image" in out.stdout
@@ -141,15 +146,17 @@ def test_missing_piece_is_reported_with_plugin_name():
 
 
 def test_unknown_modality_error_lists_known():
-    with pytest.raises(KeyError, match="unknown modality 'smell'.*registered modalities: audio, image, text"):
+    with pytest.raises(KeyError, match=r"unknown modality 'smell'.*registered modalities: audio, image, text"):
         one_peace.build_model("tiny", modalities=("smell",))
 
 
 def test_plugin_source_written_as_file(tmp_path: Path):
     """A plugin module can also register itself in-tree with the decorator."""
     mod = tmp_path / "inline_plugin.py"
-    mod.write_text(textwrap.dedent(PLUGIN_SRC).replace('name = "tabular"', 'name = "inline"')
-                   + "\nfrom one_peace.registry import register_modality\nregister_modality(TabularModality)\n")
+    mod.write_text(
+        textwrap.dedent(PLUGIN_SRC).replace('name = "tabular"', 'name = "inline"')
+        + "\nfrom one_peace.registry import register_modality\nregister_modality(TabularModality)\n"
+    )
     sys.path.insert(0, str(tmp_path))
     try:
         importlib.import_module("inline_plugin")

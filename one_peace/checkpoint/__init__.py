@@ -68,7 +68,13 @@ def save(model: OnePeaceModel, folder: str | Path, extra_tensors: dict[str, torc
 def write_config(folder: Path, config: ModelConfig, tokenizer: Any, **extra: Any) -> None:
     """Write ``config.json`` (and the tokenizer files) into ``folder``."""
     entry = tokenizer.save(folder) if tokenizer is not None else None
-    doc = {"format_version": CONFIG_FORMAT_VERSION, "library": "one-peace", "model": config.to_dict(), "tokenizer": entry, **extra}
+    doc = {
+        "format_version": CONFIG_FORMAT_VERSION,
+        "library": "one-peace",
+        "model": config.to_dict(),
+        "tokenizer": entry,
+        **extra,
+    }
     (folder / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
 
 
@@ -107,14 +113,14 @@ def _weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no {WEIGHTS} or {INDEX}")
 
 
-def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, str]]:
     from safetensors import SafetensorError, safe_open
 
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as fh:
                 for key in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
-                    yield key, fh.get_tensor(key)
+                    yield key, fh.get_tensor(key), key
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{f}: unreadable safetensors file (truncated or corrupted?): {exc}") from None
 
@@ -124,20 +130,24 @@ def _build_meta(config: ModelConfig) -> OnePeaceModel:
         return OnePeaceModel(config)
 
 
-def _assign(model: OnePeaceModel, items: Iterator[tuple[str, torch.Tensor]], source: str, dtype: torch.dtype | None,
-            device: str | torch.device, rename: Any = None) -> None:
-    """Stream tensors into a meta-built model, checking names and shapes, then verify nothing is left unset."""
+def _assign(
+    model: OnePeaceModel,
+    items: Iterator[tuple[str, torch.Tensor, str]],
+    source: str,
+    dtype: torch.dtype | None,
+    device: str | torch.device,
+) -> None:
+    """Stream ``(our_name, tensor, key_in_file)`` into a meta-built model, checking names and shapes."""
     params = dict(model.named_parameters())
     seen: set[str] = set()
-    for key, tensor in items:
-        name = rename(key) if rename else key
-        if name is None:
-            continue
+    for name, tensor, key in items:
         if name not in params:
             raise CheckpointError(f"{source}: unexpected key {key!r} (no such parameter in the model)")
         p = params[name]
         if tuple(tensor.shape) != tuple(p.shape):
-            raise CheckpointError(f"{source}: key {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(p.shape)}")
+            raise CheckpointError(
+                f"{source}: key {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(p.shape)}"
+            )
         target_dtype = dtype or (torch.float32 if tensor.is_floating_point() else tensor.dtype)
         value = tensor.to(device=device, dtype=target_dtype)
         module_name, _, attr = name.rpartition(".")
@@ -146,11 +156,19 @@ def _assign(model: OnePeaceModel, items: Iterator[tuple[str, torch.Tensor]], sou
         seen.add(name)
     missing = sorted(set(params) - seen)
     if missing:
-        raise CheckpointError(f"{source}: missing weights for {len(missing)} parameter(s): {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        raise CheckpointError(
+            f"{source}: missing weights for {len(missing)} parameter(s): "
+            f"{missing[:8]}{' ...' if len(missing) > 8 else ''}"
+        )
 
 
-def _load_folder(folder: Path, dtype: torch.dtype | None, device: str | torch.device, official_padding: bool | None,
-                 bpe_dir: str | Path | None) -> OnePeaceModel:
+def _load_folder(
+    folder: Path,
+    dtype: torch.dtype | None,
+    device: str | torch.device,
+    official_padding: bool | None,
+    bpe_dir: str | Path | None,
+) -> OnePeaceModel:
     from one_peace.adapters.text import TextTokenizer
 
     doc = _read_folder_config(folder)
@@ -180,18 +198,31 @@ def read_official(path: str | Path, mmap: bool = True) -> tuple[dict[str, torch.
     elif isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values()):
         state, cfg = data, None
     else:
-        raise CheckpointError(f"{path}: expected a dict with a 'model' state dict (fairseq layout) or a plain state dict")
+        raise CheckpointError(
+            f"{path}: expected a dict with a 'model' state dict (fairseq layout) or a plain state dict"
+        )
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: entry {bad[0]!r} of the state dict is not a tensor")
     if not looks_official(state):
-        raise CheckpointError(f"{path}: no 'encoder_wrapper.*' keys: not an official ONE-PEACE checkpoint (keys start with {sorted(state)[:3]})")
+        raise CheckpointError(
+            f"{path}: no 'encoder_wrapper.*' keys: not an official ONE-PEACE checkpoint "
+            f"(keys start with {sorted(state)[:3]})"
+        )
     return state, cfg if isinstance(cfg, dict) else None
 
 
-def official_state_items(state: dict[str, torch.Tensor], config: ModelConfig, extra: dict[str, Any], source: str,
-                         unknown: list[str], pretrain: dict[str, torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(our_name, tensor)`` for an official state dict, interpolating the image table if the size changed.
+def official_state_items(
+    state: dict[str, torch.Tensor],
+    config: ModelConfig,
+    extra: dict[str, Any],
+    source: str,
+    unknown: list[str],
+    pretrain: dict[str, torch.Tensor] | None = None,
+) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """Yield ``(our_name, tensor, official_key)`` of an official state dict.
+
+    The image relative table is interpolated when the run-time image grid differs from the file's.
 
     Unknown keys are appended to ``unknown``; pretraining-only keys go to ``pretrain`` when given.
     """
@@ -210,12 +241,18 @@ def official_state_items(state: dict[str, torch.Tensor], config: ModelConfig, ex
             continue
         if name == "adapters.image.rel_pos_table" and want_grid and want_grid != extra.get("checkpoint_image_grid"):
             tensor = interpolate_image_table(tensor.float(), extra["checkpoint_image_grid"], want_grid)
-        yield name, tensor
+        yield name, tensor, key
 
 
-def load_official(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                  bpe_dir: str | Path | None = None, image_size: int | None = None,
-                  official_padding: bool | None = None, strict: bool = True) -> OnePeaceModel:
+def load_official(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    bpe_dir: str | Path | None = None,
+    image_size: int | None = None,
+    official_padding: bool | None = None,
+    strict: bool = True,
+) -> OnePeaceModel:
     """Load an official ONE-PEACE ``.pt`` checkpoint (safe unpickling) into our model.
 
     Args:
@@ -248,14 +285,21 @@ def load_official(path: str | Path, dtype: torch.dtype | None = None, device: st
             raise CheckpointError(msg)
         warnings.warn(msg, stacklevel=2)
     if bpe_dir is not None:
-        model.tokenizer = TextTokenizer.from_bpe_dir(bpe_dir, config.modality_options.get("text", {}).get("max_tokens", 70))
+        model.tokenizer = TextTokenizer.from_bpe_dir(
+            bpe_dir, config.modality_options.get("text", {}).get("max_tokens", 70)
+        )
     if official_padding is not None:
         model.official_padding = official_padding
     return model.eval()
 
 
-def load(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-         bpe_dir: str | Path | None = None, **kwargs: Any) -> OnePeaceModel:
+def load(
+    path: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    bpe_dir: str | Path | None = None,
+    **kwargs: Any,
+) -> OnePeaceModel:
     """Load a checkpoint folder of ours or an official ONE-PEACE file (see :func:`load_official` for kwargs)."""
     path = Path(path)
     if path.is_dir():

@@ -29,34 +29,91 @@ IGNORED: dict[str, str] = {
 }
 _IGNORED_RE = [re.compile(p + r"$") for p in IGNORED]
 
-_PRETRAIN_RE = re.compile(r"^(decoder_wrapper\.|(text|image|audio)_mask_token$|decoder_(text|image|audio)_embed\.|(text|image|audio)_mask_head\.)")
+_PRETRAIN_RE = re.compile(
+    r"^(decoder_wrapper\.|(text|image|audio)_mask_token$|decoder_(text|image|audio)_embed\.|(text|image|audio)_mask_head\.)"
+)
 
-_IMAGE_STEM = {"0": "stem.conv1", "1.layer_norm": "stem.norm1.norm", "3": "stem.conv2", "4.layer_norm": "stem.norm2.norm", "6": "stem.conv3"}
+_IMAGE_STEM = {
+    "0": "stem.conv1",
+    "1.layer_norm": "stem.norm1.norm",
+    "3": "stem.conv2",
+    "4.layer_norm": "stem.norm2.norm",
+    "6": "stem.conv3",
+}
 _FFN = {"0.wi_0": "wi_0", "0.wi_1": "wi_1", "2": "norm", "3": "wo"}
-_ATTN = {"q_proj": "attn.q_proj", "k_proj": "attn.k_proj", "v_proj": "attn.v_proj", "out_proj": "attn.out_proj", "ln": "attn.inner_norm"}
+_ATTN = {
+    "q_proj": "attn.q_proj",
+    "k_proj": "attn.k_proj",
+    "v_proj": "attn.v_proj",
+    "out_proj": "attn.out_proj",
+    "ln": "attn.inner_norm",
+}
 
 _RULES: list[tuple[re.Pattern[str], Any]] = [
-    (re.compile(r"^encoder_wrapper\.(\w+)_adapter\.(cls_embedding|cls_pos_embed|pos_embed)$"), lambda m: f"adapters.{m[1]}.{m[2]}"),
-    (re.compile(r"^encoder_wrapper\.(\w+)_adapter\.rel_pos_table_list\.0\.weight$"), lambda m: f"adapters.{m[1]}.rel_pos_table"),
-    (re.compile(r"^encoder_wrapper\.text_adapter\.(embed_tokens|embed_positions)\.weight$"), lambda m: f"adapters.text.{m[1]}.weight"),
-    (re.compile(r"^encoder_wrapper\.image_adapter\.embed_images\.(0|1\.layer_norm|3|4\.layer_norm|6)\.(weight|bias)$"),
-     lambda m: f"adapters.image.{_IMAGE_STEM[m[1]]}.{m[2]}"),
-    (re.compile(r"^encoder_wrapper\.audio_adapter\.embed_audios\.0\.conv_layers\.(\d+)\.0\.weight$"),
-     lambda m: f"adapters.audio.feature_extractor.convs.{m[1]}.weight"),
-    (re.compile(r"^encoder_wrapper\.audio_adapter\.embed_audios\.0\.conv_layers\.(\d+)\.2\.1\.(weight|bias)$"),
-     lambda m: f"adapters.audio.feature_extractor.norms.{m[1]}.{m[2]}"),
-    (re.compile(r"^encoder_wrapper\.audio_adapter\.embed_audios\.2\.(weight|bias)$"), lambda m: f"adapters.audio.feature_extractor.out_norm.{m[1]}"),
-    (re.compile(r"^encoder_wrapper\.audio_adapter\.embed_audios\.3\.(weight|bias)$"), lambda m: f"adapters.audio.feature_extractor.proj.{m[1]}"),
-    (re.compile(r"^encoder_wrapper\.audio_adapter\.embed_positions\.(\d+)\.0\.(weight|bias)$"),
-     lambda m: f"adapters.audio.positions.convs.{int(m[1]) - 1}.{m[2]}"),
-    (re.compile(r"^encoder_wrapper\.fusion_model\.layers\.(\d+)\.gamma_([12])$"), lambda m: f"layers.{m[1]}.gamma_{m[2]}"),
-    (re.compile(r"^encoder_wrapper\.fusion_model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj|ln)\.(weight|bias)$"),
-     lambda m: f"layers.{m[1]}.{_ATTN[m[2]]}.{m[3]}"),
-    (re.compile(r"^encoder_wrapper\.fusion_model\.layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)$"), lambda m: f"layers.{m[1]}.attn_norm.{m[2]}"),
-    (re.compile(r"^encoder_wrapper\.fusion_model\.layers\.(\d+)\.final_layer_norm\.(weight|bias)$"), lambda m: f"layers.{m[1]}.ffn_norm.{m[2]}"),
-    (re.compile(r"^encoder_wrapper\.fusion_model\.layers\.(\d+)\.(\w+)_ffn\.(0\.wi_0|0\.wi_1|2|3)\.(weight|bias)$"),
-     lambda m: f"layers.{m[1]}.ffns.{m[2]}.{_FFN[m[3]]}.{m[4]}"),
-    (re.compile(r"^encoder_wrapper\.fusion_model\.(\w+)_layer_norm\.(weight|bias)$"), lambda m: f"final_norms.{m[1]}.{m[2]}"),
+    (
+        re.compile(r"^encoder_wrapper\.(\w+)_adapter\.(cls_embedding|cls_pos_embed|pos_embed)$"),
+        lambda m: f"adapters.{m[1]}.{m[2]}",
+    ),
+    (
+        re.compile(r"^encoder_wrapper\.(\w+)_adapter\.rel_pos_table_list\.0\.weight$"),
+        lambda m: f"adapters.{m[1]}.rel_pos_table",
+    ),
+    (
+        re.compile(r"^encoder_wrapper\.text_adapter\.(embed_tokens|embed_positions)\.weight$"),
+        lambda m: f"adapters.text.{m[1]}.weight",
+    ),
+    (
+        re.compile(
+            r"^encoder_wrapper\.image_adapter\.embed_images\.(0|1\.layer_norm|3|4\.layer_norm|6)\.(weight|bias)$"
+        ),
+        lambda m: f"adapters.image.{_IMAGE_STEM[m[1]]}.{m[2]}",
+    ),
+    (
+        re.compile(r"^encoder_wrapper\.audio_adapter\.embed_audios\.0\.conv_layers\.(\d+)\.0\.weight$"),
+        lambda m: f"adapters.audio.feature_extractor.convs.{m[1]}.weight",
+    ),
+    (
+        re.compile(r"^encoder_wrapper\.audio_adapter\.embed_audios\.0\.conv_layers\.(\d+)\.2\.1\.(weight|bias)$"),
+        lambda m: f"adapters.audio.feature_extractor.norms.{m[1]}.{m[2]}",
+    ),
+    (
+        re.compile(r"^encoder_wrapper\.audio_adapter\.embed_audios\.2\.(weight|bias)$"),
+        lambda m: f"adapters.audio.feature_extractor.out_norm.{m[1]}",
+    ),
+    (
+        re.compile(r"^encoder_wrapper\.audio_adapter\.embed_audios\.3\.(weight|bias)$"),
+        lambda m: f"adapters.audio.feature_extractor.proj.{m[1]}",
+    ),
+    (
+        re.compile(r"^encoder_wrapper\.audio_adapter\.embed_positions\.(\d+)\.0\.(weight|bias)$"),
+        lambda m: f"adapters.audio.positions.convs.{int(m[1]) - 1}.{m[2]}",
+    ),
+    (
+        re.compile(r"^encoder_wrapper\.fusion_model\.layers\.(\d+)\.gamma_([12])$"),
+        lambda m: f"layers.{m[1]}.gamma_{m[2]}",
+    ),
+    (
+        re.compile(
+            r"^encoder_wrapper\.fusion_model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|out_proj|ln)\.(weight|bias)$"
+        ),
+        lambda m: f"layers.{m[1]}.{_ATTN[m[2]]}.{m[3]}",
+    ),
+    (
+        re.compile(r"^encoder_wrapper\.fusion_model\.layers\.(\d+)\.self_attn_layer_norm\.(weight|bias)$"),
+        lambda m: f"layers.{m[1]}.attn_norm.{m[2]}",
+    ),
+    (
+        re.compile(r"^encoder_wrapper\.fusion_model\.layers\.(\d+)\.final_layer_norm\.(weight|bias)$"),
+        lambda m: f"layers.{m[1]}.ffn_norm.{m[2]}",
+    ),
+    (
+        re.compile(r"^encoder_wrapper\.fusion_model\.layers\.(\d+)\.(\w+)_ffn\.(0\.wi_0|0\.wi_1|2|3)\.(weight|bias)$"),
+        lambda m: f"layers.{m[1]}.ffns.{m[2]}.{_FFN[m[3]]}.{m[4]}",
+    ),
+    (
+        re.compile(r"^encoder_wrapper\.fusion_model\.(\w+)_layer_norm\.(weight|bias)$"),
+        lambda m: f"final_norms.{m[1]}.{m[2]}",
+    ),
     (re.compile(r"^(\w+)_proj\.(weight|bias)$"), lambda m: f"heads.{m[1]}.{m[2]}"),
     (re.compile(r"^logit_scale$"), lambda m: "logit_scale"),
 ]
@@ -93,11 +150,14 @@ def _rows_to_grid(rows: int) -> int:
     return (span + 1) // 2
 
 
-def infer_config(state: Mapping[str, torch.Tensor], cfg: Mapping[str, Any] | None, source: str) -> tuple[ModelConfig, dict[str, Any]]:
+def infer_config(
+    state: Mapping[str, torch.Tensor], cfg: Mapping[str, Any] | None, source: str
+) -> tuple[ModelConfig, dict[str, Any]]:
     """Architecture of an official state dict, from its ``cfg`` when present and tensor shapes otherwise.
 
     Returns the model config and extra facts (``checkpoint_image_grid``: the relative grid stored in the file).
     """
+
     def shape(key: str) -> tuple[int, ...]:
         if key not in state:
             raise ValueError(f"{source}: expected key {key!r} is missing; not an official ONE-PEACE encoder?")
@@ -105,8 +165,12 @@ def infer_config(state: Mapping[str, torch.Tensor], cfg: Mapping[str, Any] | Non
 
     layer_ids = {int(m[1]) for k in state if (m := re.match(r"^encoder_wrapper\.fusion_model\.layers\.(\d+)\.", k))}
     if not layer_ids:
-        raise ValueError(f"{source}: no encoder_wrapper.fusion_model.layers.* keys: not an official ONE-PEACE checkpoint")
-    per_layer_tables = [k for k in state if re.match(r"^encoder_wrapper\.\w+_adapter\.rel_pos_table_list\.[1-9]\d*\.weight$", k)]
+        raise ValueError(
+            f"{source}: no encoder_wrapper.fusion_model.layers.* keys: not an official ONE-PEACE checkpoint"
+        )
+    per_layer_tables = [
+        k for k in state if re.match(r"^encoder_wrapper\.\w+_adapter\.rel_pos_table_list\.[1-9]\d*\.weight$", k)
+    ]
     if per_layer_tables:
         raise ValueError(
             f"{source}: per-layer relative tables ({per_layer_tables[0]} ...) come from fine-tuned/classify "
@@ -117,10 +181,10 @@ def infer_config(state: Mapping[str, torch.Tensor], cfg: Mapping[str, Any] | Non
     enc = (cfg or {}).get("model", {}).get("encoder", {}) if isinstance(cfg, Mapping) else {}
     task = (cfg or {}).get("task", {}) if isinstance(cfg, Mapping) else {}
     heads = None
-    for m in modalities:
-        key = f"{ENC}{m}_adapter.rel_pos_table_list.0.weight"
-        if key in state:
-            heads = shape(key)[1]
+    for mod in modalities:
+        table_key = f"{ENC}{mod}_adapter.rel_pos_table_list.0.weight"
+        if table_key in state:
+            heads = shape(table_key)[1]
             break
     heads = int(enc.get("attention_heads") or heads or 0)
     if not heads:
@@ -131,8 +195,12 @@ def infer_config(state: Mapping[str, torch.Tensor], cfg: Mapping[str, Any] | Non
         vocab, _ = shape(f"{ENC}text_adapter.embed_tokens.weight")
         max_pos, _ = shape(f"{ENC}text_adapter.embed_positions.weight")
         rows, _ = shape(f"{ENC}text_adapter.rel_pos_table_list.0.weight")
-        options["text"] = {"vocab_size": vocab, "max_positions": max_pos, "bucket_size": (rows - 2) // 2,
-                           "max_tokens": int(task.get("max_src_length", 70) or 70)}
+        options["text"] = {
+            "vocab_size": vocab,
+            "max_positions": max_pos,
+            "bucket_size": (rows - 2) // 2,
+            "max_tokens": int(task.get("max_src_length", 70) or 70),
+        }
     if "image" in modalities:
         pos_rows, _ = shape(f"{ENC}image_adapter.pos_embed")
         grid = math.isqrt(pos_rows - 1)
@@ -142,16 +210,29 @@ def infer_config(state: Mapping[str, torch.Tensor], cfg: Mapping[str, Any] | Non
         extra["checkpoint_image_grid"] = table_grid
     if "audio" in modalities:
         feat = shape(f"{ENC}audio_adapter.embed_audios.0.conv_layers.0.0.weight")[0]
-        depth = len({k for k in state if re.match(r"^encoder_wrapper\.audio_adapter\.embed_positions\.\d+\.0\.weight$", k)})
+        depth = len(
+            {k for k in state if re.match(r"^encoder_wrapper\.audio_adapter\.embed_positions\.\d+\.0\.weight$", k)}
+        )
         pos_w = shape(f"{ENC}audio_adapter.embed_positions.1.0.weight")
         rows, _ = shape(f"{ENC}audio_adapter.rel_pos_table_list.0.weight")
-        options["audio"] = {"feature_dim": feat, "bucket_size": (rows - 2) // 2, "pos_depth": depth,
-                            "pos_width": pos_w[2] * depth, "pos_groups": dim // pos_w[1],
-                            "max_seconds": float(task.get("max_duration", 15) or 15)}
+        options["audio"] = {
+            "feature_dim": feat,
+            "bucket_size": (rows - 2) // 2,
+            "pos_depth": depth,
+            "pos_width": pos_w[2] * depth,
+            "pos_groups": dim // pos_w[1],
+            "max_seconds": float(task.get("max_duration", 15) or 15),
+        }
     gamma = f"{FUSION}layers.0.gamma_1"
     config = ModelConfig(
-        embed_dim=dim, layers=max(layer_ids) + 1, heads=heads, ffn_dim=ffn_dim, modalities=tuple(modalities),
-        modality_options=options, layer_scale_init=1e-6 if gamma in state else 0.0, name="official",
+        embed_dim=dim,
+        layers=max(layer_ids) + 1,
+        heads=heads,
+        ffn_dim=ffn_dim,
+        modalities=tuple(modalities),
+        modality_options=options,
+        layer_scale_init=1e-6 if gamma in state else 0.0,
+        name="official",
     )
     config.validate()
     return config, extra
@@ -168,7 +249,9 @@ def interpolate_image_table(table: torch.Tensor, src_grid: int, dst_grid: int) -
 
     src, dst = 2 * src_grid - 1, 2 * dst_grid - 1
     if table.shape[0] != src * src + 3:
-        raise ValueError(f"image relative table has {table.shape[0]} rows, expected {src * src + 3} for grid {src_grid}")
+        raise ValueError(
+            f"image relative table has {table.shape[0]} rows, expected {src * src + 3} for grid {src_grid}"
+        )
     if src == dst:
         return table
     lo, hi = 1.01, 1.5

@@ -10,6 +10,7 @@ There is no fallback to unrestricted unpickling.
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,14 @@ def _plain_dict(*args: Any) -> dict[str, Any]:
 
 
 _OMEGACONF_NODES = (
-    "AnyNode", "StringNode", "IntegerNode", "FloatNode", "BooleanNode", "EnumNode", "BytesNode", "PathNode",
+    "AnyNode",
+    "StringNode",
+    "IntegerNode",
+    "FloatNode",
+    "BooleanNode",
+    "EnumNode",
+    "BytesNode",
+    "PathNode",
     "InterpolationResultNode",
 )
 
@@ -129,7 +137,11 @@ def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
         with torch.serialization.safe_globals([(v, k) for k, v in ALLOWED_GLOBALS.items()]):
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
     except pickle.UnpicklingError as exc:
-        msg = str(exc).split("\n")[0]
+        text = str(exc)
+        found = re.search(
+            r"GLOBAL ([\w.]+)|unrecognized function ([^\s]+)|new object for [^\n]*? but got ([^\n]+)", text
+        )
+        msg = f"it references {next(g for g in found.groups() if g)}" if found else text.split("\n")[0][:200]
         raise CheckpointError(
             f"{path}: refused to unpickle: {msg}. Only tensors and omegaconf/argparse config objects are allowed "
             "(weights_only=True with an explicit allow-list); the file was not executed."

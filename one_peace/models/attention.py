@@ -26,8 +26,10 @@ def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
     try:
         import xformers.ops as xops
     except ImportError as exc:  # pragma: no cover - GPU only
-        raise ImportError("attn_backend='xformers' needs the optional dependency: pip install 'one-peace[gpu]'") from exc
-    b, h, s, d = q.shape
+        raise ImportError(
+            "attn_backend='xformers' needs the optional dependency: pip install 'one-peace[gpu]'"
+        ) from exc
+    b, h, s, _ = q.shape
     attn_bias = None
     if bias is not None:
         # xformers wants a bias whose last dim is 8-aligned in memory: allocate padded, then slice.

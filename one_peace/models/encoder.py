@@ -13,9 +13,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from one_peace.config import ModelConfig
-from one_peace.registry import ModalityPlugin, get_plugin
 from one_peace.models.adapter import AdapterOutput
 from one_peace.models.layers import SharedLayer
+from one_peace.registry import ModalityPlugin, get_plugin
 
 
 @dataclass
@@ -101,8 +101,12 @@ class OnePeaceModel(nn.Module):
         rates = [config.drop_path_rate * i / max(1, config.layers - 1) for i in range(config.layers)]
         self.layers = nn.ModuleList(
             SharedLayer(
-                d, config.heads, {g: self.plugins[g].build_ffn(config) for g in group_names},
-                config.layer_scale_init, rates[i], config.attn_backend,
+                d,
+                config.heads,
+                {g: self.plugins[g].build_ffn(config) for g in group_names},
+                config.layer_scale_init,
+                rates[i],
+                config.attn_backend,
             )
             for i in range(config.layers)
         )
@@ -124,7 +128,7 @@ class OnePeaceModel(nn.Module):
         self.config.official_padding = bool(value)
         for adapter in self.adapters.values():
             if hasattr(adapter, "official_padding"):
-                adapter.official_padding = bool(value)
+                setattr(adapter, "official_padding", bool(value))  # noqa: B010 - plugin adapters may opt in
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each shared layer in the backward pass instead of storing its activations."""
@@ -206,7 +210,10 @@ class OnePeaceModel(nn.Module):
         pad = None
         if any(mk is not None for mk in masks):
             pad = torch.cat(
-                [mk if mk is not None else torch.zeros(o.tokens.shape[:2], dtype=torch.bool, device=x.device) for mk, o in zip(masks, outs)],
+                [
+                    mk if mk is not None else torch.zeros(o.tokens.shape[:2], dtype=torch.bool, device=x.device)
+                    for mk, o in zip(masks, outs)
+                ],
                 dim=1,
             )
             x = x * (~pad).unsqueeze(-1).to(x.dtype)
@@ -232,7 +239,9 @@ class OnePeaceModel(nn.Module):
         parts = torch.split(x, [o.tokens.shape[1] for o in outs], dim=1)
         return dict(zip(names, parts))
 
-    def forward(self, inputs: Mapping[str, dict[str, Any]], keep_ids: Mapping[str, torch.Tensor] | None = None) -> EncoderOutput:
+    def forward(
+        self, inputs: Mapping[str, dict[str, Any]], keep_ids: Mapping[str, torch.Tensor] | None = None
+    ) -> EncoderOutput:
         """Alias of :meth:`forward_features`."""
         return self.forward_features(inputs, keep_ids)
 
@@ -262,7 +271,9 @@ class OnePeaceModel(nn.Module):
         if len(items) == 0:
             raise ValueError(f"no {modality} inputs given")
         plugin = self.plugins[modality]
-        if modality not in self._preprocessors or (modality == "text" and self._preprocessors.get("_tok") is not self.tokenizer):
+        if modality not in self._preprocessors or (
+            modality == "text" and self._preprocessors.get("_tok") is not self.tokenizer
+        ):
             self._preprocessors[modality] = plugin.build_preprocessor(self.config, self.tokenizer)
             if modality == "text":
                 self._preprocessors["_tok"] = self.tokenizer
@@ -281,7 +292,11 @@ class OnePeaceModel(nn.Module):
         """
         out = self.adapters[modality](batch)
         b, t, d = out.tokens.shape
-        valid = t - out.padding_mask.sum(1) if out.padding_mask is not None else torch.full((b,), t, device=out.tokens.device)
+        valid = (
+            t - out.padding_mask.sum(1)
+            if out.padding_mask is not None
+            else torch.full((b,), t, device=out.tokens.device)
+        )
         lengths = [int(n) for n in valid]
         row_length = row_length or max(lengths)
         if max(lengths) > row_length:
