@@ -112,7 +112,7 @@ def convert(
                     f"{src}: key {key!r} (ours: {name}) has shape {tuple(tensor.shape)}, expected {expected[name]}"
                 )
             t = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-            shard[name] = t.contiguous().clone()
+            shard[name] = t.contiguous()  # mmapped source: no copy until safetensors serialises the shard
             size += t.numel() * t.element_size()
             seen.add(name)
             report.tensors += 1

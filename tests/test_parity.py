@@ -238,3 +238,14 @@ def test_released_4b_layout_maps_onto_our_4b_model(parity):
     fake = {k: torch.empty(shape, device="meta") for k, shape, _d, _k in doc["keys"]}
     cfg, _ = infer_config(fake, None, "4b-keys")
     assert (cfg.embed_dim, cfg.layers, cfg.heads, cfg.ffn_dim) == (1536, 40, 24, 6144)
+
+
+def test_official_names_round_trip_for_every_4b_key(parity):
+    from one_peace.checkpoint.official import official_name
+
+    doc = json.loads((parity / "one_peace_4b_keys.json").read_text())["variants"]["one_peace_retrieval__head_val__from_pretrained"]
+    for key, *_ in doc["keys"]:
+        if not is_ignored(key):
+            assert official_name(map_official_key(key)) == key
+    with pytest.raises(KeyError, match="temporal_embed"):
+        official_name("adapters.video.temporal_embed")

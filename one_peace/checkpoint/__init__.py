@@ -228,7 +228,7 @@ def official_state_items(
     """
     want_grid = config.modality_options.get("image", {}).get("rel_bucket_size")
     for key in list(state):
-        tensor = state[key]
+        tensor = state.pop(key)  # drop our reference as we go, so memory can be released
         if is_ignored(key):
             continue
         if is_pretrain_key(key):

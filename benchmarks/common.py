@@ -1,0 +1,93 @@
+"""Helpers shared by the benchmarks: matmul peak, FLOP counting, timing and peak memory."""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """Context manager sampling RSS every few milliseconds; ``peak`` and ``delta`` (above the start) in bytes."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        self.interval = interval
+        self.start = self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+    @property
+    def delta(self) -> int:
+        """Peak RSS above the RSS at entry."""
+        return self.peak - self.start
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
+    """Measured dense matmul throughput (FLOP/s) for ``n x n`` operands of ``dtype`` on this machine, now."""
+    probe = torch.randn(256, 256).to(dtype)
+    start = time.perf_counter()
+    probe @ probe
+    probe_rate = 2 * 256**3 / (time.perf_counter() - start)
+    if probe_rate < 5e9:  # no fast kernel for this dtype (e.g. bf16 without AVX-512/AMX): don't spend minutes on it
+        return probe_rate
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
+    for _ in range(3):
+        a @ b
+    iters, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        iters += 1
+    return 2 * n**3 * iters / (time.perf_counter() - start)
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn`` (matmuls, convolutions, attention) by PyTorch's flop counter."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def time_call(fn: Callable[[], Any], min_seconds: float = 3.0, warmup: int = 1, min_iters: int = 2) -> float:
+    """Mean seconds per call after ``warmup`` calls, running at least ``min_seconds`` and ``min_iters`` times."""
+    for _ in range(warmup):
+        fn()
+    iters, start = 0, time.perf_counter()
+    while iters < min_iters or time.perf_counter() - start < min_seconds:
+        fn()
+        iters += 1
+    return (time.perf_counter() - start) / iters
+
+
+def machine() -> str:
+    """One line describing the machine and torch build."""
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"

@@ -1,0 +1,448 @@
+"""Streaming multimodal loading on fairseq2's data pipeline: sharded, resumable, robust to bad samples.
+
+Rows (manifest lines, in-memory dicts, or WebDataset shard samples) are split across ranks and shuffled
+*before* media are decoded, so the resumable pipeline state holds rows, not images. Decoding runs on
+``num_parallel_calls`` threads and never raises: a bad sample is skipped, counted by reason and logged with its
+id; above ``max_bad_fraction`` (judged after ``min_samples_for_bad_check`` samples) the run stops with a report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import math
+import threading
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from one_peace.config import ModelConfig
+from one_peace.data._fairseq2 import data_pipeline
+from one_peace.data.manifest import MEDIA_MODALITIES, ManifestReader, default_fields, resolve_media, validate_manifest
+from one_peace.registry import get_plugin, list_modalities
+
+logger = logging.getLogger(__name__)
+
+
+class TooManyBadSamples(RuntimeError):
+    """More than the allowed fraction of samples failed to decode; the message is the report."""
+
+
+@dataclass(kw_only=True)
+class LoaderConfig:
+    """How batches are formed.
+
+    Attributes:
+        batch_size: Samples per batch (per rank).
+        shuffle_window: Rows held for shuffling (0 = no shuffle). Rows are shuffled before media are decoded.
+        seed: Base seed; epoch ``e`` shuffles with ``seed + e``.
+        num_parallel_calls: Decoding threads.
+        length_buckets: Upper bounds (tokens of ``bucket_by``) of length buckets; ``None`` = batches in order.
+        bucket_by: Modality whose length selects the bucket (default: the first non-image modality).
+        remainder: ``"drop"`` (default) drops samples that cannot fill a batch on every rank and reports them;
+            ``"pad"`` pads the last batches with masked copies (``batch["valid"]`` is False for them).
+        max_bad_fraction: Stop when more than this fraction of samples is bad...
+        min_samples_for_bad_check: ... once at least this many samples were read.
+    """
+
+    batch_size: int = 8
+    shuffle_window: int = 1000
+    seed: int = 0
+    num_parallel_calls: int = 2
+    length_buckets: list[int] | None = None
+    bucket_by: str | None = None
+    remainder: str = "drop"
+    max_bad_fraction: float = 0.01
+    min_samples_for_bad_check: int = 1000
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming a bad field."""
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.remainder not in ("drop", "pad"):
+            raise ValueError(f"data.remainder must be 'drop' or 'pad', got {self.remainder!r}")
+        if not 0 <= self.max_bad_fraction <= 1:
+            raise ValueError(f"data.max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+
+
+@dataclass
+class EpochStats:
+    """What one epoch of one rank saw."""
+
+    epoch: int = 0
+    rows: int = 0
+    samples: int = 0
+    batches: int = 0
+    slots: int = 0
+    bad: Counter[str] = field(default_factory=Counter)
+    remainder_dropped: int = 0
+    padded_samples: int = 0
+    padding: dict[str, list[int]] = field(default_factory=dict)  # modality -> [padded positions, all positions]
+
+    @property
+    def bad_total(self) -> int:
+        """Number of bad samples."""
+        return sum(self.bad.values())
+
+    def padding_fraction(self) -> dict[str, float]:
+        """Fraction of padded positions per padded modality."""
+        return {m: p / t for m, (p, t) in self.padding.items() if t}
+
+    def report(self) -> str:
+        """One-paragraph human-readable summary."""
+        parts = [f"epoch {self.epoch}: {self.samples} samples in {self.batches} batches"]
+        if self.bad:
+            parts.append(f"{self.bad_total} bad skipped ({', '.join(f'{k}: {v}' for k, v in self.bad.most_common())})")
+        if self.remainder_dropped:
+            parts.append(f"{self.remainder_dropped} remainder samples dropped")
+        if self.padded_samples:
+            parts.append(f"{self.padded_samples} masked padding samples")
+        if self.padding:
+            parts.append("padding " + ", ".join(f"{m} {f:.1%}" for m, f in self.padding_fraction().items()))
+        return "; ".join(parts)
+
+
+@dataclass
+class _Bad:
+    sid: str
+    reason: str
+    detail: str
+
+
+def _stats_from_dict(d: Mapping[str, Any]) -> EpochStats:
+    st = EpochStats(**{k: v for k, v in d.items() if k != "bad"})
+    st.bad = Counter(d.get("bad", {}))
+    return st
+
+
+def _classify(modality: str, exc: BaseException) -> str:
+    text = str(exc).lower()
+    if isinstance(exc, FileNotFoundError) or "missing file" in text:
+        return "missing file"
+    if "nan" in text or "infinit" in text:
+        return "non-finite values"
+    if "no samples" in text or "no frames" in text:
+        return f"empty {modality}"
+    if isinstance(exc, KeyError) or "missing field" in text:
+        return "missing field"
+    return f"undecodable {modality}"
+
+
+class MultimodalLoader:
+    """Batches of several modalities from a manifest, in-memory rows, or WebDataset shards.
+
+    Args:
+        source: A ``.jsonl``/``.tsv`` manifest, a list of row dicts (values may be raw bytes), or a folder /
+            list of ``.tar`` shards written by ``python -m one_peace.data.shard``.
+        fields: Modality -> field (``data.fields``); default: fields named after the modalities.
+        model_config: Options (image size, audio length ...) for the modality preprocessors.
+        tokenizer: Text tokenizer (needed when text is loaded).
+        config: Batching options.
+        rank: This process's rank.
+        world_size: Number of ranks.
+    """
+
+    def __init__(
+        self,
+        source: str | Path | Sequence[Mapping[str, Any]] | Sequence[str | Path],
+        fields: Mapping[str, str] | None = None,
+        model_config: ModelConfig | None = None,
+        tokenizer: Any = None,
+        config: LoaderConfig | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        modalities: Sequence[str] | None = None,
+        validate: bool = True,
+    ) -> None:
+        from one_peace.config import model_config as _cfg
+        from one_peace.data.shards import ShardReader, list_shards
+
+        self.config = config or LoaderConfig()
+        self.config.validate()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+        self.rank, self.world = rank, world_size
+        self.rows: list[tuple[int, Mapping[str, Any]]] | None = None
+        self.manifest: Path | None = None
+        self.shards: list[Path] | None = None
+        self.base_dir = Path.cwd()
+        if isinstance(source, str | Path) and Path(source).is_file() and Path(source).suffix != ".tar":
+            self.manifest = Path(source)
+            self.base_dir = self.manifest.parent
+        elif isinstance(source, str | Path) or (
+            isinstance(source, Sequence) and source and isinstance(source[0], str | Path)
+        ):
+            self.shards = list_shards(source)  # type: ignore[arg-type]
+        else:
+            self.rows = [(i + 1, r) for i, r in enumerate(source) if isinstance(r, Mapping)]
+            if len(self.rows) != len(source):
+                raise TypeError("in-memory data must be a sequence of dict rows")
+        self.fields = dict(fields) if fields else default_fields(modalities or self._guess_modalities())
+        known = list(list_modalities())
+        if self.manifest is not None and validate:
+            self.num_rows: int | None = validate_manifest(self.manifest, self.fields, known)
+        else:
+            for m in self.fields:
+                if m not in known:
+                    raise ValueError(f"unknown modality {m!r} in the field map; registered: {sorted(known)}")
+            self.num_rows = len(self.rows) if self.rows is not None else ShardReader(self.shards or []).count()
+        cfg = model_config or _cfg("tiny", tuple(self.fields))
+        self.preprocessors = {}
+        for m in self.fields:
+            if m == "text" and tokenizer is None:
+                raise ValueError("loading text needs a tokenizer (TextTokenizer.from_bpe_dir / from_file / train)")
+            self.preprocessors[m] = get_plugin(m).build_preprocessor(cfg, tokenizer)
+        self.epoch = 0
+        self._pipeline: Any = None
+        self._restored: dict[str, Any] | None = None
+        self._lock = threading.Lock()
+        self.stats = EpochStats()
+        self.total_seen = 0
+        self.total_bad = 0
+        self._abort: str | None = None
+        self.bad_reasons: Counter[str] = Counter()
+        self._pool: ThreadPoolExecutor | None = None
+
+    def _guess_modalities(self) -> list[str]:
+        first: Mapping[str, Any] | None = None
+        if self.rows:
+            first = self.rows[0][1]
+        elif self.manifest is not None:
+            reader = ManifestReader(self.manifest)
+            first = next(iter(reader), (0, {}))[1]
+            reader.close()
+        keys = set(first or {})
+        found = [m for m in list_modalities() if m in keys]
+        if not found:
+            raise ValueError(
+                f"no field is named after a registered modality ({sorted(list_modalities())}); pass fields="
+            )
+        return found
+
+    # ------------------------------------------------------------------------------------------- pipeline
+    def _source_builder(self) -> Any:
+        dp = data_pipeline()
+        if self.manifest is not None:
+            builder = dp.read_iterator(ManifestReader(self.manifest), reset_fn=lambda r: r.reset(), infinite=False)
+        elif self.shards is not None:
+            from one_peace.data.shards import ShardReader
+
+            builder = dp.read_iterator(ShardReader(self.shards), reset_fn=lambda r: r.reset(), infinite=False)
+        else:
+            builder = dp.read_sequence(list(range(len(self.rows or []))))
+        return builder
+
+    def per_rank_rows(self) -> int:
+        """Rows each rank reads per epoch (the global remainder of ``rows % world`` is dropped)."""
+        return (self.num_rows or 0) // self.world
+
+    def batches_per_epoch(self) -> int | None:
+        """Batches every rank yields per epoch with fixed batching (``None`` with length buckets)."""
+        if self.config.length_buckets:
+            return None
+        n = self.per_rank_rows()
+        b = self.config.batch_size
+        return n // b if self.config.remainder == "drop" else math.ceil(n / b)
+
+    def _build(self) -> Any:
+        # Rows are shuffled and grouped into batches *before* decoding, so the pipeline state holds row
+        # references only (no decoded media) and batch counts depend on row counts alone.
+        c = self.config
+        builder = self._source_builder().shard(self.rank, self.world, allow_uneven=False)
+        if c.shuffle_window:
+            builder = builder.shuffle(c.shuffle_window, seed=c.seed + self.epoch)
+        if c.length_buckets:
+            builder = builder.map(self._with_length)
+            sizes = [(c.batch_size, int(b)) for b in sorted(c.length_buckets)]
+            builder = builder.bucket_by_length(
+                sizes, selector="length", skip_above_max_examples=True, drop_remainder=c.remainder == "drop"
+            )
+            builder = builder.map(lambda items: [i["row"] for i in items])
+        else:
+            builder = builder.bucket(c.batch_size, drop_remainder=c.remainder == "drop")
+        # Samples of a batch are decoded on a pool of ``num_parallel_calls`` threads inside one map call: a
+        # fairseq2 parallel map would keep finished (decoded) batches in its state; this keeps the state rows-only.
+        return builder.map(self._decode_batch).and_return()
+
+    def _bucket_modality(self) -> str:
+        by = self.config.bucket_by or next((m for m in self.fields if m not in ("image",)), next(iter(self.fields)))
+        if by not in self.fields:
+            raise ValueError(f"data.bucket_by: {by!r} is not one of the loaded modalities {list(self.fields)}")
+        return by
+
+    def _with_length(self, item: Any) -> dict[str, Any]:
+        """Attach a cheap length estimate (tokens) for length bucketing, without decoding media."""
+        _, row = self._row(item)
+        by = self._bucket_modality()
+        length = 1
+        try:
+            value = row[self.fields[by]]
+            if by == "text":
+                length = len(self.preprocessors["text"](value)["tokens"])
+            elif by == "audio":
+                import soundfile as sf
+
+                src = resolve_media(value, self.base_dir)
+                info = sf.info(io.BytesIO(src) if isinstance(src, bytes) else str(src))
+                length = max(1, int(info.frames * 16000 / info.samplerate) // 320)
+            elif by == "video":
+                length = 1
+        except Exception:  # a bad sample: decoding will skip and count it
+            length = 1
+        # a zero-size tensor whose first dim is the length: what bucket_by_length measures, no memory
+        return {"row": item, "length": torch.empty(length, 0)}
+
+    def _row(self, item: Any) -> tuple[int, Mapping[str, Any]]:
+        if isinstance(item, int) and self.rows is not None:
+            return self.rows[item]
+        return item  # type: ignore[no-any-return]
+
+    def _decode_batch(self, items: list[Any]) -> dict[str, Any]:
+        if self._pool is None and self.config.num_parallel_calls > 1:
+            self._pool = ThreadPoolExecutor(self.config.num_parallel_calls, thread_name_prefix="one-peace-decode")
+        samples = (
+            list(self._pool.map(self._decode, items)) if self._pool is not None else [self._decode(i) for i in items]
+        )
+        good = [s for s in samples if not isinstance(s, _Bad)]
+        return self._collate(good, len(items))
+
+    def _decode(self, item: Any) -> dict[str, Any] | _Bad:
+        line_no, row = self._row(item)
+        sid = str(row.get("id", f"line {line_no}")) if isinstance(row, Mapping) else f"line {line_no}"
+        modality = "row"
+        try:
+            if "__error__" in row:
+                raise ValueError(row["__error__"])
+            sample: dict[str, Any] = {"id": sid}
+            for modality, fld in self.fields.items():
+                if fld not in row:
+                    raise KeyError(f"missing field {fld!r}")
+                value = row[fld]
+                if modality in MEDIA_MODALITIES or isinstance(value, bytes):
+                    value = resolve_media(value, self.base_dir)
+                out = self.preprocessors[modality](value)
+                for k, v in out.items():
+                    if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+                        raise ValueError(f"decoded {modality} {k} contains NaN or infinity")
+                sample[modality] = out
+            result: dict[str, Any] | _Bad = sample
+        except Exception as exc:
+            result = _Bad(sid, _classify(modality, exc), f"{type(exc).__name__}: {exc}")
+        with self._lock:
+            self.total_seen += 1
+            if isinstance(result, _Bad):
+                self.total_bad += 1
+                self.bad_reasons[result.reason] += 1
+                logger.warning("skipping sample %s: %s (%s)", result.sid, result.reason, result.detail)
+            c = self.config
+            if (
+                self.total_seen >= c.min_samples_for_bad_check
+                and self.total_bad / self.total_seen > c.max_bad_fraction
+                and self._abort is None
+            ):
+                self._abort = (
+                    f"{self.total_bad} of {self.total_seen} samples were bad ({self.total_bad / self.total_seen:.1%} > "
+                    f"{c.max_bad_fraction:.1%}); reasons: {dict(self.bad_reasons)}"
+                )
+        return result
+
+    def _collate(self, samples: list[dict[str, Any]], slots: int) -> dict[str, Any]:
+        """Collate ``samples``; empty slots (bad samples, padded remainder) are masked copies (``valid`` False)."""
+        target = max(slots, self.config.batch_size if self.config.remainder == "pad" else slots)
+        valid = [True] * len(samples) + [False] * (target - len(samples))
+        if not samples:
+            return {"ids": [], "valid": torch.zeros(target, dtype=torch.bool), "empty": True}
+        filled = samples + [samples[0]] * (target - len(samples))
+        batch: dict[str, Any] = {"ids": [s["id"] for s in filled], "valid": torch.tensor(valid)}
+        for m in self.fields:
+            batch[m] = get_plugin(m).collate([s[m] for s in filled])
+        return batch
+
+    def _account(self, batch: dict[str, Any]) -> None:
+        st = self.stats
+        st.batches += 1
+        st.slots += len(batch["valid"])
+        st.samples += int(batch["valid"].sum())
+        st.padded_samples += int((~batch["valid"]).sum())
+        for m in self.fields:
+            b = batch[m]
+            pad = None
+            if m == "text":
+                pad = b["tokens"].eq(1)
+            elif "padding_mask" in b:
+                pad = b["padding_mask"]
+            elif "frame_mask" in b:
+                pad = b["frame_mask"]
+            if pad is not None:
+                acc = st.padding.setdefault(m, [0, 0])
+                acc[0] += int(pad.sum())
+                acc[1] += pad.numel()
+
+    # --------------------------------------------------------------------------------------------- public
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` (a new shuffle order) at the next iteration."""
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self._pipeline = None
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """Batches of the current epoch (resuming mid-epoch after :meth:`load_state_dict`).
+
+        Every batch has ``ids``, ``valid`` (False for masked slots: bad samples, padded remainder) and one
+        collated batch per modality.
+        """
+        if self._pipeline is None:
+            self._pipeline = self._build()
+            restored = self._restored
+            self._restored = None
+            if restored is not None:
+                self._pipeline.load_state_dict(restored["pipeline"])
+                self.stats = _stats_from_dict(restored["stats"])
+                self.total_seen, self.total_bad = restored["seen"], restored["bad"]
+                self.bad_reasons = Counter(restored["bad_reasons"])
+            else:
+                self.stats = EpochStats(epoch=self.epoch, rows=self.per_rank_rows())
+        for batch in self._pipeline:
+            if self._abort:
+                raise TooManyBadSamples(self._abort)
+            if batch.get("empty"):  # every sample of this batch was bad: nothing to yield
+                self.stats.batches += 1
+                self.stats.slots += len(batch["valid"])
+                continue
+            self._account(batch)
+            yield batch
+        if self._abort:
+            raise TooManyBadSamples(self._abort)
+        self.stats.bad = Counter(self.bad_reasons)
+        if self.config.remainder == "drop":  # rows of this rank that did not fill a batch
+            self.stats.remainder_dropped = max(0, self.stats.rows - self.stats.slots)
+        logger.info("%s", self.stats.report())
+        self._pipeline = None
+        self.epoch += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Resume state: epoch, the fairseq2 pipeline state (position, shuffle buffer of *rows*, RNG) and counters.
+
+        It holds rows and RNG tensors, not decoded media; save it with ``torch.save`` in the training state.
+        """
+        pipeline = self._pipeline.state_dict() if self._pipeline is not None else None
+        return {
+            "epoch": self.epoch,
+            "pipeline": pipeline,
+            "stats": dataclasses.asdict(self.stats),
+            "seen": self.total_seen,
+            "bad": self.total_bad,
+            "bad_reasons": dict(self.bad_reasons),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the next iteration continues exactly where it stopped."""
+        self.epoch = int(state["epoch"])
+        self._pipeline = None
+        self._restored = dict(state) if state.get("pipeline") is not None else None

@@ -1,0 +1,192 @@
+"""Manifests: JSONL (one object per sample) or TSV with a header, read as a stream with exact resume state.
+
+Media fields hold a path (relative to the manifest's folder, or absolute), a base64 data URI
+(``data:<mime>;base64,<payload>``) or, for in-memory rows and shards, raw bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import csv
+import io
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+MEDIA_MODALITIES = ("image", "audio", "video")
+
+
+class ManifestError(ValueError):
+    """A manifest is malformed; the message names the file, the line and the field."""
+
+
+def manifest_format(path: Path) -> str:
+    """``"jsonl"`` or ``"tsv"`` from the file name."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json", ".ndjson"):
+        return "jsonl"
+    if suffix in (".tsv", ".txt"):
+        return "tsv"
+    raise ManifestError(f"{path}: unknown manifest format {suffix!r} (use .jsonl or .tsv)")
+
+
+def _parse(line: str, fmt: str, header: list[str] | None, path: Path, line_no: int) -> dict[str, Any]:
+    if fmt == "jsonl":
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{path}:{line_no}: malformed JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(row, dict):
+            raise ManifestError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+        return row
+    assert header is not None
+    values = next(csv.reader([line.rstrip("\r\n")], delimiter="\t", quoting=csv.QUOTE_NONE))
+    if len(values) != len(header):
+        raise ManifestError(f"{path}:{line_no}: {len(values)} columns, the header has {len(header)}")
+    return dict(zip(header, values))
+
+
+class ManifestReader:
+    """Picklable iterator over ``(line_no, row)`` of a manifest; its pickled state is the file offset.
+
+    fairseq2's ``read_iterator`` pickles it for the pipeline state, so a resumed run reopens the file at the
+    saved offset: memory stays flat however large the manifest is.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.fmt = manifest_format(self.path)
+        self.offset = 0
+        self.line_no = 0
+        self.header: list[str] | None = None
+        self._fh: io.BufferedReader | None = None
+
+    def reset(self) -> ManifestReader:
+        """Start again from the top (fairseq2 ``reset_fn``)."""
+        self.close()
+        self.offset = 0
+        self.line_no = 0
+        return self
+
+    def close(self) -> None:
+        """Close the file handle (reopened lazily)."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "fmt": self.fmt,
+            "offset": self.offset,
+            "line_no": self.line_no,
+            "header": self.header,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.path = Path(state["path"])
+        self.fmt = state["fmt"]
+        self.offset = state["offset"]
+        self.line_no = state["line_no"]
+        self.header = state["header"]
+        self._fh = None
+
+    def __iter__(self) -> ManifestReader:
+        return self
+
+    def __next__(self) -> tuple[int, dict[str, Any]]:
+        if self._fh is None:
+            self._fh = open(self.path, "rb")  # noqa: SIM115 - kept open across calls
+            self._fh.seek(self.offset)
+        while True:
+            raw = self._fh.readline()
+            if not raw:
+                self.close()
+                raise StopIteration
+            self.offset += len(raw)
+            self.line_no += 1
+            line = raw.decode("utf-8")
+            if not line.strip():
+                continue
+            if self.fmt == "tsv" and self.header is None:
+                self.header = line.rstrip("\r\n").split("\t")
+                continue
+            return self.line_no, _parse(line, self.fmt, self.header, self.path, self.line_no)
+
+
+def iter_manifest(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line_no, row)`` for every row of a manifest, streaming."""
+    reader = ManifestReader(path)
+    try:
+        yield from reader
+    finally:
+        reader.close()
+
+
+def default_fields(modalities: Sequence[str]) -> dict[str, str]:
+    """Without a field map, a field named after a modality feeds that modality."""
+    return {m: m for m in modalities}
+
+
+def validate_manifest(path: str | Path, fields: Mapping[str, str], known_modalities: Sequence[str]) -> int:
+    """Check a manifest's structure up front, streaming; return its number of rows.
+
+    Checks: every line parses, every mapped field is present, text values are strings, media values are
+    strings (path or data URI), and every modality in ``fields`` is registered.
+
+    Raises:
+        ManifestError: naming the file, the line and the field.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    for modality in fields:
+        if modality not in known_modalities:
+            raise ManifestError(
+                f"{path}: unknown modality {modality!r} in the field map; registered: {sorted(known_modalities)}"
+            )
+    rows = 0
+    for line_no, row in iter_manifest(path):
+        rows += 1
+        for modality, field in fields.items():
+            if field not in row:
+                raise ManifestError(
+                    f"{path}:{line_no}: missing field {field!r} (needed for {modality}); the row has {sorted(row)}"
+                )
+            value = row[field]
+            if modality == "text" and not isinstance(value, str):
+                raise ManifestError(
+                    f"{path}:{line_no}: field {field!r} must be a string (text), got {type(value).__name__}"
+                )
+            if modality in MEDIA_MODALITIES and not isinstance(value, str | list):
+                raise ManifestError(
+                    f"{path}:{line_no}: field {field!r} must be a path or data URI, got {type(value).__name__}"
+                )
+    if rows == 0:
+        raise ManifestError(f"{path}: the manifest has no rows")
+    return rows
+
+
+def resolve_media(value: Any, base_dir: Path) -> Any:
+    """Turn a manifest media value into something a preprocessor reads: bytes (data URI / raw) or a path."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, str) and value.startswith("data:"):
+        head, _, payload = value.partition(",")
+        if ";base64" not in head:
+            raise ValueError("data URI must be base64-encoded (data:<mime>;base64,...)")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except binascii.Error as exc:
+            raise ValueError(f"invalid base64 in data URI: {exc}") from None
+    if isinstance(value, str):
+        p = Path(value)
+        p = p if p.is_absolute() else base_dir / p
+        if not p.exists():
+            raise FileNotFoundError(f"missing file {p}")
+        return p
+    if isinstance(value, list):
+        return [resolve_media(v, base_dir) for v in value]
+    raise ValueError(f"unsupported media value of type {type(value).__name__}")

@@ -1,0 +1,212 @@
+"""WebDataset tar shards: ``python -m one_peace.data.shard MANIFEST OUT_DIR --shard-size N`` and a streaming reader.
+
+Each sample is a group of consecutive tar members sharing a key (the WebDataset convention open_clip and timm
+users already have): ``<key>.json`` holds the non-media fields, and each media field is stored as
+``<key>.<field>.<ext>`` with the original bytes. ``shards.json`` beside the shards records sample counts.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from one_peace.data.manifest import MEDIA_MODALITIES, iter_manifest, resolve_media
+
+INDEX = "shards.json"
+
+
+def list_shards(source: str | Path | Sequence[str | Path]) -> list[Path]:
+    """The ``.tar`` files of a folder (sorted), a glob-free list, or a single file."""
+    if isinstance(source, str | Path):
+        p = Path(source)
+        files = sorted(p.glob("*.tar")) if p.is_dir() else [p]
+    else:
+        files = [Path(s) for s in source]
+    if not files:
+        raise FileNotFoundError(f"no .tar shards found in {source}")
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"shard {f} not found")
+    return files
+
+
+class ShardReader:
+    """Picklable iterator over ``(index, row)`` of WebDataset shards; its state is (shard, samples read in it)."""
+
+    def __init__(self, files: Sequence[str | Path]) -> None:
+        self.files = [str(f) for f in files]
+        self.shard = 0
+        self.in_shard = 0
+        self.count_read = 0
+        self._tar: tarfile.TarFile | None = None
+
+    def reset(self) -> ShardReader:
+        """Back to the first sample."""
+        self._close()
+        self.shard = self.in_shard = self.count_read = 0
+        return self
+
+    def count(self) -> int | None:
+        """Total samples from ``shards.json`` when present (``None`` otherwise)."""
+        total = 0
+        for f in self.files:
+            index = Path(f).parent / INDEX
+            if not index.is_file():
+                return None
+            counts = json.loads(index.read_text()).get("counts", {})
+            if Path(f).name not in counts:
+                return None
+            total += counts[Path(f).name]
+        return total
+
+    def _close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            self._tar = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"files": self.files, "shard": self.shard, "in_shard": self.in_shard, "count_read": self.count_read}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._tar = None
+
+    def __iter__(self) -> ShardReader:
+        return self
+
+    def _open(self) -> None:
+        self._tar = tarfile.open(self.files[self.shard], mode="r:")  # noqa: SIM115 - kept open across calls
+        for _ in range(self.in_shard):  # resume: skip samples already read (headers only)
+            self._read_sample(skip=True)
+
+    def __next__(self) -> tuple[int, dict[str, Any]]:
+        while self.shard < len(self.files):
+            try:
+                if self._tar is None:
+                    self._open()
+                row = self._read_sample()
+            except (tarfile.TarError, OSError, ValueError, KeyError) as exc:  # broken shard: one bad row, move on
+                self._close()
+                name = self.files[self.shard]
+                self.shard += 1
+                self.in_shard = 0
+                self.count_read += 1
+                return self.count_read, {"id": f"{name}", "__error__": f"unreadable shard: {exc}"}
+            if row is not None:
+                self.in_shard += 1
+                self.count_read += 1
+                return self.count_read, row
+            self._close()
+            self.shard += 1
+            self.in_shard = 0
+        raise StopIteration
+
+    def _read_sample(self, skip: bool = False) -> dict[str, Any] | None:
+        assert self._tar is not None
+        row: dict[str, Any] = {}
+        expected: list[str] | None = None
+        got: set[str] = set()
+        while True:
+            member = self._tar.next()
+            if member is None:
+                if row:
+                    raise ValueError("truncated sample at the end of the shard")
+                return None
+            name = Path(member.name).name
+            _, _, rest = name.partition(".")
+            if rest == "json":
+                meta = json.loads(self._tar.extractfile(member).read())  # type: ignore[union-attr]
+                if not isinstance(meta, dict) or "__members__" not in meta:
+                    raise ValueError(f"{name}: not a one-peace sample header")
+                expected = list(meta.pop("__members__"))
+                row.update(meta)
+            else:
+                fld = rest.split(".", 1)[0]
+                got.add(fld)
+                if not skip:
+                    row[fld] = self._tar.extractfile(member).read()  # type: ignore[union-attr]
+            if expected is not None and set(expected) <= got:
+                return row
+
+
+def _ext(value: Any, field: str) -> str:
+    if isinstance(value, str) and not value.startswith("data:"):
+        return Path(value).suffix.lstrip(".").lower() or "bin"
+    if isinstance(value, str):
+        m = re.match(r"data:[^/]+/([\w.+-]+)", value)
+        return m.group(1) if m else "bin"
+    return "bin"
+
+
+def write_shards(
+    manifest: str | Path, out_dir: str | Path, shard_size: int = 1000, prefix: str = "shard"
+) -> list[Path]:
+    """Write WebDataset tar shards of ``shard_size`` samples from a manifest (streaming); returns their paths."""
+    from tqdm import tqdm
+
+    manifest, out = Path(manifest), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    counts: dict[str, int] = {}
+    tar: tarfile.TarFile | None = None
+    in_shard = 0
+
+    def add(name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        assert tar is not None
+        tar.addfile(info, io.BytesIO(data))
+
+    for line_no, row in tqdm(iter_manifest(manifest), desc="sharding", unit="sample"):
+        if tar is None or in_shard >= shard_size:
+            if tar is not None:
+                tar.close()
+                counts[written[-1].name] = in_shard
+            written.append(out / f"{prefix}-{len(written):06d}.tar")
+            tar = tarfile.open(written[-1], "w")  # noqa: SIM115 - closed when the shard is full
+            in_shard = 0
+        key = re.sub(r"[^\w-]", "_", str(row.get("id", f"line{line_no}")))
+        meta = {
+            k: v
+            for k, v in row.items()
+            if not (k in MEDIA_MODALITIES or (isinstance(v, str) and v.startswith("data:")))
+        }
+        media = {k: v for k, v in row.items() if k not in meta}
+        files = [f"{k}" for k in media]
+        meta["__members__"] = files
+        add(f"{key}.json", json.dumps(meta).encode())
+        for k, v in media.items():
+            try:
+                value = resolve_media(v, manifest.parent)
+                data = Path(value).read_bytes() if isinstance(value, Path) else value
+            except (OSError, ValueError) as exc:
+                data = b""
+                print(f"warning: {manifest}:{line_no}: field {k!r}: {exc} (stored empty; counted as bad when read)")
+            if isinstance(data, list):
+                data = json.dumps([str(d) for d in data]).encode()
+            add(f"{key}.{k}.{_ext(v, k)}", data)
+        in_shard += 1
+    if tar is not None:
+        tar.close()
+        counts[written[-1].name] = in_shard
+    (out / INDEX).write_text(json.dumps({"counts": counts, "source": str(manifest)}, indent=2) + "\n")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (``python -m one_peace.data.shard``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m one_peace.data.shard", description=__doc__.split("\n\n")[0])
+    p.add_argument("manifest")
+    p.add_argument("out_dir")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    args = p.parse_args(argv)
+    files = write_shards(args.manifest, args.out_dir, args.shard_size)
+    print(f"wrote {len(files)} shard(s) to {args.out_dir}")
+    return 0
