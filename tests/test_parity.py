@@ -243,7 +243,9 @@ def test_released_4b_layout_maps_onto_our_4b_model(parity):
 def test_official_names_round_trip_for_every_4b_key(parity):
     from one_peace.checkpoint.official import official_name
 
-    doc = json.loads((parity / "one_peace_4b_keys.json").read_text())["variants"]["one_peace_retrieval__head_val__from_pretrained"]
+    doc = json.loads((parity / "one_peace_4b_keys.json").read_text())["variants"][
+        "one_peace_retrieval__head_val__from_pretrained"
+    ]
     for key, *_ in doc["keys"]:
         if not is_ignored(key):
             assert official_name(map_official_key(key)) == key

@@ -1,0 +1,292 @@
+"""Data loading: manifests, data URIs, in-memory bytes, shards, bad samples, ranks, exact resume, bucketing."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+import one_peace
+from one_peace.adapters.text import TextTokenizer
+from one_peace.data import LoaderConfig, ManifestError, MultimodalLoader, TooManyBadSamples
+from one_peace.data.demo import make_demo_dataset
+from one_peace.data.shards import write_shards
+
+CFG = one_peace.model_config("tiny", ("text", "image", "audio"), modality_options={"image": {"image_size": 32}})
+
+
+def _png(path: Path | None = None, color=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 12), color).save(buf, format="PNG")
+    if path is not None:
+        path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+def _wav(path: Path | None, seconds: float, sr: int = 16000, channels: int = 1, value: float | None = None) -> bytes:
+    n = int(seconds * sr)
+    data = np.sin(np.arange(n) / 7.0).astype(np.float32) * 0.3
+    if value is not None:
+        data[:] = value
+    if channels > 1:
+        data = np.stack([data] * channels, axis=1)
+    buf = io.BytesIO()
+    sf.write(buf, data, sr, format="WAV", subtype="FLOAT")
+    if path is not None:
+        path.write_bytes(buf.getvalue())
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> TextTokenizer:
+    return TextTokenizer.train(["a red square", "a blue circle", "a tone"] * 5, vocab_size=280)
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _ids(loader) -> list[str]:
+    return [i for b in loader for i, v in zip(b["ids"], b["valid"].tolist()) if v]
+
+
+def test_paths_data_uris_and_raw_bytes_all_load(tmp_path, tokenizer):
+    (tmp_path / "media").mkdir()
+    _png(tmp_path / "media" / "a.png")
+    _wav(tmp_path / "media" / "a.wav", 1.2)
+    abs_png = tmp_path / "abs.png"
+    _png(abs_png, (0, 0, 255))
+    uri_img = "data:image/png;base64," + base64.b64encode(_png()).decode()
+    uri_wav = "data:audio/wav;base64," + base64.b64encode(_wav(None, 0.5, sr=44100, channels=2)).decode()
+    rows = [
+        {"id": "rel", "image": "media/a.png", "text": "a red square", "audio": "media/a.wav"},
+        {"id": "abs", "image": str(abs_png), "text": "", "audio": str(tmp_path / "media" / "a.wav")},
+        {"id": "uri", "image": uri_img, "text": "A Tone", "audio": uri_wav},
+    ]
+    manifest = _write(tmp_path / "m.jsonl", rows)
+    loader = MultimodalLoader(
+        manifest, model_config=CFG, tokenizer=tokenizer, config=LoaderConfig(batch_size=3, shuffle_window=0)
+    )
+    batches = list(loader)
+    assert len(batches) == 1 and batches[0]["ids"] == ["rel", "abs", "uri"]
+    b = batches[0]
+    assert b["image"]["pixels"].shape == (3, 3, 32, 32)
+    assert b["text"]["tokens"][1].tolist()[:2] != [1, 1]  # empty text is valid: a space token + EOS
+    assert b["audio"]["padding_mask"].shape[0] == 3 and loader.stats.bad_total == 0  # 44.1 kHz stereo resampled
+    # in-memory rows with raw bytes, and a TSV manifest
+    mem = MultimodalLoader(
+        [{"id": "m1", "image": _png(), "audio": _wav(None, 1.0)}],
+        model_config=CFG,
+        config=LoaderConfig(batch_size=1, shuffle_window=0),
+    )
+    assert _ids(mem) == ["m1"]
+    tsv = tmp_path / "m.tsv"
+    tsv.write_text("id\timage\tcaption\nt1\tmedia/a.png\ta red square\n")
+    loader = MultimodalLoader(
+        tsv,
+        fields={"image": "image", "text": "caption"},
+        model_config=CFG,
+        tokenizer=tokenizer,
+        config=LoaderConfig(batch_size=1, shuffle_window=0),
+    )
+    assert _ids(loader) == ["t1"]
+
+
+def _bad_manifest(tmp_path: Path) -> Path:
+    (tmp_path / "ok.png").write_bytes(_png())
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    _wav(tmp_path / "ok.wav", 1.0)
+    _wav(tmp_path / "empty.wav", 0.0)
+    _wav(tmp_path / "nan.wav", 1.0, value=float("nan"))
+    rows = []
+    for i in range(20):
+        rows.append({"id": f"ok{i}", "image": "ok.png", "audio": "ok.wav"})
+    rows[3] = {"id": "missing", "image": "nope.png", "audio": "ok.wav"}
+    rows[7] = {"id": "corrupt", "image": "corrupt.png", "audio": "ok.wav"}
+    rows[11] = {"id": "empty", "image": "ok.png", "audio": "empty.wav"}
+    rows[15] = {"id": "nan", "image": "ok.png", "audio": "nan.wav"}
+    return _write(tmp_path / "bad.jsonl", rows)
+
+
+def test_bad_samples_are_skipped_counted_and_reported(tmp_path, caplog):
+    manifest = _bad_manifest(tmp_path)
+    loader = MultimodalLoader(
+        manifest, model_config=CFG, config=LoaderConfig(batch_size=5, shuffle_window=0, max_bad_fraction=0.5)
+    )
+    with caplog.at_level("WARNING"):
+        seen = _ids(loader)
+    assert len(seen) == 16 and not {"missing", "corrupt", "empty", "nan"} & set(seen)
+    assert dict(loader.stats.bad) == {
+        "missing file": 1,
+        "undecodable image": 1,
+        "empty audio": 1,
+        "non-finite values": 1,
+    }
+    assert "skipping sample corrupt: undecodable image" in caplog.text
+    assert "4 bad skipped" in loader.stats.report()
+    assert loader.stats.batches == 4  # bad slots are masked, the batch count stays that of the rows
+
+
+def test_bad_fraction_limit_stops_the_run_with_a_report(tmp_path):
+    manifest = _bad_manifest(tmp_path)
+    loader = MultimodalLoader(
+        manifest,
+        model_config=CFG,
+        config=LoaderConfig(batch_size=5, shuffle_window=0, max_bad_fraction=0.1, min_samples_for_bad_check=10),
+    )
+    with pytest.raises(TooManyBadSamples, match=r"\d+ of \d+ samples were bad .*> 10\.0%.*missing file"):
+        list(loader)
+
+
+@pytest.mark.parametrize(
+    ("line", "fields", "message"),
+    [
+        ('{"id": 1, "image": "a.png"', None, r"m\.jsonl:3: malformed JSON"),
+        ('{"id": 1, "img": "a.png"}', None, r"m\.jsonl:3: missing field 'image'"),
+        (
+            '{"id": 1, "image": "a.png", "caption": 5}',
+            {"image": "image", "text": "caption"},
+            r"m\.jsonl:3: field 'caption' must be a string",
+        ),
+        ('{"id": 1, "image": "a.png"}', {"smell": "image"}, r"unknown modality 'smell'"),
+    ],
+)
+def test_invalid_manifest_fails_up_front_naming_the_line(tmp_path, tokenizer, line, fields, message):
+    good = '{"id": 0, "image": "a.png", "caption": "x"}\n'
+    path = tmp_path / "m.jsonl"
+    path.write_text(good + good + line + "\n" + good)
+    with pytest.raises(ManifestError, match=message):
+        MultimodalLoader(path, fields=fields or {"image": "image"}, model_config=CFG, tokenizer=tokenizer)
+
+
+def _many(tmp_path: Path, n: int, audio_lengths=None) -> Path:
+    _png(tmp_path / "x.png")
+    rows = []
+    for i in range(n):
+        row = {"id": f"s{i:03d}", "image": "x.png"}
+        if audio_lengths is not None:
+            name = f"a{i}.wav"
+            _wav(tmp_path / name, audio_lengths[i])
+            row["audio"] = name
+        rows.append(row)
+    return _write(tmp_path / "many.jsonl", rows)
+
+
+def test_two_ranks_two_threads_cover_the_data_once(tmp_path):
+    manifest = _many(tmp_path, 53)
+    cfg = LoaderConfig(batch_size=4, shuffle_window=8, num_parallel_calls=2, seed=3)
+    loaders = [
+        MultimodalLoader(manifest, fields={"image": "image"}, model_config=CFG, config=cfg, rank=r, world_size=2)
+        for r in range(2)
+    ]
+    seen = [_ids(ld) for ld in loaders]
+    assert not set(seen[0]) & set(seen[1])
+    assert len(seen[0]) == len(seen[1]) == 24  # 26 rows per rank (1 global remainder), 6 full batches of 4
+    assert all(len(s) == len(set(s)) for s in seen)
+    dropped = sum(ld.stats.remainder_dropped for ld in loaders) + 53 % 2
+    assert len(seen[0]) + len(seen[1]) + dropped == 53
+    assert loaders[0].stats.batches == loaders[1].stats.batches == loaders[0].batches_per_epoch() == 6
+    # next epoch: a different order, same coverage
+    again = _ids(loaders[0])
+    assert again != seen[0] and len(again) == 24
+
+
+def test_resume_mid_epoch_sees_the_same_order(tmp_path):
+    manifest = _many(tmp_path, 40)
+    cfg = LoaderConfig(batch_size=3, shuffle_window=10, num_parallel_calls=2, seed=7)
+    ref = MultimodalLoader(manifest, fields={"image": "image"}, model_config=CFG, config=cfg)
+    full = [b["ids"] for b in ref] + [b["ids"] for b in ref]  # two epochs
+    run = MultimodalLoader(manifest, fields={"image": "image"}, model_config=CFG, config=cfg)
+    it = iter(run)
+    first = [next(it)["ids"] for _ in range(5)]
+    state = run.state_dict()
+    assert "pixels" not in repr(state)  # the state holds rows, not decoded media
+    resumed = MultimodalLoader(manifest, fields={"image": "image"}, model_config=CFG, config=cfg)
+    resumed.load_state_dict(state)
+    rest = [b["ids"] for b in resumed] + [b["ids"] for b in resumed]
+    assert first + rest == full
+
+
+def test_length_bucketing_reduces_audio_padding(tmp_path):
+    rng = np.random.default_rng(0)
+    lengths = list(rng.uniform(0.5, 4.0, size=48))
+    manifest = _many(tmp_path, 48, audio_lengths=lengths)
+    base = dict(batch_size=4, shuffle_window=48, seed=1)
+    plain = MultimodalLoader(manifest, fields={"audio": "audio"}, model_config=CFG, config=LoaderConfig(**base))
+    list(plain)
+    bucketed = MultimodalLoader(
+        manifest,
+        fields={"audio": "audio"},
+        model_config=CFG,
+        config=LoaderConfig(**base, length_buckets=[60, 90, 120, 150, 200], remainder="pad"),
+    )
+    got = _ids(bucketed)
+    assert sorted(got) == sorted(f"s{i:03d}" for i in range(48))
+    assert bucketed.stats.padding_fraction()["audio"] < 0.5 * plain.stats.padding_fraction()["audio"]
+
+
+def test_webdataset_shards_round_trip_and_resume(tmp_path):
+    manifest = _many(tmp_path, 11, audio_lengths=[1.0] * 11)
+    shards = write_shards(manifest, tmp_path / "shards", shard_size=4)
+    assert (
+        len(shards) == 3
+        and json.loads((tmp_path / "shards" / "shards.json").read_text())["counts"]["shard-000002.tar"] == 3
+    )
+    cfg = LoaderConfig(batch_size=2, shuffle_window=0)
+    loader = MultimodalLoader(
+        tmp_path / "shards", fields={"image": "image", "audio": "audio"}, model_config=CFG, config=cfg
+    )
+    assert loader.num_rows == 11
+    ids = [b["ids"] for b in loader]
+    assert sum(ids, []) == [f"s{i:03d}" for i in range(10)] and loader.stats.remainder_dropped == 1
+    again = MultimodalLoader(
+        tmp_path / "shards", fields={"image": "image", "audio": "audio"}, model_config=CFG, config=cfg
+    )
+    it = iter(again)
+    head = [next(it)["ids"] for _ in range(3)]
+    state = again.state_dict()
+    resumed = MultimodalLoader(
+        tmp_path / "shards", fields={"image": "image", "audio": "audio"}, model_config=CFG, config=cfg
+    )
+    resumed.load_state_dict(state)
+    assert head + [b["ids"] for b in resumed] == ids
+    # a corrupt shard counts as a bad sample; the rest still loads
+    (tmp_path / "shards" / "shard-000001.tar").write_bytes(b"garbage" * 100)
+    broken = MultimodalLoader(
+        tmp_path / "shards",
+        fields={"image": "image", "audio": "audio"},
+        model_config=CFG,
+        config=LoaderConfig(batch_size=1, shuffle_window=0, max_bad_fraction=1.0),
+    )
+    got = _ids(broken)
+    assert "s000" in got and "s008" in got and broken.stats.bad_total == 1
+
+
+def test_demo_dataset_is_generated_and_loads(tmp_path, tokenizer):
+    paths = make_demo_dataset(tmp_path, n_train=8, n_valid=4, image_size=32)
+    rows = [json.loads(line) for line in paths["train"].read_text().splitlines()]
+    assert len(rows) == 8 and {"image", "caption", "audio", "sound", "video", "motion"} <= set(rows[0])
+    tok = TextTokenizer.train([r["caption"] for r in rows], vocab_size=280)
+    cfg = one_peace.model_config(
+        "tiny", ("text", "image", "audio", "video"), modality_options={"image": {"image_size": 32}}
+    )
+    loader = MultimodalLoader(
+        paths["train"],
+        fields={"image": "image", "text": "caption", "audio": "audio", "video": "video"},
+        model_config=cfg,
+        tokenizer=tok,
+        config=LoaderConfig(batch_size=4, shuffle_window=0),
+    )
+    batches = list(loader)
+    assert len(batches) == 2 and loader.stats.bad_total == 0
+    assert batches[0]["video"]["frames"].shape == (4, 8, 3, 32, 32)
+    model = one_peace.build_model(cfg)
+    out = model.forward_features({m: batches[0][m] for m in ("text", "image", "audio")})
+    assert out.hidden["image"].shape == (4, 5, 64)
