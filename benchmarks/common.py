@@ -90,4 +90,7 @@ def time_call(fn: Callable[[], Any], min_seconds: float = 3.0, warmup: int = 1, 
 
 def machine() -> str:
     """One line describing the machine and torch build."""
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
+        f"{torch.__version__}, {torch.get_num_threads()} threads"
+    )

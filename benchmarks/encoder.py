@@ -39,7 +39,9 @@ def cast(batch: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
 
 
-def bench(model: one_peace.OnePeaceModel, modality: str, batch: dict[str, Any], mode: str, seconds: float) -> dict[str, Any]:
+def bench(
+    model: one_peace.OnePeaceModel, modality: str, batch: dict[str, Any], mode: str, seconds: float
+) -> dict[str, Any]:
     """Measure one (modality, mode) pair; mode is ``fwd``, ``fwd+bwd`` or ``fwd-bf16``."""
     n = next(iter(batch.values())).shape[0]
     if mode == "fwd+bwd":
@@ -61,9 +63,19 @@ def bench(model: one_peace.OnePeaceModel, modality: str, batch: dict[str, Any], 
     with PeakRSS() as mem:  # baseline taken before the first step, so the delta includes activations
         flops = count_flops(step)
         sec = time_call(step, seconds)
-    return {"modality": modality, "mode": mode, "batch": n, "tokens_per_sample": tokens, "seconds_per_step": sec,
-            "samples_per_s": n / sec, "tokens_per_s": n * tokens / sec, "flops_per_step": flops,
-            "achieved_flops": flops / sec, "peak_rss_gb": mem.peak / 2**30, "peak_delta_gb": mem.delta / 2**30}
+    return {
+        "modality": modality,
+        "mode": mode,
+        "batch": n,
+        "tokens_per_sample": tokens,
+        "seconds_per_step": sec,
+        "samples_per_s": n / sec,
+        "tokens_per_s": n * tokens / sec,
+        "flops_per_step": flops,
+        "achieved_flops": flops / sec,
+        "peak_rss_gb": mem.peak / 2**30,
+        "peak_delta_gb": mem.delta / 2**30,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     print(machine())
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
-    print(f"measured matmul peak (2048^2): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    print(
+        f"measured matmul peak (2048^2): fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s"
+    )
     modes = list(args.modes)
     if "fwd-bf16" in modes and peaks["bf16"] < peaks["fp32"] and not args.force_bf16:
         modes.remove("fwd-bf16")
@@ -97,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     model = one_peace.build_model(args.size, modalities=mods)
     model16 = None
     results = []
-    print(f"{'modality':>8} {'mode':>9} {'batch':>5} {'tok/smp':>7} {'smp/s':>8} {'tok/s':>9} {'GFLOP/s':>8} {'MFU':>6} {'peakGB':>7} {'+GB':>6}")
+    print(
+        f"{'modality':>8} {'mode':>9} {'batch':>5} {'tok/smp':>7} {'smp/s':>8} {'tok/s':>9} "
+        f"{'GFLOP/s':>8} {'MFU':>6} {'peakGB':>7} {'+GB':>6}"
+    )
     for m in mods:
         bsz = args.video_batch if m == "video" else args.batch_size
         batch = make_batch(m, bsz, model.config, args)
@@ -113,8 +130,12 @@ def main(argv: list[str] | None = None) -> int:
                 r = bench(model, m, batch, mode, args.seconds)
                 r["mfu"] = r["achieved_flops"] / peaks["fp32"]
             results.append(r)
-            print(f"{m:>8} {mode:>9} {r['batch']:>5} {r['tokens_per_sample']:>7} {r['samples_per_s']:>8.1f} {r['tokens_per_s']:>9.0f} "
-                  f"{r['achieved_flops'] / 1e9:>8.0f} {r['mfu']:>6.1%} {r['peak_rss_gb']:>7.2f} {r['peak_delta_gb']:>6.2f}", flush=True)
+            print(
+                f"{m:>8} {mode:>9} {r['batch']:>5} {r['tokens_per_sample']:>7} {r['samples_per_s']:>8.1f} "
+                f"{r['tokens_per_s']:>9.0f} {r['achieved_flops'] / 1e9:>8.0f} {r['mfu']:>6.1%} "
+                f"{r['peak_rss_gb']:>7.2f} {r['peak_delta_gb']:>6.2f}",
+                flush=True,
+            )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": machine(), "peaks": peaks, "size": args.size, "results": results}, fh, indent=2)

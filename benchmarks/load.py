@@ -31,7 +31,9 @@ def _make(size: str, dtype: str, path: str) -> None:
     model = one_peace.build_model(size, modalities=("text", "image", "audio"))
     state = {official_name(k): v.detach().to(getattr(torch, dtype)) for k, v in model.state_dict().items()}
     del model
-    torch.save({"cfg": {"model": {"_name": "one_peace_retrieval"}, "task": {"patch_image_size": 256}}, "model": state}, path)
+    torch.save(
+        {"cfg": {"model": {"_name": "one_peace_retrieval"}, "task": {"patch_image_size": 256}}, "model": state}, path
+    )
 
 
 def _convert(src: str, dst: str, shard_size: str) -> None:
@@ -59,7 +61,10 @@ def _child(*args: str) -> dict[str, float]:
 
 
 def _baseline() -> int:
-    code = "import resource, one_peace, one_peace.convert; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    code = (
+        "import resource, one_peace, one_peace.convert; "
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
@@ -76,16 +81,28 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         subprocess.run([sys.executable, __file__, "--_make", args.size, args.dtype, src], check=True)
         size = Path(src).stat().st_size
-        print(f"synthetic official {args.size} checkpoint ({args.dtype}): {size / 2**30:.2f} GiB, written in {time.perf_counter() - t0:.0f}s")
+        print(
+            f"synthetic official {args.size} checkpoint ({args.dtype}): {size / 2**30:.2f} GiB, written "
+            f"in {time.perf_counter() - t0:.0f}s"
+        )
         base = _baseline()
         conv = _child("--_convert", src, dst, args.shard_size)
         assert conv["rc"] == 0
         shards = sorted(f.name for f in Path(dst).iterdir() if f.suffix == ".safetensors")
-        print(f"convert: {conv['seconds']:.1f}s, {size / 2**20 / conv['seconds']:.0f} MiB/s, {len(shards)} shard(s) of <= {args.shard_size}")
-        print(f"  peak RSS {conv['peak_rss'] / 2**30:.2f} GiB = {conv['peak_rss'] / size:.2f} x checkpoint size "
-              f"({(conv['peak_rss'] - base) / size:.2f} x above the {base / 2**20:.0f} MiB of an idle interpreter with torch)")
+        print(
+            f"convert: {conv['seconds']:.1f}s, {size / 2**20 / conv['seconds']:.0f} MiB/s, "
+            f"{len(shards)} shard(s) of <= {args.shard_size}"
+        )
+        print(
+            f"  peak RSS {conv['peak_rss'] / 2**30:.2f} GiB = {conv['peak_rss'] / size:.2f} x checkpoint size "
+            f"({(conv['peak_rss'] - base) / size:.2f} x above the {base / 2**20:.0f} MiB of an idle "
+            f"interpreter with torch)"
+        )
         load = _child("--_load", dst)
-        print(f"load converted folder: {load['seconds']:.1f}s, peak RSS {load['peak_rss'] / 2**30:.2f} GiB = {load['peak_rss'] / size:.2f} x")
+        print(
+            f"load converted folder: {load['seconds']:.1f}s, peak RSS {load['peak_rss'] / 2**30:.2f} "
+            f"GiB = {load['peak_rss'] / size:.2f} x"
+        )
     return 0
 
 

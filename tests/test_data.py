@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from one_peace.adapters.text import TextTokenizer
 from PIL import Image
 
 import one_peace
-from one_peace.adapters.text import TextTokenizer
 from one_peace.data import LoaderConfig, ManifestError, MultimodalLoader, TooManyBadSamples
 from one_peace.data.demo import make_demo_dataset
 from one_peace.data.shards import write_shards
@@ -245,7 +245,7 @@ def test_webdataset_shards_round_trip_and_resume(tmp_path):
     )
     assert loader.num_rows == 11
     ids = [b["ids"] for b in loader]
-    assert sum(ids, []) == [f"s{i:03d}" for i in range(10)] and loader.stats.remainder_dropped == 1
+    assert [i for b in ids for i in b] == [f"s{i:03d}" for i in range(10)] and loader.stats.remainder_dropped == 1
     again = MultimodalLoader(
         tmp_path / "shards", fields={"image": "image", "audio": "audio"}, model_config=CFG, config=cfg
     )

@@ -277,24 +277,56 @@ def interpolate_image_table(table: torch.Tensor, src_grid: int, dst_grid: int) -
 
 
 _INVERSE: list[tuple[re.Pattern[str], Any]] = [
-    (re.compile(r"^adapters\.(\w+)\.(cls_embedding|cls_pos_embed|pos_embed)$"), lambda m: f"{ENC}{m[1]}_adapter.{m[2]}"),
+    (
+        re.compile(r"^adapters\.(\w+)\.(cls_embedding|cls_pos_embed|pos_embed)$"),
+        lambda m: f"{ENC}{m[1]}_adapter.{m[2]}",
+    ),
     (re.compile(r"^adapters\.(\w+)\.rel_pos_table$"), lambda m: f"{ENC}{m[1]}_adapter.rel_pos_table_list.0.weight"),
-    (re.compile(r"^adapters\.text\.(embed_tokens|embed_positions)\.weight$"), lambda m: f"{ENC}text_adapter.{m[1]}.weight"),
-    (re.compile(r"^adapters\.image\.(stem\.\w+(?:\.norm)?)\.(weight|bias)$"),
-     lambda m: f"{ENC}image_adapter.embed_images.{ {v: k for k, v in _IMAGE_STEM.items()}[m[1]] }.{m[2]}"),
-    (re.compile(r"^adapters\.audio\.feature_extractor\.convs\.(\d+)\.weight$"), lambda m: f"{ENC}audio_adapter.embed_audios.0.conv_layers.{m[1]}.0.weight"),
-    (re.compile(r"^adapters\.audio\.feature_extractor\.norms\.(\d+)\.(weight|bias)$"),
-     lambda m: f"{ENC}audio_adapter.embed_audios.0.conv_layers.{m[1]}.2.1.{m[2]}"),
-    (re.compile(r"^adapters\.audio\.feature_extractor\.out_norm\.(weight|bias)$"), lambda m: f"{ENC}audio_adapter.embed_audios.2.{m[1]}"),
-    (re.compile(r"^adapters\.audio\.feature_extractor\.proj\.(weight|bias)$"), lambda m: f"{ENC}audio_adapter.embed_audios.3.{m[1]}"),
-    (re.compile(r"^adapters\.audio\.positions\.convs\.(\d+)\.(weight|bias)$"), lambda m: f"{ENC}audio_adapter.embed_positions.{int(m[1]) + 1}.0.{m[2]}"),
+    (
+        re.compile(r"^adapters\.text\.(embed_tokens|embed_positions)\.weight$"),
+        lambda m: f"{ENC}text_adapter.{m[1]}.weight",
+    ),
+    (
+        re.compile(r"^adapters\.image\.(stem\.\w+(?:\.norm)?)\.(weight|bias)$"),
+        lambda m: f"{ENC}image_adapter.embed_images.{ {v: k for k, v in _IMAGE_STEM.items()}[m[1]] }.{m[2]}",
+    ),
+    (
+        re.compile(r"^adapters\.audio\.feature_extractor\.convs\.(\d+)\.weight$"),
+        lambda m: f"{ENC}audio_adapter.embed_audios.0.conv_layers.{m[1]}.0.weight",
+    ),
+    (
+        re.compile(r"^adapters\.audio\.feature_extractor\.norms\.(\d+)\.(weight|bias)$"),
+        lambda m: f"{ENC}audio_adapter.embed_audios.0.conv_layers.{m[1]}.2.1.{m[2]}",
+    ),
+    (
+        re.compile(r"^adapters\.audio\.feature_extractor\.out_norm\.(weight|bias)$"),
+        lambda m: f"{ENC}audio_adapter.embed_audios.2.{m[1]}",
+    ),
+    (
+        re.compile(r"^adapters\.audio\.feature_extractor\.proj\.(weight|bias)$"),
+        lambda m: f"{ENC}audio_adapter.embed_audios.3.{m[1]}",
+    ),
+    (
+        re.compile(r"^adapters\.audio\.positions\.convs\.(\d+)\.(weight|bias)$"),
+        lambda m: f"{ENC}audio_adapter.embed_positions.{int(m[1]) + 1}.0.{m[2]}",
+    ),
     (re.compile(r"^layers\.(\d+)\.gamma_([12])$"), lambda m: f"{FUSION}layers.{m[1]}.gamma_{m[2]}"),
-    (re.compile(r"^layers\.(\d+)\.(attn\.\w+)\.(weight|bias)$"),
-     lambda m: f"{FUSION}layers.{m[1]}.self_attn.{ {v: k for k, v in _ATTN.items()}[m[2]] }.{m[3]}"),
-    (re.compile(r"^layers\.(\d+)\.attn_norm\.(weight|bias)$"), lambda m: f"{FUSION}layers.{m[1]}.self_attn_layer_norm.{m[2]}"),
-    (re.compile(r"^layers\.(\d+)\.ffn_norm\.(weight|bias)$"), lambda m: f"{FUSION}layers.{m[1]}.final_layer_norm.{m[2]}"),
-    (re.compile(r"^layers\.(\d+)\.ffns\.(\w+)\.(wi_0|wi_1|norm|wo)\.(weight|bias)$"),
-     lambda m: f"{FUSION}layers.{m[1]}.{m[2]}_ffn.{ {v: k for k, v in _FFN.items()}[m[3]] }.{m[4]}"),
+    (
+        re.compile(r"^layers\.(\d+)\.(attn\.\w+)\.(weight|bias)$"),
+        lambda m: f"{FUSION}layers.{m[1]}.self_attn.{ {v: k for k, v in _ATTN.items()}[m[2]] }.{m[3]}",
+    ),
+    (
+        re.compile(r"^layers\.(\d+)\.attn_norm\.(weight|bias)$"),
+        lambda m: f"{FUSION}layers.{m[1]}.self_attn_layer_norm.{m[2]}",
+    ),
+    (
+        re.compile(r"^layers\.(\d+)\.ffn_norm\.(weight|bias)$"),
+        lambda m: f"{FUSION}layers.{m[1]}.final_layer_norm.{m[2]}",
+    ),
+    (
+        re.compile(r"^layers\.(\d+)\.ffns\.(\w+)\.(wi_0|wi_1|norm|wo)\.(weight|bias)$"),
+        lambda m: f"{FUSION}layers.{m[1]}.{m[2]}_ffn.{ {v: k for k, v in _FFN.items()}[m[3]] }.{m[4]}",
+    ),
     (re.compile(r"^final_norms\.(\w+)\.(weight|bias)$"), lambda m: f"{FUSION}{m[1]}_layer_norm.{m[2]}"),
     (re.compile(r"^heads\.(\w+)\.(weight|bias)$"), lambda m: f"{m[1]}_proj.{m[2]}"),
     (re.compile(r"^logit_scale$"), lambda m: "logit_scale"),
