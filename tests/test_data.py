@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import soundfile as sf
 from one_peace.adapters.text import TextTokenizer
@@ -290,3 +291,38 @@ def test_demo_dataset_is_generated_and_loads(tmp_path, tokenizer):
     model = one_peace.build_model(cfg)
     out = model.forward_features({m: batches[0][m] for m in ("text", "image", "audio")})
     assert out.hidden["image"].shape == (4, 5, 64)
+
+
+def test_length_buckets_give_every_rank_the_same_batch_count(tmp_path):
+    rng = np.random.default_rng(1)
+    manifest = _many(tmp_path, 30, audio_lengths=list(rng.uniform(0.5, 3.0, size=30)))
+    cfg = LoaderConfig(batch_size=3, shuffle_window=30, length_buckets=[60, 100, 160], seed=2)
+    loaders = [
+        MultimodalLoader(manifest, fields={"audio": "audio"}, model_config=CFG, config=cfg, rank=r, world_size=2)
+        for r in range(2)
+    ]
+    seen = [[b["ids"] for b in ld] for ld in loaders]
+    assert len(seen[0]) == len(seen[1]) > 0
+    flat = [set(i for b in s for i in b) for s in seen]
+    assert not flat[0] & flat[1]
+
+
+def test_packing_plan_from_the_loader_feeds_forward_packed(tmp_path, tokenizer):
+    from one_peace.data import train_tokenizer
+
+    rows = [{"id": f"t{i}", "text": "a red square " * (1 + i % 4)} for i in range(8)]
+    manifest = _write(tmp_path / "t.jsonl", rows)
+    tok = train_tokenizer(str(manifest), "text", vocab_size=280)
+    loader = MultimodalLoader(
+        manifest, model_config=CFG, tokenizer=tok, config=LoaderConfig(batch_size=8, shuffle_window=0, pack_length=40)
+    )
+    batch = next(iter(loader))
+    plan = batch["pack"]
+    assert plan["modality"] == "text" and len(plan["rows"]) < 8
+    model = one_peace.build_model(
+        "tiny", modalities=("text",), modality_options={"text": {"vocab_size": tok.vocab_size}}
+    )
+    packed = model.forward_packed("text", batch["text"], row_length=plan["row_length"], rows=plan["rows"])
+    ref = model.forward_features({"text": batch["text"]})
+    real = ref.padding_mask["text"] is None or ~ref.padding_mask["text"]
+    torch.testing.assert_close(packed.hidden[real], ref.hidden["text"][real], atol=2e-5, rtol=1e-5)

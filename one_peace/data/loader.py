@@ -47,6 +47,8 @@ class LoaderConfig:
         bucket_by: Modality whose length selects the bucket (default: the first non-image modality).
         remainder: ``"drop"`` (default) drops samples that cannot fill a batch on every rank and reports them;
             ``"pad"`` pads the last batches with masked copies (``batch["valid"]`` is False for them).
+        pack_length: When set, each batch carries a packing plan (``batch["pack"]``) placing the samples of
+            ``bucket_by`` into rows of this many tokens, for ``OnePeaceModel.forward_packed``.
         max_bad_fraction: Stop when more than this fraction of samples is bad...
         min_samples_for_bad_check: ... once at least this many samples were read.
     """
@@ -58,6 +60,7 @@ class LoaderConfig:
     length_buckets: list[int] | None = None
     bucket_by: str | None = None
     remainder: str = "drop"
+    pack_length: int | None = None
     max_bad_fraction: float = 0.01
     min_samples_for_bad_check: int = 1000
 
@@ -113,6 +116,15 @@ class _Bad:
     sid: str
     reason: str
     detail: str
+
+
+def _token_lengths(modality: str, batch: Mapping[str, torch.Tensor]) -> list[int]:
+    """Real (unpadded) token counts per sample, CLS included."""
+    if modality == "text":
+        return [int(n) + 1 for n in batch["tokens"].ne(1).sum(1)]
+    if "padding_mask" in batch:
+        return [int(n) for n in (~batch["padding_mask"]).sum(1)]
+    raise ValueError(f"cannot pack {modality!r}: only text and audio batches have variable lengths")
 
 
 def _stats_from_dict(d: Mapping[str, Any]) -> EpochStats:
@@ -254,17 +266,23 @@ class MultimodalLoader:
         # Rows are shuffled and grouped into batches *before* decoding, so the pipeline state holds row
         # references only (no decoded media) and batch counts depend on row counts alone.
         c = self.config
-        builder = self._source_builder().shard(self.rank, self.world, allow_uneven=False)
-        if c.shuffle_window:
-            builder = builder.shuffle(c.shuffle_window, seed=c.seed + self.epoch)
+        builder = self._source_builder()
         if c.length_buckets:
+            # Every rank reads all rows (cheap: no media decoded), shuffles them identically, forms the same
+            # length buckets, and takes every world-th *batch*: equal batch counts on all ranks, no duplicates.
+            if c.shuffle_window:
+                builder = builder.shuffle(c.shuffle_window, seed=c.seed + self.epoch)
             builder = builder.map(self._with_length)
             sizes = [(c.batch_size, int(b)) for b in sorted(c.length_buckets)]
             builder = builder.bucket_by_length(
                 sizes, selector="length", skip_above_max_examples=True, drop_remainder=c.remainder == "drop"
             )
             builder = builder.map(lambda items: [i["row"] for i in items])
+            builder = builder.shard(self.rank, self.world, allow_uneven=False)
         else:
+            builder = builder.shard(self.rank, self.world, allow_uneven=False)
+            if c.shuffle_window:
+                builder = builder.shuffle(c.shuffle_window, seed=c.seed + self.epoch)
             builder = builder.bucket(c.batch_size, drop_remainder=c.remainder == "drop")
         # Samples of a batch are decoded on a pool of ``num_parallel_calls`` threads inside one map call: a
         # fairseq2 parallel map would keep finished (decoded) batches in its state; this keeps the state rows-only.
@@ -362,6 +380,16 @@ class MultimodalLoader:
         batch: dict[str, Any] = {"ids": [s["id"] for s in filled], "valid": torch.tensor(valid)}
         for m in self.fields:
             batch[m] = get_plugin(m).collate([s[m] for s in filled])
+        if self.config.pack_length:
+            from one_peace.models.packing import plan_packing
+
+            by = self._bucket_modality()
+            lengths = _token_lengths(by, batch[by])
+            batch["pack"] = {
+                "modality": by,
+                "row_length": self.config.pack_length,
+                "rows": plan_packing(lengths, self.config.pack_length),
+            }
         return batch
 
     def _account(self, batch: dict[str, Any]) -> None:

@@ -283,35 +283,32 @@ class OnePeaceModel(nn.Module):
         return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
 
     # ---------------------------------------------------------------------------------------------- packing
-    def forward_packed(self, modality: str, batch: dict[str, Any], row_length: int | None = None) -> PackedOutput:
+    def forward_packed(
+        self, modality: str, batch: dict[str, Any], row_length: int | None = None, rows: list[list[int]] | None = None
+    ) -> PackedOutput:
         """Encode a batch with several samples packed per row (block-diagonal attention, one CLS per sample).
 
-        Padding is removed, samples are placed first-fit into rows of ``row_length`` tokens (default: the
-        longest sample), each sample attends only to itself with its own relative bias, and the results are
-        unpacked to the batch layout. Output equals the unpacked forward on every real token.
+        Padding is removed, samples are placed into rows of ``row_length`` tokens (default: the longest sample)
+        first-fit, or as given by ``rows`` (a plan from the data loader's ``batch["pack"]``); each sample
+        attends only to itself with its own relative bias, and the results are unpacked to the batch layout.
+        Output equals the unpacked forward on every real token.
         """
+        from one_peace.models.packing import plan_packing
+
         out = self.adapters[modality](batch)
         b, t, d = out.tokens.shape
-        valid = (
-            t - out.padding_mask.sum(1)
-            if out.padding_mask is not None
-            else torch.full((b,), t, device=out.tokens.device)
-        )
+        if out.padding_mask is not None:
+            valid = t - out.padding_mask.sum(1)
+        else:
+            valid = torch.full((b,), t, device=out.tokens.device)
         lengths = [int(n) for n in valid]
         row_length = row_length or max(lengths)
-        if max(lengths) > row_length:
-            raise ValueError(f"row_length {row_length} is shorter than the longest sample ({max(lengths)} tokens)")
-        rows: list[list[int]] = []
-        used: list[int] = []
-        for i, n in enumerate(lengths):
-            for r in range(len(rows)):
-                if used[r] + n <= row_length:
-                    rows[r].append(i)
-                    used[r] += n
-                    break
-            else:
-                rows.append([i])
-                used.append(n)
+        if rows is None:
+            rows = plan_packing(lengths, row_length)
+        elif sorted(i for r in rows for i in r) != list(range(b)):
+            raise ValueError("packing plan must place every sample of the batch exactly once")
+        elif max(sum(lengths[i] for i in r) for r in rows) > row_length:
+            raise ValueError(f"packing plan overflows row_length {row_length}")
         h = self.config.heads
         dtype = out.tokens.dtype
         x = out.tokens.new_zeros(len(rows), row_length, d)
