@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
 import soundfile as sf
+import torch
 from one_peace.adapters.text import TextTokenizer
 from PIL import Image
 
