@@ -333,6 +333,36 @@ _INVERSE: list[tuple[re.Pattern[str], Any]] = [
 ]
 
 
+_DEC = "decoder_wrapper."
+_DECODER_RULES: list[tuple[re.Pattern[str], Any]] = [
+    (re.compile(r"^decoder_(\w+)_embed\.(weight|bias)$"), lambda m: f"embed.{m[1]}.{m[2]}"),
+    (re.compile(r"^(\w+)_mask_token$"), lambda m: f"mask_tokens.{m[1]}"),
+    (re.compile(r"^(\w+)_mask_head\.(weight|bias)$"), lambda m: f"heads.{m[1]}.{m[2]}"),
+    (re.compile(r"^decoder_wrapper\.(text|audio)_adapter\.embed_positions\.weight$"), lambda m: f"positions.{m[1]}"),
+    (re.compile(r"^decoder_wrapper\.image_adapter\.pos_embed$"), lambda m: "positions.image"),
+    (
+        re.compile(r"^decoder_wrapper\.fusion_model\.(\w+)_layer_norm\.(weight|bias)$"),
+        lambda m: f"final_norms.{m[1]}.{m[2]}",
+    ),
+]
+#: Official decoder keys that no decoder forward uses.
+DECODER_IGNORED = re.compile(
+    r"^decoder_wrapper\.(\w+_adapter\.(cls_embedding|mask_embedding|position_idx)|fusion_model\.version)$"
+)
+
+
+def map_decoder_key(key: str) -> str | None:
+    """Our :class:`~one_peace.models.decoder.DenoiseDecoder` name of an official pretraining key (or ``None``)."""
+    for pattern, fn in _DECODER_RULES:
+        m = pattern.match(key)
+        if m:
+            return str(fn(m))
+    if key.startswith(_DEC + "fusion_model.layers."):
+        inner = map_official_key(ENC + key[len(_DEC) :])
+        return inner
+    return None
+
+
 def official_name(name: str) -> str:
     """The official key of one of our parameter names (inverse of :func:`map_official_key`).
 
