@@ -1,0 +1,206 @@
+"""Training objectives as registered modules: ``contrastive`` and ``denoise`` (``seq2seq`` comes with the decoder).
+
+Each objective declares the forward *views* it needs (:class:`View`); a task computes every view once and
+hands the outputs to each objective, so e.g. the full image view is shared by contrastive and denoising.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]]:
+    """Class decorator registering an objective under ``name`` (used by recipes)."""
+
+    def deco(cls: type[Objective]) -> type[Objective]:
+        if name in OBJECTIVES:
+            raise ValueError(
+                f"objective {name!r} is registered twice ({OBJECTIVES[name].__module__} and {cls.__module__})"
+            )
+        OBJECTIVES[name] = cls
+        cls.name = name
+        return cls
+
+    return deco
+
+
+@dataclass(frozen=True)
+class View:
+    """One forward pass: modalities fused in this order, with optional masking per modality.
+
+    Attributes:
+        name: Key under which the task stores the outputs.
+        modalities: Modalities in the pass (fused when several).
+        masked: Modalities whose tokens are masked in this view (keep_ids from the task's masking plan).
+    """
+
+    name: str
+    modalities: tuple[str, ...]
+    masked: tuple[str, ...] = ()
+
+
+class Objective(nn.Module):
+    """Base objective: :meth:`views` lists what it needs; :meth:`forward` returns ``(loss, logs)``."""
+
+    name = "?"
+
+    def views(self) -> list[View]:
+        """The forward views this objective needs."""
+        raise NotImplementedError
+
+    def forward(
+        self, outputs: Mapping[str, Any], model: nn.Module, batch: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss from the view outputs."""
+        raise NotImplementedError
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """All-gather ``x (B, D)`` from every rank, keeping the gradient path (local-loss style); identity when alone."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x), dim=0)
+
+
+def scaled_logit_scale(logit_scale: torch.Tensor) -> torch.Tensor:
+    """``exp(clamp(logit_scale, 0, log 100))`` as the official model uses it."""
+    return logit_scale.clamp(0, math.log(100)).exp()
+
+
+@register_objective("contrastive")
+class ContrastiveObjective(Objective):
+    """CLIP-style InfoNCE between the projected CLS embeddings of two modalities.
+
+    The other side is all-gathered across ranks with gradient; each rank computes the loss of its local rows
+    against all columns (local-loss), so the summed gradient over ranks equals the single-process gradient of
+    the global batch. ``valid`` masks padded samples out of both rows and columns.
+
+    Args:
+        modalities: The two modalities, e.g. ``("image", "text")``.
+        label_smoothing: Cross-entropy label smoothing.
+    """
+
+    def __init__(self, modalities: tuple[str, str] = ("image", "text"), label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.a, self.b = modalities
+        self.label_smoothing = label_smoothing
+
+    def views(self) -> list[View]:
+        """Unmasked single-modality passes of both sides."""
+        return [View(self.a, (self.a,)), View(self.b, (self.b,))]
+
+    def forward(
+        self, outputs: Mapping[str, Any], model: nn.Module, batch: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Symmetric InfoNCE over the (global) batch."""
+        ea = model.embed(self.a, outputs[self.a].hidden[self.a])  # type: ignore[operator]
+        eb = model.embed(self.b, outputs[self.b].hidden[self.b])  # type: ignore[operator]
+        return contrastive_loss(ea, eb, model.logit_scale, batch.get("valid"), self.label_smoothing)  # type: ignore[arg-type]
+
+
+def contrastive_loss(
+    ea: torch.Tensor,
+    eb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    valid: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Symmetric InfoNCE of local rows against all-gathered columns (see :class:`ContrastiveObjective`)."""
+    n = ea.shape[0]
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    all_a, all_b = gather_with_grad(ea), gather_with_grad(eb)
+    v = torch.ones(n, dtype=torch.bool, device=ea.device) if valid is None else valid.to(ea.device).bool()
+    all_v = gather_with_grad(v.float()[:, None])[:, 0].bool()
+    scale = scaled_logit_scale(logit_scale)
+    labels = torch.arange(n, device=ea.device) + rank * n
+    logits_a = scale * ea @ all_b.T
+    logits_b = scale * eb @ all_a.T
+    logits_a = logits_a.masked_fill(~all_v[None, :], float("-inf"))
+    logits_b = logits_b.masked_fill(~all_v[None, :], float("-inf"))
+    la = F.cross_entropy(logits_a[v], labels[v], label_smoothing=label_smoothing, reduction="sum")
+    lb = F.cross_entropy(logits_b[v], labels[v], label_smoothing=label_smoothing, reduction="sum")
+    total = all_v.sum().clamp(min=1)
+    loss = (la + lb) / (2 * total)  # summed over ranks (DDP averages grads: scale by world in the trainer)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    with torch.no_grad():
+        acc = (logits_a[v].argmax(1) == labels[v]).float().mean().item() if bool(v.any()) else 0.0
+    return loss * world, {"acc": acc, "scale": float(scale.detach())}
+
+
+@register_objective("denoise")
+class DenoiseObjective(Objective):
+    """ONE-PEACE's intra-modal denoising contrast for one modality in one view.
+
+    Predictions of the decoder at masked positions are contrasted (cosine similarity / temperature, label
+    smoothing) against the detached final-layer features of the full input at the same position, versus all
+    other masked tokens in the batch.
+
+    Args:
+        modality: The modality whose masked tokens are predicted.
+        paired_with: ``None`` for the single-modality view, else the other modality of the paired view.
+        temperature: Softmax temperature (0.4).
+        label_smoothing: Label smoothing (0.1).
+    """
+
+    def __init__(
+        self, modality: str, paired_with: str | None = None, temperature: float = 0.4, label_smoothing: float = 0.1
+    ) -> None:
+        super().__init__()
+        self.modality = modality
+        self.paired_with = paired_with
+        self.temperature = temperature
+        self.label_smoothing = label_smoothing
+
+    @property
+    def view_name(self) -> str:
+        """Name of the masked view this objective reads."""
+        if self.paired_with is None:
+            return f"{self.modality}_masked"
+        a, b = sorted((self.modality, self.paired_with))
+        return f"{a}_{b}_masked"
+
+    def views(self) -> list[View]:
+        """The full single-modality view (targets) and the masked view (student)."""
+        mods = (self.modality,) if self.paired_with is None else tuple(sorted((self.modality, self.paired_with)))
+        return [View(self.modality, (self.modality,)), View(self.view_name, mods, masked=mods)]
+
+    def forward(
+        self, outputs: Mapping[str, Any], model: nn.Module, batch: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Contrastive loss over the masked positions of the batch."""
+        pred = outputs[self.view_name].decoded[self.modality]  # (B, S, D)
+        target = outputs[self.modality].hidden[self.modality].detach()  # (B, S, D)
+        masked = outputs[self.view_name].masked[self.modality]  # (B, S) bool
+        return denoise_loss(pred, target, masked, self.temperature, self.label_smoothing)
+
+
+def denoise_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    masked: torch.Tensor,
+    temperature: float = 0.4,
+    label_smoothing: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Each masked prediction against all masked targets of the batch; the positive is its own position."""
+    p = F.normalize(pred[masked].float(), dim=-1)
+    t = F.normalize(target[masked].float(), dim=-1)
+    if p.shape[0] == 0:
+        return pred.sum() * 0.0, {"acc": 0.0, "tokens": 0.0}
+    logits = p @ t.T / temperature
+    labels = torch.arange(p.shape[0], device=p.device)
+    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    with torch.no_grad():
+        acc = (logits.argmax(1) == labels).float().mean().item()
+    return loss, {"acc": acc, "tokens": float(p.shape[0])}

@@ -1,0 +1,149 @@
+"""Objectives and masking: contrastive loss vs a direct computation and across 2 processes, masks, denoising."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import one_peace
+from one_peace.models.decoder import DecoderConfig, DenoiseDecoder
+from one_peace.train.masking import complementary_mask, keep_ids_from_mask, random_mask, span_mask, whole_word_mask
+from one_peace.train.objectives import ContrastiveObjective, DenoiseObjective, contrastive_loss
+from one_peace.train.task import Task
+
+
+def test_contrastive_loss_equals_direct_computation():
+    torch.manual_seed(0)
+    a, b = F.normalize(torch.randn(5, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)
+    logit_scale = torch.tensor(math.log(1 / 0.07))
+    loss, _ = contrastive_loss(a, b, logit_scale, label_smoothing=0.1)
+    s = 1 / 0.07
+    direct = 0.0
+    for i in range(5):
+        la = -(
+            (1 - 0.1) * torch.log_softmax(s * a[i] @ b.T, 0)[i] + 0.1 / 5 * torch.log_softmax(s * a[i] @ b.T, 0).sum()
+        )
+        lb = -(
+            (1 - 0.1) * torch.log_softmax(s * b[i] @ a.T, 0)[i] + 0.1 / 5 * torch.log_softmax(s * b[i] @ a.T, 0).sum()
+        )
+        direct += (la + lb) / 2
+    torch.testing.assert_close(loss, direct / 5)
+    # the scale is clamped to 100
+    big, _ = contrastive_loss(a, b, torch.tensor(10.0))
+    ref, _ = contrastive_loss(a, b, torch.tensor(math.log(100)))
+    torch.testing.assert_close(big, ref)
+    # masked (padded) samples count in neither rows nor columns
+    valid = torch.tensor([True, True, True, False, False])
+    masked, _ = contrastive_loss(a, b, logit_scale, valid)
+    sub, _ = contrastive_loss(a[:3], b[:3], logit_scale)
+    torch.testing.assert_close(masked, sub)
+
+
+def _worker(rank: int, world: int, port: int, path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(6, 4)
+    scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    x, y = torch.randn(8, 6), torch.randn(8, 6)
+    half = slice(rank * 4, rank * 4 + 4)
+    loss, _ = contrastive_loss(F.normalize(proj(x[half]), dim=-1), F.normalize(proj(y[half]), dim=-1), scale)
+    loss.backward()
+    for p in (proj.weight, proj.bias, scale):  # what DDP does: average the gradients
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    if rank == 0:
+        torch.save({"w": proj.weight.grad, "b": proj.bias.grad, "s": scale.grad}, path)
+    dist.destroy_process_group()
+
+
+def test_two_process_gradient_equals_single_process(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = str(tmp_path / "grads.pt")
+    mp.spawn(_worker, args=(2, port, path), nprocs=2, join=True)
+    two = torch.load(path)
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(6, 4)
+    scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+    x, y = torch.randn(8, 6), torch.randn(8, 6)
+    loss, _ = contrastive_loss(F.normalize(proj(x), dim=-1), F.normalize(proj(y), dim=-1), scale)
+    loss.backward()
+    torch.testing.assert_close(two["w"], proj.weight.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(two["b"], proj.bias.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(two["s"], scale.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_masks_have_the_configured_ratios_spans_and_complements():
+    g = torch.Generator().manual_seed(0)
+    valid = torch.ones(4, 257, dtype=torch.bool)
+    m = random_mask(valid, 0.75, g)
+    assert (m[:, 1:].sum(1) == 192).all() and not m[:, 0].any()
+    pair = complementary_mask(m, valid, 0.6875, g, from_visible=False)
+    assert (pair[:, 1:].sum(1) == 176).all()
+    assert not (~pair & ~m)[:, 1:].any()  # visible in the pair view => masked in the image-only view
+    audio_valid = torch.ones(2, 101, dtype=torch.bool)
+    audio_valid[1, 80:] = False
+    s = span_mask(audio_valid, 0.55, 5, g)
+    assert s[0].sum() == 55 and s[1].sum() == round(79 * 0.55) and not (s & ~audio_valid).any()
+    runs = [len(r) for r in "".join("1" if v else "0" for v in s[0].tolist()).split("0") if r]
+    assert max(runs) >= 5 and sum(runs) == 55
+    text_valid = torch.ones(2, 21, dtype=torch.bool)
+    starts = torch.zeros(2, 21, dtype=torch.bool)
+    starts[:, ::2] = True  # words [1], [2, 3], [4, 5], ... (0 is CLS, 20 is EOS: both protected)
+    eos = torch.zeros(2, 21, dtype=torch.bool)
+    eos[:, -1] = True
+    w = whole_word_mask(text_valid, starts, 0.15, g, protect=eos)
+    for row in w:
+        idx = row.nonzero().flatten().tolist()
+        assert idx and all((i % 2 == 0 and i + 1 in idx) or (i % 2 == 1 and (i - 1 in idx or i == 1)) for i in idx)
+    assert not w[:, -1].any() and not w[:, 0].any()
+    tp = complementary_mask(w, text_valid, 0.4, g, from_visible=True)
+    assert not (tp & w).any() and (tp.sum(1) == 8).all()
+    keep = keep_ids_from_mask(m, valid)
+    assert keep.shape == (4, 65) and (keep[:, 0] == 0).all()
+
+
+def test_denoise_task_runs_end_to_end_and_only_kept_tokens_enter_the_encoder():
+    model = one_peace.build_model("tiny", modalities=("text", "image"), modality_options={"image": {"image_size": 64}})
+    decoder = DenoiseDecoder(
+        DecoderConfig(
+            encoder_dim=64,
+            embed_dim=32,
+            heads=4,
+            ffn_dim=64,
+            modalities=("text", "image"),
+            positions={"text": 514, "image": 257},
+        )
+    )
+    task = Task(
+        model,
+        {
+            "contrastive": (ContrastiveObjective(("image", "text")), 1.0),
+            "text": (DenoiseObjective("text"), 0.5),
+            "image": (DenoiseObjective("image"), 1.0),
+            "pair_text": (DenoiseObjective("text", paired_with="image"), 0.5),
+            "pair_image": (DenoiseObjective("image", paired_with="text"), 0.5),
+        },
+        decoder=decoder,
+    )
+    assert list(task.views()) == ["image", "text", "text_masked", "image_masked", "image_text_masked"]
+    batch = one_peace.example_inputs(("text", "image"), 3, model.config)
+    lengths = []
+    hook = model.layers[0].register_forward_pre_hook(lambda mod, args: lengths.append(args[0].shape[1]))
+    loss, logs = task(batch)
+    hook.remove()
+    assert lengths[:2] == [17, 13]  # full image (1 + 16 patches), full text
+    assert lengths[3] == 1 + 4  # image-only view: 25 % of 16 patches + CLS
+    assert 1 + 5 < lengths[4] < 1 + 5 + 13  # pair: 31.25 % of the patches (+CLS) with part of the text
+    loss.backward()
+    assert all(math.isfinite(v) for v in logs.values()) and {"contrastive/loss", "pair_image/loss", "loss"} <= set(logs)
+    assert decoder.mask_tokens["image"].grad is not None and model.logit_scale.grad is not None
