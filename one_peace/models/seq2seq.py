@@ -198,5 +198,5 @@ def _beam_one(
             break
         beams = candidates
     if not finished:
-        finished = [(b + [EOS], s / ((len(b) + 1) ** length_penalty)) for b, s in beams]
+        finished = [([*b, EOS], s / ((len(b) + 1) ** length_penalty)) for b, s in beams]
     return max(finished, key=lambda t: t[1])[0]
