@@ -13,7 +13,8 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Any
 
 ATTRS = {"no_loss", "closed_set", "mask_ratio"}
@@ -31,7 +32,7 @@ class Slot:
 
     kind: str
     field: str
-    attrs: dict[str, str] = field(default_factory=dict, hash=False)
+    attrs: dict[str, str] = dc_field(default_factory=dict, hash=False)
     pos: int = 0
 
 
