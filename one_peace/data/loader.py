@@ -158,6 +158,9 @@ class MultimodalLoader:
         config: Batching options.
         rank: This process's rank.
         world_size: Number of ranks.
+        modalities: Modalities to load when ``fields`` is not given (default: fields named after modalities).
+        validate: Check the manifest's structure up front.
+        passthrough: Fields copied raw into ``batch["raw"]`` (e.g. captions and boxes for instructions).
     """
 
     def __init__(
@@ -171,6 +174,7 @@ class MultimodalLoader:
         world_size: int = 1,
         modalities: Sequence[str] | None = None,
         validate: bool = True,
+        passthrough: Sequence[str] = (),
     ) -> None:
         from one_peace.config import model_config as _cfg
         from one_peace.data.shards import ShardReader, list_shards
@@ -180,6 +184,7 @@ class MultimodalLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} out of range for world_size {world_size}")
         self.rank, self.world = rank, world_size
+        self.passthrough = tuple(passthrough)
         self.rows: list[tuple[int, Mapping[str, Any]]] | None = None
         self.manifest: Path | None = None
         self.shards: list[Path] | None = None
@@ -349,6 +354,10 @@ class MultimodalLoader:
                     if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
                         raise ValueError(f"decoded {modality} {k} contains NaN or infinity")
                 sample[modality] = out
+            for fld in self.passthrough:
+                if fld not in row:
+                    raise KeyError(f"missing field {fld!r}")
+                sample.setdefault("raw", {})[fld] = row[fld]
             result: dict[str, Any] | _Bad = sample
         except Exception as exc:
             result = _Bad(sid, _classify(modality, exc), f"{type(exc).__name__}: {exc}")
@@ -380,6 +389,8 @@ class MultimodalLoader:
         batch: dict[str, Any] = {"ids": [s["id"] for s in filled], "valid": torch.tensor(valid)}
         for m in self.fields:
             batch[m] = get_plugin(m).collate([s[m] for s in filled])
+        if self.passthrough:
+            batch["raw"] = {f: [s["raw"][f] for s in filled] for f in self.passthrough}
         if self.config.pack_length:
             from one_peace.models.packing import plan_packing
 

@@ -179,7 +179,7 @@ class Instruction:
             elif p.kind == "box":
                 prompt.append(quantize_box(row[p.field], image_size))
             else:
-                inputs[p.kind] = row[p.field]
+                inputs[p.kind] = row.get(p.field)  # media are loaded by the data loader
                 if "mask_ratio" in p.attrs:
                     mask_ratio[p.kind] = float(p.attrs["mask_ratio"])
         target: list[tuple[Any, bool]] = []

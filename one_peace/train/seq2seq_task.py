@@ -1,0 +1,119 @@
+"""Instruction-driven seq2seq task: encoder over the instruction's source side, text decoder for the target."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from one_peace.adapters.text import EOS_ID, PAD_ID
+from one_peace.models.encoder import OnePeaceModel
+from one_peace.models.seq2seq import Seq2SeqConfig, TextDecoder, Trie, generate, seq2seq_loss, shift_right
+from one_peace.train.instructions import NUM_BINS, Instruction
+
+
+class Seq2SeqTask(nn.Module):
+    """Fused encoder (instruction source: media + text prompt) and an autoregressive text decoder.
+
+    Location tokens (BOX) are ids ``text_vocab + bin`` in the decoder vocabulary.
+
+    Args:
+        model: The encoder (with a text modality for the prompt).
+        tokenizer: Text tokenizer (prompt and targets).
+        instruction: The instruction (all its templates must use the same source modalities).
+        decoder: Decoder sizes (vocabulary and encoder width are filled in).
+        label_smoothing: Of the cross-entropy.
+        seed: Seed of the template sampling.
+    """
+
+    def __init__(
+        self,
+        model: OnePeaceModel,
+        tokenizer: Any,
+        instruction: Instruction,
+        decoder: Mapping[str, Any],
+        label_smoothing: float = 0.1,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.instruction = instruction
+        mods = {tuple(s.kind for s in t.source_slots if s.kind not in ("text", "box")) for t in instruction.templates}
+        if len(mods) != 1:
+            raise ValueError(f"all templates of an instruction must feed the same modalities, got {sorted(mods)}")
+        self.modalities = next(iter(mods))
+        self.uses_box = any(s.kind == "box" for t in instruction.templates for s in (*t.source_slots, *t.target_slots))
+        self.text_vocab = tokenizer.vocab_size
+        vocab = self.text_vocab + (NUM_BINS if self.uses_box else 0)
+        self.decoder = TextDecoder(Seq2SeqConfig(vocab_size=vocab, encoder_dim=model.config.embed_dim, **decoder))
+        self.label_smoothing = label_smoothing
+        self.rng = random.Random(seed)
+
+    def _ids(self, pieces: list[Any], eos: bool = True) -> list[int]:
+        text = " ".join(p.strip() for p in pieces if isinstance(p, str) and p.strip())
+        ids = self.tokenizer.encode(text)[:-1] if text else []
+        for p in pieces:
+            if isinstance(p, list):
+                ids += [self.text_vocab + b for b in p]
+        return [*ids, EOS_ID] if eos else ids
+
+    def _encode_batch(
+        self, batch: Mapping[str, Any], rendered: list[dict[str, Any]]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        prompts = [torch.tensor(self._ids(r["prompt"])) for r in rendered]
+        inputs = {m: batch[m] for m in self.modalities}
+        inputs["text"] = {"tokens": nn.utils.rnn.pad_sequence(prompts, batch_first=True, padding_value=PAD_ID)}
+        out = self.model.forward_features(inputs)
+        memory = torch.cat([out.hidden[m] for m in inputs], dim=1)
+        pads: list[torch.Tensor] = []
+        for m in inputs:
+            mask = out.padding_mask[m]
+            pads.append(mask if mask is not None else torch.zeros(out.hidden[m].shape[:2], dtype=torch.bool))
+        return memory, torch.cat(pads, dim=1)
+
+    def _render(self, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
+        raw = batch["raw"]
+        n = len(next(iter(raw.values())))
+        return [
+            self.instruction.render({k: v[i] for k, v in raw.items()}, self.rng, raw.get("image_size", [None] * n)[i])
+            for i in range(n)
+        ]
+
+    def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Label-smoothed cross-entropy of the targets (``no_loss`` pieces and masked samples excluded)."""
+        rendered = self._render(batch)
+        memory, pad = self._encode_batch(batch, rendered)
+        targets, weights = [], []
+        for r, ok in zip(rendered, batch["valid"].tolist()):
+            ids: list[int] = []
+            w: list[int] = []
+            for value, scored in r["target"]:
+                piece = self._ids([value], eos=False)
+                ids += piece
+                w += [int(scored and ok)] * len(piece)
+            targets.append(torch.tensor([*ids, EOS_ID]))
+            weights.append(torch.tensor([*w, int(ok)]))
+        target = nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=PAD_ID)
+        weight = nn.utils.rnn.pad_sequence(weights, batch_first=True, padding_value=0)
+        logits = self.decoder(shift_right(target), memory, pad)
+        loss = seq2seq_loss(logits, target, self.label_smoothing, weight)
+        with torch.no_grad():
+            m = target.ne(PAD_ID) & weight.bool()
+            acc = (logits.argmax(-1)[m] == target[m]).float().mean().item()
+        value = float(loss.detach())
+        return loss, {"loss": value, "seq2seq/loss": value, "seq2seq/token_acc": acc}
+
+    @torch.no_grad()
+    def generate(
+        self, batch: Mapping[str, Any], beam: int = 1, max_len: int = 30, closed_set: list[str] | None = None
+    ) -> list[str]:
+        """Generated target text per sample (closed-set constrained when ``closed_set`` is given)."""
+        rendered = self._render(batch)
+        memory, pad = self._encode_batch(batch, rendered)
+        trie = Trie([self._ids([c]) for c in closed_set]) if closed_set else None
+        out = generate(self.decoder, memory, pad, beam=beam, max_len=max_len, trie=trie)
+        return [self.tokenizer.decode([i for i in ids if i < self.text_vocab]) for ids in out]

@@ -1,0 +1,359 @@
+"""The trainer: AdamW, warmup + cosine, clipping, accumulation, atomic checkpoints and exact resume.
+
+Checkpoints are folders ``<output_dir>/checkpoints/step_0000100/`` in the checkpoint-folder contract (weights as
+safetensors + ``config.json``, so ``one_peace.load(folder)`` opens any of them) plus ``task.safetensors`` (the
+task's other modules: decoders) and ``training_state/`` (optimizer, scheduler, RNG, data position). Each is
+written to a temporary folder and renamed into place, and gets a ``COMPLETE`` marker last: a half-written
+checkpoint is never picked up as the latest.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+CKPT_RE = re.compile(r"^step_(\d{7})$")
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    """Optimisation and bookkeeping.
+
+    Attributes:
+        max_steps: Optimizer steps.
+        batch_size: Samples per batch per rank.
+        lr: Peak learning rate.
+        weight_decay: AdamW decay (not applied to norms, biases, embeddings, tables, scales).
+        warmup_steps: Linear warmup steps, then cosine decay to ``min_lr_ratio * lr``.
+        min_lr_ratio: Final learning rate as a fraction of ``lr``.
+        grad_clip: Max gradient norm (0 disables).
+        accumulation: Micro-batches per optimizer step.
+        layer_decay: Layer-wise lr decay for fine-tuning (``None`` disables): layer i of L gets ``decay**(L-i)``.
+        bf16: bf16 autocast (default on GPU; opt-in on CPU, where it was measured slower than fp32).
+        grad_checkpointing: Recompute encoder layers in the backward pass.
+        log_every: Steps between metric lines.
+        save_every: Steps between checkpoints (and one at the end).
+        keep_last: Checkpoints kept (older ones are deleted).
+        seed: Seed of parameters' init, data order and masking.
+        resume: Continue from the latest complete checkpoint in ``output_dir``.
+        trainable: Glob patterns of trainable parameter names (empty = all); ``frozen`` wins over it.
+        frozen: Glob patterns of frozen parameter names.
+    """
+
+    max_steps: int = 100
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    accumulation: int = 1
+    layer_decay: float | None = None
+    bf16: bool | None = None
+    grad_checkpointing: bool = False
+    log_every: int = 10
+    save_every: int = 50
+    keep_last: int = 2
+    seed: int = 0
+    resume: bool = False
+    trainable: tuple[str, ...] = ()
+    frozen: tuple[str, ...] = ()
+
+
+def apply_freezing(module: nn.Module, trainable: Sequence[str], frozen: Sequence[str]) -> list[str]:
+    """Set ``requires_grad`` from glob patterns on parameter names; returns the trainable names."""
+    names = []
+    for name, p in module.named_parameters():
+        train = not trainable or any(fnmatch.fnmatch(name, pat) for pat in trainable)
+        if any(fnmatch.fnmatch(name, pat) for pat in frozen):
+            train = False
+        p.requires_grad_(train)
+        if train:
+            names.append(name)
+    if not names:
+        raise ValueError(
+            f"freezing patterns leave nothing to train (trainable={list(trainable)}, frozen={list(frozen)})"
+        )
+    return names
+
+
+def _layer_id(name: str, num_layers: int) -> int:
+    m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+    if name.startswith("model.layers.") and m:
+        return int(m.group(1)) + 1
+    if name.startswith("model.adapters."):
+        return 0
+    return num_layers + 1
+
+
+def parameter_groups(task: nn.Module, cfg: TrainerConfig, num_layers: int) -> list[dict[str, Any]]:
+    """AdamW groups: no decay on norms, biases, embeddings, relative tables, CLS and scales; optional layer decay."""
+    groups: dict[tuple[bool, int], list[nn.Parameter]] = {}
+    for name, p in task.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.dim() <= 1 or any(
+            k in name for k in ("embed", "rel_pos_table", "cls_", "logit_scale", "positions", "mask_token")
+        )
+        layer = _layer_id(name, num_layers) if cfg.layer_decay else 0
+        groups.setdefault((no_decay, layer), []).append(p)
+    out = []
+    for (no_decay, layer), params in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        scale = cfg.layer_decay ** (num_layers + 1 - layer) if cfg.layer_decay else 1.0
+        out.append({"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay, "lr_scale": scale})
+    return out
+
+
+def lr_at(step: int, cfg: TrainerConfig) -> float:
+    """Warmup + cosine schedule multiplier (times ``cfg.lr``)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / max(1, cfg.warmup_steps)
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest *complete* checkpoint folder (temporary and unmarked folders are ignored)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = [p for p in root.iterdir() if CKPT_RE.match(p.name) and (p / "COMPLETE").is_file()]
+    return max(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)), default=None)  # type: ignore[union-attr]
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+class Trainer:
+    """Plain PyTorch loop over a task (an ``nn.Module`` with a ``.model`` encoder, returning ``(loss, logs)``).
+
+    Args:
+        task: The module to train; ``task(batch) -> (loss, logs)``; ``task.model`` is the encoder saved as weights.
+        loader: Yields batches; ``state_dict()``/``load_state_dict()``/``set_epoch()`` for exact resume.
+        config: Optimisation settings.
+        output_dir: Where checkpoints, ``metrics.jsonl``, TensorBoard events and the loss plot go.
+        extra_state: Callables saving/restoring additional resume state (e.g. the task's masking generator).
+    """
+
+    def __init__(
+        self,
+        task: nn.Module,
+        loader: Any,
+        config: TrainerConfig,
+        output_dir: str | Path,
+        extra_state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
+    ) -> None:
+        self.task = task
+        self.loader = loader
+        self.cfg = config
+        self.out = Path(output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.extra_state = extra_state
+        apply_freezing(task, config.trainable, config.frozen)
+        num_layers = len(getattr(task.model, "layers", []))
+        self.opt = torch.optim.AdamW(
+            parameter_groups(task, config, num_layers), lr=config.lr, betas=(0.9, 0.98), eps=1e-6
+        )
+        self.step = 0
+        self.epoch = 0
+        self.history: list[dict[str, float]] = []
+        if config.grad_checkpointing:
+            task.model.set_grad_checkpointing(True)  # type: ignore[union-attr,operator]
+        device = next(task.parameters()).device
+        self.bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
+        self._tb: Any = None
+        self._batches: Iterator[Any] | None = None
+
+    # ----------------------------------------------------------------------------------------- checkpoint
+    def save(self) -> Path:
+        """Write ``checkpoints/step_N`` atomically and prune old ones."""
+        from safetensors.torch import save_file
+
+        import one_peace
+
+        root = self.out / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step_{self.step:07d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+        try:
+            one_peace.save(self.task.model, tmp / "weights")  # type: ignore[arg-type]
+            for f in (tmp / "weights").iterdir():
+                f.rename(tmp / f.name)
+            (tmp / "weights").rmdir()
+            extra = {
+                k: v.detach().contiguous().cpu()
+                for k, v in self.task.state_dict().items()
+                if not k.startswith("model.")
+            }
+            if extra:
+                save_file(extra, str(tmp / "task.safetensors"))
+            state_dir = tmp / "training_state"
+            state_dir.mkdir()
+            torch.save(
+                {
+                    "step": self.step,
+                    "epoch": self.epoch,
+                    "optimizer": self.opt.state_dict(),
+                    "rng": _rng_state(),
+                    "loader": self.loader.state_dict(),
+                    "history": self.history,
+                    "extra": self.extra_state[0]() if self.extra_state else None,
+                },
+                state_dir / "state.pt",
+            )
+            (state_dir / "trainer.json").write_text(json.dumps(asdict(self.cfg), indent=2, default=list) + "\n")
+            (tmp / "COMPLETE").write_text(f"{self.step}\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        kept = sorted((p for p in root.iterdir() if CKPT_RE.match(p.name)), key=lambda p: p.name)
+        for old in kept[: -self.cfg.keep_last] if self.cfg.keep_last > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def resume(self) -> bool:
+        """Restore the latest complete checkpoint, if any; returns whether one was found."""
+        from safetensors.torch import load_file
+
+        from one_peace.checkpoint import _iter_safetensors, _weight_files
+
+        ckpt = latest_checkpoint(self.out)
+        if ckpt is None:
+            return False
+        params = dict(self.task.model.named_parameters())  # type: ignore[union-attr]
+        with torch.no_grad():
+            for name, tensor, _ in _iter_safetensors(_weight_files(ckpt)):
+                params[name].copy_(tensor)
+            if (ckpt / "task.safetensors").is_file():
+                own = dict(self.task.named_parameters())
+                for k, v in load_file(str(ckpt / "task.safetensors")).items():
+                    if k in own:
+                        own[k].copy_(v)
+        state = torch.load(ckpt / "training_state" / "state.pt", weights_only=False)  # our own file
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.epoch, self.history = state["step"], state["epoch"], state["history"]
+        _set_rng_state(state["rng"])
+        self.loader.load_state_dict(state["loader"])
+        if self.extra_state and state.get("extra") is not None:
+            self.extra_state[1](state["extra"])
+        return True
+
+    # ------------------------------------------------------------------------------------------ training
+    def _next_batch(self) -> Any:
+        while True:
+            if self._batches is None:
+                self.epoch = self.loader.epoch
+                self._batches = iter(self.loader)
+            try:
+                return next(self._batches)
+            except StopIteration:
+                self._batches = None
+
+    def _log(self, logs: dict[str, float]) -> None:
+        self.history.append(logs)
+        with open(self.out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(logs) + "\n")
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            except ImportError:  # tensorboard is the optional 'train' extra
+                self._tb = False
+        if self._tb:
+            for k, v in logs.items():
+                if k != "step":
+                    self._tb.add_scalar(k, v, int(logs["step"]))
+
+    def fit(self) -> Path:
+        """Train to ``max_steps`` (resuming when configured); returns the final checkpoint folder."""
+        from tqdm import tqdm
+
+        if self.cfg.resume and self.resume():
+            print(f"resumed from step {self.step}")
+        self.task.train()
+        bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        last = None
+        start = time.perf_counter()
+        while self.step < self.cfg.max_steps:
+            for group in self.opt.param_groups:
+                group["lr"] = self.cfg.lr * lr_at(self.step, self.cfg) * group.get("lr_scale", 1.0)
+            self.opt.zero_grad(set_to_none=True)
+            agg: dict[str, float] = {}
+            for _ in range(self.cfg.accumulation):
+                batch = self._next_batch()
+                with torch.autocast(
+                    "cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=self.bf16
+                ):
+                    loss, logs = self.task(batch)
+                (loss / self.cfg.accumulation).backward()
+                for k, v in logs.items():
+                    agg[k] = agg.get(k, 0.0) + v / self.cfg.accumulation
+            if not math.isfinite(agg.get("loss", 0.0)):
+                raise FloatingPointError(f"non-finite loss at step {self.step}: {agg}")
+            params = [p for p in self.task.parameters() if p.grad is not None]
+            if self.cfg.grad_clip > 0:
+                agg["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+            self.opt.step()
+            self.step += 1
+            agg.update(step=self.step, lr=self.opt.param_groups[0]["lr"], seconds=time.perf_counter() - start)
+            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps:
+                self._log(agg)
+            bar.update(1)
+            bar.set_postfix(loss=f"{agg['loss']:.3f}")
+            if self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps:
+                last = self.save()
+        bar.close()
+        if self._tb:
+            self._tb.close()
+        self.plot()
+        return last or self.save()
+
+    def plot(self) -> Path | None:
+        """Save the loss curves of ``metrics.jsonl`` as ``loss.png``."""
+        if not self.history:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        keys = [k for k in self.history[-1] if k == "loss" or k.endswith("/loss")]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        steps = [h["step"] for h in self.history]
+        for k in keys:
+            ax.plot(steps, [h.get(k, float("nan")) for h in self.history], label=k)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = self.out / "loss.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
