@@ -147,7 +147,7 @@ def trainer_config(cfg: DictConfig) -> Any:
 
     from one_peace.train.trainer import TrainerConfig
 
-    raw: dict[str, Any] = {str(k): v for k, v in dict(OmegaConf.to_container(cfg.trainer) or {}).items()}  # type: ignore[arg-type]
+    raw: dict[str, Any] = {str(k): v for k, v in dict(OmegaConf.to_container(cfg.trainer, resolve=True) or {}).items()}  # type: ignore[arg-type]
     known = {f.name for f in dataclasses.fields(TrainerConfig)}
     for key in raw:
         if key not in known:
@@ -228,6 +228,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         pair = next(iter(cfg.task.objectives.values())).get("modalities", list(fields))
         results = _evaluate_contrastive(task, eval_loader, tuple(pair))
         print("validation retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
+    for ld in (loader, eval_loader):
+        ld.close()
     results["checkpoint"] = str(ckpt)
     (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"checkpoint: {ckpt}")

@@ -8,11 +8,14 @@ id; above ``max_bad_fraction`` (judged after ``min_samples_for_bad_check`` sampl
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import gc
 import io
 import logging
 import math
 import threading
+import weakref
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +31,17 @@ from one_peace.data.manifest import MEDIA_MODALITIES, ManifestReader, default_fi
 from one_peace.registry import get_plugin, list_modalities
 
 logger = logging.getLogger(__name__)
+
+
+_LIVE: weakref.WeakSet[MultimodalLoader] = weakref.WeakSet()
+_ATEXIT_REGISTERED = False
+
+
+def _close_live_loaders() -> None:
+    """Release pipelines before fairseq2n's own exit hook runs (it crashes on pipelines still alive)."""
+    for loader in list(_LIVE):
+        loader.close()
+    gc.collect()
 
 
 class TooManyBadSamples(RuntimeError):
@@ -244,7 +258,12 @@ class MultimodalLoader:
 
     # ------------------------------------------------------------------------------------------- pipeline
     def _source_builder(self) -> Any:
+        global _ATEXIT_REGISTERED
         dp = data_pipeline()
+        if not _ATEXIT_REGISTERED:  # registered after fairseq2n's hook, so it runs first (LIFO)
+            atexit.register(_close_live_loaders)
+            _ATEXIT_REGISTERED = True
+        _LIVE.add(self)
         if self.manifest is not None:
             builder = dp.read_iterator(ManifestReader(self.manifest), reset_fn=lambda r: r.reset(), infinite=False)
         elif self.shards is not None:
@@ -464,6 +483,13 @@ class MultimodalLoader:
         logger.info("%s", self.stats.report())
         self._pipeline = None
         self.epoch += 1
+
+    def close(self) -> None:
+        """Release the fairseq2 pipeline and the decoding threads (call before the interpreter exits)."""
+        self._pipeline = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def state_dict(self) -> dict[str, Any]:
         """Resume state: epoch, the fairseq2 pipeline state (position, shuffle buffer of *rows*, RNG) and counters.

@@ -329,6 +329,11 @@ class Trainer:
             if self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps:
                 last = self.save()
         bar.close()
+        if self._batches is not None:
+            close = getattr(self._batches, "close", None)
+            if close is not None:
+                close()
+            self._batches = None
         if self._tb:
             self._tb.close()
         self.plot()

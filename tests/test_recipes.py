@@ -1,0 +1,129 @@
+"""Recipes through the Hydra entry point: smoke runs, freezing, checkpoints, and kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from safetensors.torch import load_file
+
+from one_peace.run import run
+from one_peace.train.trainer import latest_checkpoint
+
+SMALL = [
+    "data.demo_train=32",
+    "data.demo_valid=16",
+    "data.image_size=32",
+    "trainer.batch_size=8",
+    "trainer.log_every=2",
+    "data.vocab_size=300",
+]
+
+
+def _cfg(recipe: str, out: Path, *overrides: str):
+    with initialize_config_module(config_module="one_peace.recipes", version_base=None):
+        return compose(config_name="config", overrides=[f"recipe={recipe}", f"output_dir={out}", *SMALL, *overrides])
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("recipe", ["vl_contrastive", "al_contrastive", "pretrain_vl"])
+def test_recipe_smoke(tmp_path, recipe):
+    results = run(_cfg(recipe, tmp_path, "trainer.max_steps=4", "trainer.save_every=2"))
+    ckpt = Path(results["checkpoint"])
+    assert ckpt.name == "step_0000004" and (ckpt / "COMPLETE").is_file()
+    assert any(k.endswith("/R@1") for k in results)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4] and (tmp_path / "loss.png").is_file()
+    import one_peace
+
+    assert one_peace.load(ckpt).encode("text", ["a red circle"]).shape == (1, 64)
+
+
+@pytest.mark.parametrize("recipe", ["pretrain_al", "add_modality"])
+def test_frozen_parameters_stay_bitwise_unchanged(tmp_path, recipe):
+    run(_cfg(recipe, tmp_path, "trainer.max_steps=1", "trainer.save_every=1", "trainer.keep_last=5"))
+    first = _weights(tmp_path / "checkpoints" / "step_0000001")
+    run(
+        _cfg(
+            recipe,
+            tmp_path,
+            "trainer.max_steps=3",
+            "trainer.save_every=1",
+            "trainer.keep_last=5",
+            "trainer.resume=true",
+        )
+    )
+    last = _weights(tmp_path / "checkpoints" / "step_0000003")
+    changed = {k for k in first if not torch.equal(first[k], last[k])}
+    assert changed, "nothing trained"
+    trainable = ("adapters.audio.", ".ffns.audio.", "final_norms.audio.", "heads.audio.", "logit_scale")
+    assert all(any(t in k for t in trainable) for k in changed), sorted(changed)[:5]
+    assert any(k.startswith("layers.0.attn.") for k in first)  # the shared backbone exists and stayed frozen
+
+
+def test_vl_seq2seq_short_run_generates_captions(tmp_path):
+    results = run(_cfg("vl_seq2seq", tmp_path, "trainer.max_steps=3"))
+    assert {"token_f1", "baseline_token_f1", "examples"} <= set(results)
+    assert all(isinstance(e["generated"], str) for e in results["examples"])
+
+
+def test_half_written_checkpoint_is_never_the_latest(tmp_path):
+    root = tmp_path / "checkpoints"
+    good = root / "step_0000002"
+    good.mkdir(parents=True)
+    (good / "COMPLETE").write_text("2\n")
+    (root / ".step_0000004.tmp-abc").mkdir()  # interrupted write
+    (root / "step_0000003").mkdir()  # no COMPLETE marker
+    assert latest_checkpoint(tmp_path) == good
+
+
+def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path):
+    """SIGKILL after the step-3 checkpoint, resume, and compare with an uninterrupted run at step 6."""
+    args = [
+        sys.executable,
+        "-m",
+        "one_peace.run",
+        "recipe=pretrain_vl",
+        *SMALL,
+        "trainer.max_steps=6",
+        "trainer.save_every=3",
+        "trainer.keep_last=5",
+        "data.num_parallel_calls=2",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = tmp_path / "ref"
+    subprocess.run([*args, f"output_dir={ref}"], check=True, capture_output=True, env=env, timeout=600)
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [*args, f"output_dir={out}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+    deadline = time.time() + 600
+    while not (out / "checkpoints" / "step_0000003" / "COMPLETE").is_file():
+        assert time.time() < deadline and proc.poll() is None, "the run ended before its first checkpoint"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / "step_0000006").exists()
+    subprocess.run(
+        [*args, f"output_dir={out}", "trainer.resume=true"], check=True, capture_output=True, env=env, timeout=600
+    )
+    a, b = _weights(ref / "checkpoints" / "step_0000006"), _weights(out / "checkpoints" / "step_0000006")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ta = load_file(str(ref / "checkpoints" / "step_0000006" / "task.safetensors"))
+    tb = load_file(str(out / "checkpoints" / "step_0000006" / "task.safetensors"))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
