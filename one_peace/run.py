@@ -230,9 +230,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         print("validation retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
     for ld in (loader, eval_loader):
         ld.close()
-    results["checkpoint"] = str(ckpt)
+    results["checkpoint"] = str(Path(ckpt).resolve())
     (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"checkpoint: {ckpt}")
+    print(f"checkpoint: {results['checkpoint']}")
     return results
 
 
