@@ -158,9 +158,36 @@ def trainer_config(cfg: DictConfig) -> Any:
     return TrainerConfig(**raw)
 
 
+def _init_distributed() -> tuple[int, int]:
+    """Join the process group when launched by ``torchrun`` (gloo on CPU, nccl on GPU)."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _rank0_first(rank: int, world: int, fn: Any, *args: Any) -> Any:
+    """Run ``fn`` on rank 0 first (it writes files), then on the other ranks (they read what it wrote)."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        result = fn(*args)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        result = fn(*args)
+    return result
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run a composed recipe config; returns the evaluation results (also written to ``eval.json``)."""
     from one_peace.train.trainer import Trainer
+
+    rank, world = _init_distributed()
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +195,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     np.random.seed(cfg.seed)
     train, valid = cfg.data.train, cfg.data.valid
     if train is None:
-        train, valid = _demo(cfg, out)
+        train, valid = _rank0_first(rank, world, _demo, cfg, out)
     loader_cfg = dict(
         shuffle_window=cfg.data.shuffle_window, num_parallel_calls=cfg.data.num_parallel_calls, seed=cfg.seed
     )
@@ -183,7 +210,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         }
         passthrough = sorted(instruction.fields() - set(media.values()))
         plain = [p for t in instruction.templates for p in t.source if isinstance(p, str)]
-        tokenizer = _tokenizer(cfg, train, passthrough, out, plain)
+        tokenizer = _rank0_first(rank, world, _tokenizer, cfg, train, passthrough, out, plain)
         model = _build_model(cfg, [*media, "text"], tokenizer)
         task = Seq2SeqTask(
             model, tokenizer, instruction, dict(cfg.task.decoder), cfg.task.get("label_smoothing", 0.1), cfg.seed
@@ -193,13 +220,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         fields = _fields(cfg)
         passthrough = []
-        tokenizer = _tokenizer(cfg, train, [f for m, f in fields.items() if m == "text"], out, [])
+        text_fields = [f for m, f in fields.items() if m == "text"]
+        tokenizer = _rank0_first(rank, world, _tokenizer, cfg, train, text_fields, out, [])
         model = _build_model(cfg, list(fields), tokenizer)
         task = _objectives_task(cfg, model)
         extra_state = (lambda: task.generator.get_state(), lambda s: task.generator.set_state(s))
     tcfg = trainer_config(cfg)
     loader = MultimodalLoader(
         train,
+        rank=rank,
+        world_size=world,
         fields=fields,
         model_config=model.config,
         tokenizer=tokenizer,
@@ -216,23 +246,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         config=LoaderConfig(batch_size=tcfg.batch_size, shuffle_window=0, remainder="pad"),
         passthrough=passthrough,
     )
+
+    def say(text: str) -> None:
+        if rank == 0:
+            print(text)
+
     if kind == "seq2seq":
         results = _evaluate_seq2seq(task, eval_loader, cfg, target_field)
-        print(
+        say(
             f"validation: token F1 {results['token_f1']:.3f} (most-frequent-caption baseline "
             f"{results['baseline_token_f1']:.3f}), exact match {results['exact_match']:.3f}"
         )
         for ex in results["examples"][:4]:
-            print(f"  generated: {ex['generated']!r}  reference: {ex['reference']!r}")
+            say(f"  generated: {ex['generated']!r}  reference: {ex['reference']!r}")
     else:
         pair = next(iter(cfg.task.objectives.values())).get("modalities", list(fields))
         results = _evaluate_contrastive(task, eval_loader, tuple(pair))
-        print("validation retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
+        say("validation retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
     for ld in (loader, eval_loader):
         ld.close()
     results["checkpoint"] = str(Path(ckpt).resolve())
-    (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"checkpoint: {results['checkpoint']}")
+    if rank == 0:
+        (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+        print(f"checkpoint: {results['checkpoint']}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return results
 
 

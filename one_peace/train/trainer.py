@@ -16,7 +16,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -53,6 +52,7 @@ class TrainerConfig:
         resume: Continue from the latest complete checkpoint in ``output_dir``.
         trainable: Glob patterns of trainable parameter names (empty = all); ``frozen`` wins over it.
         frozen: Glob patterns of frozen parameter names.
+        distributed: Under ``torchrun``: ``"ddp"`` (DistributedDataParallel; the only strategy wired so far).
     """
 
     max_steps: int = 100
@@ -73,6 +73,7 @@ class TrainerConfig:
     resume: bool = False
     trainable: tuple[str, ...] = ()
     frozen: tuple[str, ...] = ()
+    distributed: str = "ddp"
 
 
 def apply_freezing(module: nn.Module, trainable: Sequence[str], frozen: Sequence[str]) -> list[str]:
@@ -136,6 +137,21 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return max(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)), default=None)  # type: ignore[union-attr]
 
 
+def _dist_info() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def _rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
 
@@ -172,6 +188,14 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.extra_state = extra_state
         apply_freezing(task, config.trainable, config.frozen)
+        self.rank, self.world = _dist_info()
+        self.forward_module: nn.Module = task
+        if self.world > 1:
+            if config.distributed != "ddp":
+                raise ValueError(f"trainer.distributed={config.distributed!r}: only 'ddp' is supported so far")
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.forward_module = DistributedDataParallel(task, find_unused_parameters=True)
         num_layers = len(getattr(task.model, "layers", []))
         self.opt = torch.optim.AdamW(
             parameter_groups(task, config, num_layers), lr=config.lr, betas=(0.9, 0.98), eps=1e-6
@@ -188,29 +212,20 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- checkpoint
     def save(self) -> Path:
-        """Write ``checkpoints/step_N`` atomically and prune old ones."""
+        """Write ``checkpoints/step_N`` atomically (rank 0 writes the weights, every rank its resume state)."""
         from safetensors.torch import save_file
 
         import one_peace
 
         root = self.out / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
         final = root / f"step_{self.step:07d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+        tmp = root / f".{final.name}.tmp"
+        if self.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "training_state").mkdir(parents=True)
+        _barrier()
         try:
-            one_peace.save(self.task.model, tmp / "weights")  # type: ignore[arg-type]
-            for f in (tmp / "weights").iterdir():
-                f.rename(tmp / f.name)
-            (tmp / "weights").rmdir()
-            extra = {
-                k: v.detach().contiguous().cpu()
-                for k, v in self.task.state_dict().items()
-                if not k.startswith("model.")
-            }
-            if extra:
-                save_file(extra, str(tmp / "task.safetensors"))
-            state_dir = tmp / "training_state"
-            state_dir.mkdir()
             torch.save(
                 {
                     "step": self.step,
@@ -221,19 +236,36 @@ class Trainer:
                     "history": self.history,
                     "extra": self.extra_state[0]() if self.extra_state else None,
                 },
-                state_dir / "state.pt",
+                tmp / "training_state" / f"rank{self.rank}.pt",
             )
-            (state_dir / "trainer.json").write_text(json.dumps(asdict(self.cfg), indent=2, default=list) + "\n")
-            (tmp / "COMPLETE").write_text(f"{self.step}\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            _barrier()
+            if self.rank == 0:
+                one_peace.save(self.task.model, tmp / "weights")  # type: ignore[arg-type]
+                for f in (tmp / "weights").iterdir():
+                    f.rename(tmp / f.name)
+                (tmp / "weights").rmdir()
+                extra = {
+                    k: v.detach().contiguous().cpu()
+                    for k, v in self.task.state_dict().items()
+                    if not k.startswith("model.")
+                }
+                if extra:
+                    save_file(extra, str(tmp / "task.safetensors"))
+                (tmp / "training_state" / "trainer.json").write_text(
+                    json.dumps({**asdict(self.cfg), "world_size": self.world}, indent=2, default=list) + "\n"
+                )
+                (tmp / "COMPLETE").write_text(f"{self.step}\n")
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                kept = sorted((p for p in root.iterdir() if CKPT_RE.match(p.name)), key=lambda p: p.name)
+                for old in kept[: -self.cfg.keep_last] if self.cfg.keep_last > 0 else []:
+                    shutil.rmtree(old, ignore_errors=True)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
-        kept = sorted((p for p in root.iterdir() if CKPT_RE.match(p.name)), key=lambda p: p.name)
-        for old in kept[: -self.cfg.keep_last] if self.cfg.keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        _barrier()
         return final
 
     def resume(self) -> bool:
@@ -254,7 +286,12 @@ class Trainer:
                 for k, v in load_file(str(ckpt / "task.safetensors")).items():
                     if k in own:
                         own[k].copy_(v)
-        state = torch.load(ckpt / "training_state" / "state.pt", weights_only=False)  # our own file
+        state_file = ckpt / "training_state" / f"rank{self.rank}.pt"
+        if not state_file.is_file():
+            raise FileNotFoundError(
+                f"{state_file}: no resume state for rank {self.rank} (was the world size different?)"
+            )
+        state = torch.load(state_file, weights_only=False)  # our own file, written by save() above
         self.opt.load_state_dict(state["optimizer"])
         self.step, self.epoch, self.history = state["step"], state["epoch"], state["history"]
         _set_rng_state(state["rng"])
@@ -290,6 +327,14 @@ class Trainer:
                 if k != "step":
                     self._tb.add_scalar(k, v, int(logs["step"]))
 
+    def _mean_over_ranks(self, logs: dict[str, float]) -> dict[str, float]:
+        import torch.distributed as dist
+
+        keys = sorted(k for k, v in logs.items() if isinstance(v, float))
+        t = torch.tensor([logs[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        return {**logs, **{k: float(v) / self.world for k, v in zip(keys, t.tolist())}}
+
     def fit(self) -> Path:
         """Train to ``max_steps`` (resuming when configured); returns the final checkpoint folder."""
         from tqdm import tqdm
@@ -297,7 +342,14 @@ class Trainer:
         if self.cfg.resume and self.resume():
             print(f"resumed from step {self.step}")
         self.task.train()
-        bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        bar = tqdm(
+            total=self.cfg.max_steps,
+            initial=self.step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            disable=self.rank != 0,
+        )
         last = None
         start = time.perf_counter()
         while self.step < self.cfg.max_steps:
@@ -322,7 +374,9 @@ class Trainer:
             self.opt.step()
             self.step += 1
             agg.update(step=self.step, lr=self.opt.param_groups[0]["lr"], seconds=time.perf_counter() - start)
-            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps:
+            if self.world > 1:
+                agg = self._mean_over_ranks(agg)
+            if self.rank == 0 and (self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps):
                 self._log(agg)
             bar.update(1)
             bar.set_postfix(loss=f"{agg['loss']:.3f}")
@@ -336,7 +390,8 @@ class Trainer:
             self._batches = None
         if self._tb:
             self._tb.close()
-        self.plot()
+        if self.rank == 0:
+            self.plot()
         return last or self.save()
 
     def plot(self) -> Path | None:
