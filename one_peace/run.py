@@ -57,7 +57,8 @@ def _build_model(cfg: DictConfig, modalities: list[str], tokenizer: Any) -> one_
     options = {"image": {"image_size": cfg.data.image_size}, "text": {"vocab_size": tokenizer.vocab_size}}
     options = {m: o for m, o in options.items() if m in modalities}
     torch.manual_seed(cfg.seed)
-    model = one_peace.build_model(cfg.model.size, modalities=tuple(modalities), modality_options=options)
+    extra = {k: cfg.model[k] for k in ("layer_scale_init", "drop_path_rate") if k in cfg.model}
+    model = one_peace.build_model(cfg.model.size, modalities=tuple(modalities), modality_options=options, **extra)
     model.tokenizer = tokenizer
     return model
 

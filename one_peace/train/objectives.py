@@ -65,13 +65,28 @@ class Objective(nn.Module):
         raise NotImplementedError
 
 
+_GATHER_GROUP: Any = None
+
+
+def _gather_group() -> Any:
+    """A process group of its own for the embedding all-gather.
+
+    Its backward runs inside autograd while DDP's gradient all-reduces run on the default group; sharing one
+    gloo group lets the two streams of collectives pair up differently on different ranks (wrong gradients).
+    """
+    global _GATHER_GROUP
+    if _GATHER_GROUP is None:
+        _GATHER_GROUP = dist.new_group()
+    return _GATHER_GROUP
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All-gather ``x (B, D)`` from every rank, keeping the gradient path (local-loss style); identity when alone."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x), dim=0)
+    return torch.cat(all_gather(x, group=_gather_group()), dim=0)
 
 
 def scaled_logit_scale(logit_scale: torch.Tensor) -> torch.Tensor:
