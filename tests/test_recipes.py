@@ -127,3 +127,44 @@ def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path):
     ta = load_file(str(ref / "checkpoints" / "step_0000006" / "task.safetensors"))
     tb = load_file(str(out / "checkpoints" / "step_0000006" / "task.safetensors"))
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_torchrun_ddp_matches_the_single_process_loss_curve(tmp_path):
+    """One 2-process torchrun (gloo, CPU) launch: DDP training, per-rank resume state, rank-0 outputs."""
+    common = [
+        "recipe=vl_contrastive",
+        *SMALL,
+        "trainer.max_steps=4",
+        "trainer.log_every=1",
+        "data.shuffle_window=0",
+        "model.layer_scale_init=0.1",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = tmp_path / "ddp"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "-m",
+            "one_peace.run",
+            *common,
+            "trainer.batch_size=4",
+            f"output_dir={ddp}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    single = tmp_path / "single"
+    run(_cfg("vl_contrastive", single, *common[len(SMALL) + 1 :], "trainer.batch_size=8"))
+    curve = [json.loads(x)["loss"] for x in (ddp / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x)["loss"] for x in (single / "metrics.jsonl").read_text().splitlines()]
+    assert len(curve) == len(ref) == 4 and len(set(round(v, 3) for v in ref)) > 1
+    assert all(abs(a - b) < 1e-4 for a, b in zip(curve, ref)), (curve, ref)
+    ckpt = ddp / "checkpoints" / "step_0000004"
+    assert (ckpt / "training_state" / "rank0.pt").is_file() and (ckpt / "training_state" / "rank1.pt").is_file()
+    assert json.loads((ddp / "eval.json").read_text())["checkpoint"] == str(ckpt.resolve())

@@ -362,7 +362,7 @@ class Trainer:
                 with torch.autocast(
                     "cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=self.bf16
                 ):
-                    loss, logs = self.task(batch)
+                    loss, logs = self.forward_module(batch)
                 (loss / self.cfg.accumulation).backward()
                 for k, v in logs.items():
                     agg[k] = agg.get(k, 0.0) + v / self.cfg.accumulation
