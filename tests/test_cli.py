@@ -78,6 +78,7 @@ def test_wheel_installs_adapters_and_recipes_under_our_namespace(tmp_path):
     assert not (target / "adapters").exists(), "the top-level adapters/ folder must install as one_peace.adapters"
     code = (
         "import one_peace, one_peace.adapters.text as t, importlib.resources as r;"
+        "import one_peace.data.loader, one_peace.train.trainer, one_peace.run, one_peace.convert;"
         "print(one_peace.__file__); print(t.__file__);"
         "print(sorted(e.name for e in r.files('one_peace.recipes').joinpath('model').iterdir()));"
         "print(sorted(one_peace.list_modalities()))"
@@ -90,4 +91,19 @@ def test_wheel_installs_adapters_and_recipes_under_our_namespace(tmp_path):
     lines = out.stdout.splitlines()
     assert lines[0].startswith(str(target)) and lines[1].startswith(str(target / "one_peace" / "adapters"))
     assert "tiny.yaml" in lines[2] and "one_peace_4b.yaml" in lines[2]
+    recipes = subprocess.run(
+        [
+            sys.executable,
+            "-S",
+            "-c",
+            "import importlib.resources as r; "
+            "print(sorted(e.name for e in r.files('one_peace.recipes').joinpath('recipe').iterdir()))",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert "vl_seq2seq.yaml" in recipes.stdout and "pretrain_al.yaml" in recipes.stdout, recipes.stderr
     assert lines[3] == "['audio', 'image', 'text', 'video']"
