@@ -61,11 +61,14 @@ def load(
     return _load(path, dtype=dtype, device=device, bpe_dir=bpe_dir, **kwargs)
 
 
-def save(model: OnePeaceModel, folder: str | Path) -> Path:
-    """Write ``model`` as a checkpoint folder (safetensors + ``config.json`` + tokenizer files)."""
+def save(model: OnePeaceModel, folder: str | Path, **kwargs: Any) -> Path:
+    """Write ``model`` as a checkpoint folder (safetensors + ``config.json`` + tokenizer files).
+
+    Keyword arguments go to :func:`one_peace.checkpoint.save` (``extra_tensors``, ``state_dict``).
+    """
     from one_peace.checkpoint import save as _save
 
-    return _save(model, folder)
+    return _save(model, folder, **kwargs)
 
 
 __all__ = [

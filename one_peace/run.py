@@ -248,6 +248,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         passthrough=passthrough,
     )
 
+    if trainer.sharded:  # evaluation calls submodules directly: gather the root's sharded parameters first
+        task.unshard()  # type: ignore[operator]
+
     def say(text: str) -> None:
         if rank == 0:
             print(text)

@@ -168,3 +168,48 @@ def test_torchrun_ddp_matches_the_single_process_loss_curve(tmp_path):
     ckpt = ddp / "checkpoints" / "step_0000004"
     assert (ckpt / "training_state" / "rank0.pt").is_file() and (ckpt / "training_state" / "rank1.pt").is_file()
     assert json.loads((ddp / "eval.json").read_text())["checkpoint"] == str(ckpt.resolve())
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp2_matches_single_process_and_resumes_bitwise(tmp_path):
+    """2-process FSDP2: the loss curve of 1 process, DCP resume state, gathered safetensors weights."""
+    common = [
+        "recipe=vl_contrastive",
+        *SMALL,
+        "trainer.log_every=1",
+        "data.shuffle_window=0",
+        "model.layer_scale_init=0.1",
+        "trainer.save_every=2",
+        "trainer.keep_last=5",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(out: Path, *extra: str) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "-m",
+            "one_peace.run",
+            *common,
+            "trainer.batch_size=4",
+            "trainer.distributed=fsdp2",
+            f"output_dir={out}",
+            *extra,
+        ]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        assert res.returncode == 0, res.stderr[-3000:]
+
+    launch(tmp_path / "full", "trainer.max_steps=4")
+    single = tmp_path / "single"
+    run(_cfg("vl_contrastive", single, *common[len(SMALL) + 1 :], "trainer.batch_size=8", "trainer.max_steps=4"))
+    curve = [json.loads(x)["loss"] for x in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x)["loss"] for x in (single / "metrics.jsonl").read_text().splitlines()]
+    assert all(abs(a - b) < 1e-4 for a, b in zip(curve, ref)) and len(curve) == 4, (curve, ref)
+    assert (tmp_path / "full" / "checkpoints" / "step_0000004" / "training_state" / "dcp").is_dir()
+    launch(tmp_path / "resumed", "trainer.max_steps=2")
+    launch(tmp_path / "resumed", "trainer.max_steps=4", "trainer.resume=true")
+    a = _weights(tmp_path / "full" / "checkpoints" / "step_0000004")
+    b = _weights(tmp_path / "resumed" / "checkpoints" / "step_0000004")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -39,13 +39,20 @@ PRETRAIN = "pretrain_decoder.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------ our folders
-def save(model: OnePeaceModel, folder: str | Path, extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
+def save(
+    model: OnePeaceModel,
+    folder: str | Path,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write ``model`` into ``folder`` atomically (a temp folder renamed into place).
 
     Args:
         model: The model; its tokenizer (if any) is saved beside the weights.
         folder: Destination; replaced if it exists.
         extra_tensors: Optional pretraining-only tensors written to ``pretrain_decoder.safetensors``.
+        state_dict: Weights to write instead of ``model.state_dict()`` (e.g. the gathered full state of an
+            FSDP-sharded model).
     """
     from safetensors.torch import save_file
 
@@ -53,7 +60,8 @@ def save(model: OnePeaceModel, folder: str | Path, extra_tensors: dict[str, torc
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        source = state_dict if state_dict is not None else model.state_dict()
+        state = {k: v.detach().contiguous().cpu() for k, v in source.items()}
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if extra_tensors:
             save_file({k: v.contiguous() for k, v in extra_tensors.items()}, str(tmp / PRETRAIN))
@@ -239,6 +247,8 @@ def official_state_items(
         if name is None:
             unknown.append(key)
             continue
+        if name == "logit_scale" and tensor.dim() == 0:  # official scalar -> our (1,) (FSDP2-shardable)
+            tensor = tensor.reshape(1)
         if name == "adapters.image.rel_pos_table" and want_grid and want_grid != extra.get("checkpoint_image_grid"):
             tensor = interpolate_image_table(tensor.float(), extra["checkpoint_image_grid"], want_grid)
         yield name, tensor, key

@@ -112,7 +112,9 @@ class OnePeaceModel(nn.Module):
         )
         self.final_norms = nn.ModuleDict({g: nn.LayerNorm(d, eps=1e-5) for g in group_names})
         self.heads = nn.ModuleDict({g: nn.Linear(d, d) for g in group_names})
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # a log, as in the official model; shape (1,) rather than () because FSDP2 cannot shard 0-d parameters
+        # (official checkpoints store a scalar; the loader reshapes it)
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.grad_checkpointing = False
         self.tokenizer: Any = None
         self._preprocessors: dict[str, Any] = {}

@@ -52,7 +52,10 @@ class TrainerConfig:
         resume: Continue from the latest complete checkpoint in ``output_dir``.
         trainable: Glob patterns of trainable parameter names (empty = all); ``frozen`` wins over it.
         frozen: Glob patterns of frozen parameter names.
-        distributed: Under ``torchrun``: ``"ddp"`` (DistributedDataParallel; the only strategy wired so far).
+        distributed: Under ``torchrun``: ``"ddp"`` (DistributedDataParallel) or ``"fsdp2"`` (``fully_shard`` per
+            encoder layer and on the task; the resume state goes through ``torch.distributed.checkpoint`` and the
+            weights are gathered and still written as safetensors).
+        mixed_precision: FSDP2 parameter dtype for compute (``"bf16"``; default: none, fp32).
     """
 
     max_steps: int = 100
@@ -74,6 +77,7 @@ class TrainerConfig:
     trainable: tuple[str, ...] = ()
     frozen: tuple[str, ...] = ()
     distributed: str = "ddp"
+    mixed_precision: str | None = None
 
 
 def apply_freezing(module: nn.Module, trainable: Sequence[str], frozen: Sequence[str]) -> list[str]:
@@ -190,12 +194,17 @@ class Trainer:
         apply_freezing(task, config.trainable, config.frozen)
         self.rank, self.world = _dist_info()
         self.forward_module: nn.Module = task
+        self.sharded = False
         if self.world > 1:
-            if config.distributed != "ddp":
-                raise ValueError(f"trainer.distributed={config.distributed!r}: only 'ddp' is supported so far")
-            from torch.nn.parallel import DistributedDataParallel
+            if config.distributed == "ddp":
+                from torch.nn.parallel import DistributedDataParallel
 
-            self.forward_module = DistributedDataParallel(task, find_unused_parameters=True)
+                self.forward_module = DistributedDataParallel(task, find_unused_parameters=True)
+            elif config.distributed == "fsdp2":
+                self._fully_shard(task, config)
+                self.sharded = True
+            else:
+                raise ValueError(f"trainer.distributed must be 'ddp' or 'fsdp2', got {config.distributed!r}")
         num_layers = len(getattr(task.model, "layers", []))
         self.opt = torch.optim.AdamW(
             parameter_groups(task, config, num_layers), lr=config.lr, betas=(0.9, 0.98), eps=1e-6
@@ -212,7 +221,11 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- checkpoint
     def save(self) -> Path:
-        """Write ``checkpoints/step_N`` atomically (rank 0 writes the weights, every rank its resume state)."""
+        """Write ``checkpoints/step_N`` atomically (rank 0 writes the weights, every rank its resume state).
+
+        Under FSDP2 the full encoder state is gathered (collective) and written as safetensors by rank 0, and the
+        sharded model + optimizer state goes through ``torch.distributed.checkpoint`` (``training_state/dcp``).
+        """
         from safetensors.torch import save_file
 
         import one_peace
@@ -225,35 +238,40 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "training_state").mkdir(parents=True)
         _barrier()
+        full_state = self._full_model_state()
         try:
-            torch.save(
-                {
-                    "step": self.step,
-                    "epoch": self.epoch,
-                    "optimizer": self.opt.state_dict(),
-                    "rng": _rng_state(),
-                    "loader": self.loader.state_dict(),
-                    "history": self.history,
-                    "extra": self.extra_state[0]() if self.extra_state else None,
-                },
-                tmp / "training_state" / f"rank{self.rank}.pt",
-            )
+            if self.sharded:
+                import torch.distributed.checkpoint as dcp
+                from torch.distributed.checkpoint.state_dict import get_state_dict
+
+                model_sd, optim_sd = get_state_dict(self.task, self.opt)
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "training_state" / "dcp"))
+            state = {
+                "step": self.step,
+                "epoch": self.epoch,
+                "optimizer": None if self.sharded else self.opt.state_dict(),
+                "rng": _rng_state(),
+                "loader": self.loader.state_dict(),
+                "history": self.history,
+                "extra": self.extra_state[0]() if self.extra_state else None,
+            }
+            torch.save(state, tmp / "training_state" / f"rank{self.rank}.pt")
             _barrier()
             if self.rank == 0:
-                one_peace.save(self.task.model, tmp / "weights")  # type: ignore[arg-type]
+                one_peace.save(self.task.model, tmp / "weights", state_dict=full_state)  # type: ignore[arg-type]
                 for f in (tmp / "weights").iterdir():
                     f.rename(tmp / f.name)
                 (tmp / "weights").rmdir()
-                extra = {
-                    k: v.detach().contiguous().cpu()
-                    for k, v in self.task.state_dict().items()
-                    if not k.startswith("model.")
-                }
-                if extra:
-                    save_file(extra, str(tmp / "task.safetensors"))
-                (tmp / "training_state" / "trainer.json").write_text(
-                    json.dumps({**asdict(self.cfg), "world_size": self.world}, indent=2, default=list) + "\n"
-                )
+                if not self.sharded:
+                    extra = {
+                        k: v.detach().contiguous().cpu()
+                        for k, v in self.task.state_dict().items()
+                        if not k.startswith("model.")
+                    }
+                    if extra:
+                        save_file(extra, str(tmp / "task.safetensors"))
+                meta = {**asdict(self.cfg), "world_size": self.world}
+                (tmp / "training_state" / "trainer.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
                 (tmp / "COMPLETE").write_text(f"{self.step}\n")
                 if final.exists():
                     shutil.rmtree(final)
@@ -277,11 +295,19 @@ class Trainer:
         ckpt = latest_checkpoint(self.out)
         if ckpt is None:
             return False
+        if self.sharded:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            model_sd, optim_sd = get_state_dict(self.task, self.opt)
+            sd: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
+            dcp.load(sd, checkpoint_id=str(ckpt / "training_state" / "dcp"))
+            set_state_dict(self.task, self.opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         params = dict(self.task.model.named_parameters())  # type: ignore[union-attr]
         with torch.no_grad():
-            for name, tensor, _ in _iter_safetensors(_weight_files(ckpt)):
+            for name, tensor, _ in _iter_safetensors(_weight_files(ckpt)) if not self.sharded else ():
                 params[name].copy_(tensor)
-            if (ckpt / "task.safetensors").is_file():
+            if not self.sharded and (ckpt / "task.safetensors").is_file():
                 own = dict(self.task.named_parameters())
                 for k, v in load_file(str(ckpt / "task.safetensors")).items():
                     if k in own:
@@ -292,7 +318,8 @@ class Trainer:
                 f"{state_file}: no resume state for rank {self.rank} (was the world size different?)"
             )
         state = torch.load(state_file, weights_only=False)  # our own file, written by save() above
-        self.opt.load_state_dict(state["optimizer"])
+        if state["optimizer"] is not None:
+            self.opt.load_state_dict(state["optimizer"])
         self.step, self.epoch, self.history = state["step"], state["epoch"], state["history"]
         _set_rng_state(state["rng"])
         self.loader.load_state_dict(state["loader"])
@@ -326,6 +353,29 @@ class Trainer:
             for k, v in logs.items():
                 if k != "step":
                     self._tb.add_scalar(k, v, int(logs["step"]))
+
+    @staticmethod
+    def _fully_shard(task: nn.Module, config: TrainerConfig) -> None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        dtype = {"bf16": torch.bfloat16, None: None, "fp32": None}[config.mixed_precision]
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
+        for layer in task.model.layers:  # type: ignore[union-attr]
+            fully_shard(layer, mp_policy=policy)
+        fully_shard(task, mp_policy=policy)
+
+    def _full_model_state(self) -> dict[str, torch.Tensor] | None:
+        """The encoder's full (unsharded) state on rank 0 (collective under FSDP2), ``None`` when not sharded."""
+        if not self.sharded:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self.task, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {
+            k.removeprefix("model."): v
+            for k, v in full.items()
+            if k.startswith("model.") and isinstance(v, torch.Tensor)
+        }
 
     def _mean_over_ranks(self, logs: dict[str, float]) -> dict[str, float]:
         import torch.distributed as dist
@@ -370,7 +420,8 @@ class Trainer:
                 raise FloatingPointError(f"non-finite loss at step {self.step}: {agg}")
             params = [p for p in self.task.parameters() if p.grad is not None]
             if self.cfg.grad_clip > 0:
-                agg["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip))
+                norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+                agg["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             self.opt.step()
             self.step += 1
             agg.update(step=self.step, lr=self.opt.param_groups[0]["lr"], seconds=time.perf_counter() - start)
