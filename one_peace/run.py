@@ -63,6 +63,44 @@ def _build_model(cfg: DictConfig, modalities: list[str], tokenizer: Any) -> one_
     return model
 
 
+def _pretrained(cfg: DictConfig, modalities: list[str]) -> one_peace.OnePeaceModel | None:
+    """``model.pretrained``: an official ONE-PEACE file or one of our folders (``model.bpe_dir`` for official BPE)."""
+    path = cfg.model.get("pretrained")
+    if not path:
+        return None
+    kwargs: dict[str, Any] = {"image_size": cfg.data.image_size} if Path(path).is_file() else {}
+    model = one_peace.load(path, bpe_dir=cfg.model.get("bpe_dir"), **kwargs)
+    missing = [m for m in modalities if m not in model.adapters]
+    if missing:
+        raise ValueError(
+            f"model.pretrained={path}: the checkpoint has no {missing} modality (it has {list(model.adapters)})"
+        )
+    if "text" in modalities and model.tokenizer is None:
+        raise ValueError(
+            f"model.pretrained={path}: no tokenizer in the checkpoint; pass model.bpe_dir=<folder with the BPE files>"
+        )
+    return model.train()
+
+
+def _pretrained_decoder_state(cfg: DictConfig) -> dict[str, torch.Tensor] | None:
+    """Official pretraining-decoder keys from ``model.pretrained`` (official file, or a converted folder)."""
+    from one_peace.checkpoint import PRETRAIN, read_official
+    from one_peace.checkpoint.official import is_pretrain_key
+
+    path = cfg.model.get("pretrained")
+    if not path:
+        return None
+    if Path(path).is_dir():
+        if not (Path(path) / PRETRAIN).is_file():
+            return None
+        from safetensors.torch import load_file
+
+        return load_file(str(Path(path) / PRETRAIN))
+    state, _ = read_official(path)
+    found = {k: v for k, v in state.items() if is_pretrain_key(k)}
+    return found or None
+
+
 def _objectives_task(cfg: DictConfig, model: one_peace.OnePeaceModel) -> Any:
     from one_peace.models.decoder import DecoderConfig, DenoiseDecoder
     from one_peace.train.objectives import OBJECTIVES
@@ -81,10 +119,18 @@ def _objectives_task(cfg: DictConfig, model: one_peace.OnePeaceModel) -> Any:
         objectives[key] = (OBJECTIVES[name](**spec), weight)
     decoder = None
     if "decoder" in cfg.task:
+        from one_peace.models.decoder import decoder_from_official_state
+
         mods = tuple(m for m in model.config.modalities if m != "video")
-        decoder = DenoiseDecoder(
-            DecoderConfig(encoder_dim=model.config.embed_dim, modalities=mods, **dict(cfg.task.decoder))
-        )
+        state = _pretrained_decoder_state(cfg)
+        if state is not None:  # the official pretraining decoder of the checkpoint
+            decoder = decoder_from_official_state(
+                state, model.config.embed_dim, heads=cfg.task.decoder.heads, source=str(cfg.model.pretrained)
+            )
+        else:
+            decoder = DenoiseDecoder(
+                DecoderConfig(encoder_dim=model.config.embed_dim, modalities=mods, **dict(cfg.task.decoder))
+            )
     return Task(model, objectives, decoder=decoder, seed=cfg.seed)
 
 
@@ -211,8 +257,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         }
         passthrough = sorted(instruction.fields() - set(media.values()))
         plain = [p for t in instruction.templates for p in t.source if isinstance(p, str)]
-        tokenizer = _rank0_first(rank, world, _tokenizer, cfg, train, passthrough, out, plain)
-        model = _build_model(cfg, [*media, "text"], tokenizer)
+        pretrained = _pretrained(cfg, [*media, "text"])
+        if pretrained is not None:
+            model, tokenizer = pretrained, pretrained.tokenizer
+        else:
+            tokenizer = _rank0_first(rank, world, _tokenizer, cfg, train, passthrough, out, plain)
+            model = _build_model(cfg, [*media, "text"], tokenizer)
         task = Seq2SeqTask(
             model, tokenizer, instruction, dict(cfg.task.decoder), cfg.task.get("label_smoothing", 0.1), cfg.seed
         )
@@ -222,8 +272,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         fields = _fields(cfg)
         passthrough = []
         text_fields = [f for m, f in fields.items() if m == "text"]
-        tokenizer = _rank0_first(rank, world, _tokenizer, cfg, train, text_fields, out, [])
-        model = _build_model(cfg, list(fields), tokenizer)
+        pretrained = _pretrained(cfg, list(fields))
+        if pretrained is not None:
+            model, tokenizer = pretrained, pretrained.tokenizer
+        else:
+            tokenizer = _rank0_first(rank, world, _tokenizer, cfg, train, text_fields, out, [])
+            model = _build_model(cfg, list(fields), tokenizer)
         task = _objectives_task(cfg, model)
         extra_state = (lambda: task.generator.get_state(), lambda s: task.generator.set_state(s))
     tcfg = trainer_config(cfg)

@@ -213,3 +213,27 @@ def test_torchrun_fsdp2_matches_single_process_and_resumes_bitwise(tmp_path):
     a = _weights(tmp_path / "full" / "checkpoints" / "step_0000004")
     b = _weights(tmp_path / "resumed" / "checkpoints" / "step_0000004")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrain_vl_starts_from_an_official_pretraining_checkpoint(tmp_path, parity):
+    """model.pretrained: official encoder weights and the official decoder keys are loaded into the recipe."""
+    from one_peace.models.decoder import decoder_from_official_state
+
+    state = load_file(str(parity / "one_peace_tiny_state.safetensors"))
+    extra = load_file(str(parity / "one_peace_tiny_pretrain_extra_state.safetensors"))
+    path = tmp_path / "pretrain.pt"
+    torch.save({"model": {**state, **extra}}, path)
+    cfg = _cfg(
+        "pretrain_vl",
+        tmp_path / "out",
+        "trainer.max_steps=1",
+        f"model.pretrained={path}",
+        f"model.bpe_dir={parity / 'bpe'}",
+        "data.image_size=64",
+    )
+    results = run(cfg)
+    task_state = load_file(str(Path(results["checkpoint"]) / "task.safetensors"))
+    ref = decoder_from_official_state(extra, 64, heads=4)
+    # one optimizer step moved the decoder a little from the official weights it started from
+    diff = (task_state["decoder.positions.text"] - ref.positions["text"].detach()).abs().max()
+    assert 0 < diff < 1e-2
