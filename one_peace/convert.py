@@ -26,10 +26,10 @@ from one_peace.checkpoint import (
     _build_meta,
     _replace_dir,
     official_state_items,
-    read_official,
+    read_official_config,
     write_config,
 )
-from one_peace.checkpoint.official import IGNORED, infer_config, is_ignored
+from one_peace.checkpoint.official import IGNORED, is_ignored
 from one_peace.checkpoint.safe_pickle import CheckpointError
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -77,13 +77,7 @@ def convert(
 
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    state, cfg = read_official(src, mmap=True)
-    try:
-        config, extra = infer_config(state, cfg, str(src))
-    except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
-    if image_size is not None and "image" in config.modalities:
-        config.modality_options["image"].update(image_size=image_size, rel_bucket_size=image_size // 16)
+    state, config, extra = read_official_config(src, image_size, mmap=True)
     expected = {k: tuple(p.shape) for k, p in _build_meta(config).named_parameters()}
     report = ConversionReport(ignored=[k for k in state if is_ignored(k)])
     dst.parent.mkdir(parents=True, exist_ok=True)

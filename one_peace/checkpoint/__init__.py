@@ -220,6 +220,23 @@ def read_official(path: str | Path, mmap: bool = True) -> tuple[dict[str, torch.
     return state, cfg if isinstance(cfg, dict) else None
 
 
+def read_official_config(
+    path: str | Path, image_size: int | None = None, mmap: bool = True
+) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, Any]]:
+    """Read an official file and infer its model config (optionally for another image size).
+
+    Returns the state dict, the config and extra facts for :func:`official_state_items`.
+    """
+    state, cfg = read_official(path, mmap=mmap)
+    try:
+        config, extra = infer_config(state, cfg, str(path))
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
+    if image_size is not None and "image" in config.modalities:
+        config.modality_options["image"].update(image_size=image_size, rel_bucket_size=image_size // 16)
+    return state, config, extra
+
+
 def official_state_items(
     state: dict[str, torch.Tensor],
     config: ModelConfig,
@@ -279,13 +296,7 @@ def load_official(
 
     from one_peace.adapters.text import TextTokenizer
 
-    state, cfg = read_official(path)
-    try:
-        config, extra = infer_config(state, cfg, str(path))
-    except ValueError as exc:
-        raise CheckpointError(str(exc)) from None
-    if image_size is not None and "image" in config.modalities:
-        config.modality_options["image"].update(image_size=image_size, rel_bucket_size=image_size // 16)
+    state, config, extra = read_official_config(path, image_size)
     model = _build_meta(config)
     unknown: list[str] = []
     _assign(model, official_state_items(state, config, extra, str(path), unknown), str(path), dtype, device)
