@@ -63,6 +63,41 @@ def _build_model(cfg: DictConfig, modalities: list[str], tokenizer: Any) -> one_
     return model
 
 
+def _needs(cfg: DictConfig, spec: Any) -> dict[str, Any]:
+    """What one task needs: its kind, modalities, loader fields and passthrough, text fields, instruction."""
+    kind = spec.type
+    if kind == "seq2seq":
+        from one_peace.train.instructions import Instruction
+
+        instruction = Instruction(spec.instruction)
+        media = {
+            s.kind: s.field for t in instruction.templates for s in t.source_slots if s.kind not in ("text", "box")
+        }
+        passthrough = sorted(instruction.fields() - set(media.values()))
+        return {
+            "kind": kind,
+            "instruction": instruction,
+            "fields": media,
+            "passthrough": passthrough,
+            "modalities": [*media, "text"],
+            "text_fields": passthrough,
+            "plain": [p for t in instruction.templates for p in t.source if isinstance(p, str)],
+            "target_field": next(s.field for s in instruction.templates[0].target_slots if s.kind == "text"),
+        }
+    if kind != "objectives":
+        raise ValueError(f"task.type must be 'seq2seq', 'objectives' or 'multitask', got {kind!r}")
+    data = spec.get("data", {})
+    fields = dict(data.get("fields") or {}) or _fields(cfg)
+    return {
+        "kind": kind,
+        "fields": fields,
+        "passthrough": [],
+        "modalities": list(fields),
+        "text_fields": [f for m, f in fields.items() if m == "text"],
+        "plain": [],
+    }
+
+
 def _pretrained(cfg: DictConfig, modalities: list[str]) -> one_peace.OnePeaceModel | None:
     """``model.pretrained``: an official ONE-PEACE file or one of our folders (``model.bpe_dir`` for official BPE)."""
     path = cfg.model.get("pretrained")
@@ -101,35 +136,35 @@ def _pretrained_decoder_state(cfg: DictConfig) -> dict[str, torch.Tensor] | None
     return found or None
 
 
-def _objectives_task(cfg: DictConfig, model: one_peace.OnePeaceModel) -> Any:
+def _objectives_task(cfg: DictConfig, spec: Any, model: one_peace.OnePeaceModel) -> Any:
     from one_peace.models.decoder import DecoderConfig, DenoiseDecoder
     from one_peace.train.objectives import OBJECTIVES
     from one_peace.train.task import Task
 
     objectives = {}
-    for key, spec in cfg.task.objectives.items():
-        spec = dict(spec)
-        name, weight = spec.pop("name"), spec.pop("weight", 1.0)
+    for key, entry in spec.objectives.items():
+        entry = dict(entry)
+        name, weight = entry.pop("name"), entry.pop("weight", 1.0)
         if name not in OBJECTIVES:
             raise ValueError(
                 f"task.objectives.{key}.name: unknown objective {name!r}; registered: {sorted(OBJECTIVES)}"
             )
-        if "modalities" in spec:
-            spec["modalities"] = tuple(spec["modalities"])
-        objectives[key] = (OBJECTIVES[name](**spec), weight)
+        if "modalities" in entry:
+            entry["modalities"] = tuple(entry["modalities"])
+        objectives[key] = (OBJECTIVES[name](**entry), weight)
     decoder = None
-    if "decoder" in cfg.task:
+    if "decoder" in spec:
         from one_peace.models.decoder import decoder_from_official_state
 
         mods = tuple(m for m in model.config.modalities if m != "video")
         state = _pretrained_decoder_state(cfg)
         if state is not None:  # the official pretraining decoder of the checkpoint
             decoder = decoder_from_official_state(
-                state, model.config.embed_dim, heads=cfg.task.decoder.heads, source=str(cfg.model.pretrained)
+                state, model.config.embed_dim, heads=spec.decoder.heads, source=str(cfg.model.pretrained)
             )
         else:
             decoder = DenoiseDecoder(
-                DecoderConfig(encoder_dim=model.config.embed_dim, modalities=mods, **dict(cfg.task.decoder))
+                DecoderConfig(encoder_dim=model.config.embed_dim, modalities=mods, **dict(spec.decoder))
             )
     return Task(model, objectives, decoder=decoder, seed=cfg.seed)
 
@@ -157,11 +192,11 @@ def _evaluate_contrastive(task: Any, loader: MultimodalLoader, pair: tuple[str, 
 
 
 @torch.no_grad()
-def _evaluate_seq2seq(task: Any, loader: MultimodalLoader, cfg: DictConfig, target_field: str) -> dict[str, Any]:
+def _evaluate_seq2seq(task: Any, loader: MultimodalLoader, spec: Any, target_field: str) -> dict[str, Any]:
     task.eval()
     preds, refs = [], []
     for batch in loader:
-        gen = task.generate(batch, beam=cfg.task.get("beam", 1))
+        gen = task.generate(batch, beam=spec.get("beam", 1))
         for p, r, ok in zip(gen, batch["raw"][target_field], batch["valid"].tolist()):
             if ok:
                 preds.append(p)
@@ -246,83 +281,91 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loader_cfg = dict(
         shuffle_window=cfg.data.shuffle_window, num_parallel_calls=cfg.data.num_parallel_calls, seed=cfg.seed
     )
-    kind = cfg.task.type
-    if kind == "seq2seq":
-        from one_peace.train.instructions import Instruction
-        from one_peace.train.seq2seq_task import Seq2SeqTask
-
-        instruction = Instruction(cfg.task.instruction)
-        media = {
-            s.kind: s.field for t in instruction.templates for s in t.source_slots if s.kind not in ("text", "box")
-        }
-        passthrough = sorted(instruction.fields() - set(media.values()))
-        plain = [p for t in instruction.templates for p in t.source if isinstance(p, str)]
-        pretrained = _pretrained(cfg, [*media, "text"])
-        if pretrained is not None:
-            model, tokenizer = pretrained, pretrained.tokenizer
-        else:
-            tokenizer = _rank0_first(rank, world, _tokenizer, cfg, train, passthrough, out, plain)
-            model = _build_model(cfg, [*media, "text"], tokenizer)
-        task = Seq2SeqTask(
-            model, tokenizer, instruction, dict(cfg.task.decoder), cfg.task.get("label_smoothing", 0.1), cfg.seed
-        )
-        fields, extra_state = media, None
-        target_field = next(s.field for s in instruction.templates[0].target_slots if s.kind == "text")
+    multi = cfg.task.type == "multitask"
+    specs = dict(cfg.task.tasks) if multi else {str(cfg.recipe_name): cfg.task}
+    needs = {name: _needs(cfg, spec) for name, spec in specs.items()}
+    modalities = list(dict.fromkeys(m for n in needs.values() for m in n["modalities"]))
+    text_fields = list(dict.fromkeys(f for n in needs.values() for f in n["text_fields"]))
+    plain = [p for n in needs.values() for p in n["plain"]]
+    pretrained = _pretrained(cfg, modalities)
+    if pretrained is not None:
+        model, tokenizer = pretrained, pretrained.tokenizer
     else:
-        fields = _fields(cfg)
-        passthrough = []
-        text_fields = [f for m, f in fields.items() if m == "text"]
-        pretrained = _pretrained(cfg, list(fields))
-        if pretrained is not None:
-            model, tokenizer = pretrained, pretrained.tokenizer
-        else:
-            tokenizer = _rank0_first(rank, world, _tokenizer, cfg, train, text_fields, out, [])
-            model = _build_model(cfg, list(fields), tokenizer)
-        task = _objectives_task(cfg, model)
-        extra_state = (lambda: task.generator.get_state(), lambda s: task.generator.set_state(s))
+        tokenizer = _rank0_first(rank, world, _tokenizer, cfg, train, text_fields, out, plain)
+        model = _build_model(cfg, modalities, tokenizer)
     tcfg = trainer_config(cfg)
-    loader = MultimodalLoader(
-        train,
-        rank=rank,
-        world_size=world,
-        fields=fields,
-        model_config=model.config,
-        tokenizer=tokenizer,
-        config=LoaderConfig(batch_size=tcfg.batch_size, **loader_cfg),
-        passthrough=passthrough,
-    )
+    tasks: dict[str, Any] = {}
+    loaders: dict[str, MultimodalLoader] = {}
+    eval_loaders: dict[str, MultimodalLoader] = {}
+    for name, spec in specs.items():
+        n = needs[name]
+        if n["kind"] == "seq2seq":
+            from one_peace.train.seq2seq_task import Seq2SeqTask
+
+            tasks[name] = Seq2SeqTask(
+                model, tokenizer, n["instruction"], dict(spec.decoder), spec.get("label_smoothing", 0.1), cfg.seed
+            )
+        else:
+            tasks[name] = _objectives_task(cfg, spec, model)
+        data = spec.get("data", {}) if multi else {}
+        common = dict(fields=n["fields"], model_config=model.config, tokenizer=tokenizer, passthrough=n["passthrough"])
+        loaders[name] = MultimodalLoader(
+            data.get("train") or train,
+            rank=rank,
+            world_size=world,
+            config=LoaderConfig(batch_size=tcfg.batch_size, **loader_cfg),
+            **common,
+        )
+        eval_loaders[name] = MultimodalLoader(
+            data.get("valid") or valid,
+            config=LoaderConfig(batch_size=tcfg.batch_size, shuffle_window=0, remainder="pad"),
+            **common,
+        )
+    if multi:
+        from one_peace.train.multitask import MultiLoader, MultiTask
+
+        weights = {name: float(spec.get("weight", 1.0)) for name, spec in specs.items()}
+        task: Any = MultiTask(model, tasks, weights)
+        loader: Any = MultiLoader(loaders)
+        extra_state: Any = (task.generator_state, task.set_generator_state)
+    else:
+        task, loader = next(iter(tasks.values())), next(iter(loaders.values()))
+        extra_state = (
+            (lambda: task.generator.get_state(), lambda st: task.generator.set_state(st))
+            if hasattr(task, "generator")
+            else None
+        )
     trainer = Trainer(task, loader, tcfg, out, extra_state=extra_state)
     ckpt = trainer.fit()
-    eval_loader = MultimodalLoader(
-        valid,
-        fields=fields,
-        model_config=model.config,
-        tokenizer=tokenizer,
-        config=LoaderConfig(batch_size=tcfg.batch_size, shuffle_window=0, remainder="pad"),
-        passthrough=passthrough,
-    )
 
     if trainer.sharded:  # evaluation calls submodules directly: gather the root's sharded parameters first
-        task.unshard()  # type: ignore[operator]
+        task.unshard()
 
     def say(text: str) -> None:
         if rank == 0:
             print(text)
 
-    if kind == "seq2seq":
-        results = _evaluate_seq2seq(task, eval_loader, cfg, target_field)
-        say(
-            f"validation: token F1 {results['token_f1']:.3f} (most-frequent-caption baseline "
-            f"{results['baseline_token_f1']:.3f}), exact match {results['exact_match']:.3f}"
-        )
-        for ex in results["examples"][:4]:
-            say(f"  generated: {ex['generated']!r}  reference: {ex['reference']!r}")
-    else:
-        pair = next(iter(cfg.task.objectives.values())).get("modalities", list(fields))
-        results = _evaluate_contrastive(task, eval_loader, tuple(pair))
-        say("validation retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
-    for ld in (loader, eval_loader):
-        ld.close()
+    all_results: dict[str, Any] = {}
+    for name, spec in specs.items():
+        n, sub_task, ev = needs[name], tasks[name], eval_loaders[name]
+        prefix = f"[{name}] " if multi else ""
+        if n["kind"] == "seq2seq":
+            res = _evaluate_seq2seq(sub_task, ev, spec, n["target_field"])
+            say(
+                f"{prefix}validation: token F1 {res['token_f1']:.3f} (most-frequent-caption baseline "
+                f"{res['baseline_token_f1']:.3f}), exact match {res['exact_match']:.3f}"
+            )
+            for ex in res["examples"][:4]:
+                say(f"  generated: {ex['generated']!r}  reference: {ex['reference']!r}")
+        else:
+            pair = next(iter(spec.objectives.values())).get("modalities", list(n["fields"]))
+            res = _evaluate_contrastive(sub_task, ev, tuple(pair))
+            say(f"{prefix}validation retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
+        all_results[name] = res
+    results = all_results if multi else next(iter(all_results.values()))
+    loader.close()
+    for ev in eval_loaders.values():
+        ev.close()
     results["checkpoint"] = str(Path(ckpt).resolve())
     if rank == 0:
         (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -237,3 +237,25 @@ def test_pretrain_vl_starts_from_an_official_pretraining_checkpoint(tmp_path, pa
     # one optimizer step moved the decoder a little from the official weights it started from
     diff = (task_state["decoder.positions.text"] - ref.positions["text"].detach()).abs().max()
     assert 0 < diff < 1e-2
+
+
+def test_multitask_recipe_mixes_tasks_every_step_and_resumes(tmp_path):
+    results = run(
+        _cfg("multitask_demo", tmp_path, "trainer.max_steps=2", "trainer.save_every=1", "trainer.keep_last=5")
+    )
+    assert set(results) >= {"caption", "align", "checkpoint"}
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all({"caption/seq2seq/loss", "align/contrastive/loss", "loss"} <= set(x) for x in lines)
+    for x in lines:  # weighted sum: 1.0 * caption + 0.5 * align
+        assert abs(x["loss"] - (x["caption/loss"] + 0.5 * x["align/loss"])) < 1e-4
+    again = run(
+        _cfg(
+            "multitask_demo",
+            tmp_path,
+            "trainer.max_steps=3",
+            "trainer.save_every=1",
+            "trainer.keep_last=5",
+            "trainer.resume=true",
+        )
+    )
+    assert again["checkpoint"].endswith("step_0000003")

@@ -266,7 +266,7 @@ class Trainer:
                     extra = {
                         k: v.detach().contiguous().cpu()
                         for k, v in self.task.state_dict().items()
-                        if not k.startswith("model.")
+                        if not k.startswith("model.") and ".model." not in k  # the encoder is in model.safetensors
                     }
                     if extra:
                         save_file(extra, str(tmp / "task.safetensors"))
