@@ -82,7 +82,10 @@ def _needs(cfg: DictConfig, spec: Any) -> dict[str, Any]:
             "modalities": [*media, "text"],
             "text_fields": passthrough,
             "plain": [p for t in instruction.templates for p in t.source if isinstance(p, str)],
-            "target_field": next(s.field for s in instruction.templates[0].target_slots if s.kind == "text"),
+            "target_field": next((s.field for s in instruction.templates[0].target_slots if s.kind == "text"), None),
+            "closed_set": next(
+                (s.field for t in instruction.templates for s in t.target_slots if "closed_set" in s.attrs), None
+            ),
         }
     if kind != "objectives":
         raise ValueError(f"task.type must be 'seq2seq', 'objectives' or 'multitask', got {kind!r}")
@@ -192,11 +195,42 @@ def _evaluate_contrastive(task: Any, loader: MultimodalLoader, pair: tuple[str, 
 
 
 @torch.no_grad()
-def _evaluate_seq2seq(task: Any, loader: MultimodalLoader, spec: Any, target_field: str) -> dict[str, Any]:
+def _iou(a: list[float], b: list[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+@torch.no_grad()
+def _evaluate_boxes(task: Any, loader: MultimodalLoader, spec: Any) -> dict[str, Any]:
+    """Grounding: IoU of generated boxes with the references, against predicting the mean reference box."""
+    task.eval()
+    pairs = []
+    for batch in loader:
+        for (pred, ref), ok in zip(task.generate_boxes(batch, beam=spec.get("beam", 1)), batch["valid"].tolist()):
+            if ok:
+                pairs.append((pred, ref))
+    ious = [_iou(p, r) if p is not None else 0.0 for p, r in pairs]
+    mean_box = [float(np.mean([r[i] for _, r in pairs])) for i in range(4)]
+    base = [_iou(mean_box, r) for _, r in pairs]
+    return {
+        "mean_iou": float(np.mean(ious)),
+        "acc@0.5": float(np.mean([i >= 0.5 for i in ious])),
+        "baseline_mean_iou": float(np.mean(base)),
+        "baseline_acc@0.5": float(np.mean([i >= 0.5 for i in base])),
+        "samples": len(pairs),
+    }
+
+
+def _evaluate_seq2seq(
+    task: Any, loader: MultimodalLoader, spec: Any, target_field: str, closed_set: list[str] | None = None
+) -> dict[str, Any]:
     task.eval()
     preds, refs = [], []
     for batch in loader:
-        gen = task.generate(batch, beam=spec.get("beam", 1))
+        gen = task.generate(batch, beam=spec.get("beam", 1), closed_set=closed_set)
         for p, r, ok in zip(gen, batch["raw"][target_field], batch["valid"].tolist()):
             if ok:
                 preds.append(p)
@@ -350,7 +384,21 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         n, sub_task, ev = needs[name], tasks[name], eval_loaders[name]
         prefix = f"[{name}] " if multi else ""
         if n["kind"] == "seq2seq":
-            res = _evaluate_seq2seq(sub_task, ev, spec, n["target_field"])
+            if n["target_field"] is None:  # BOX targets: grounding
+                res = _evaluate_boxes(sub_task, ev, spec)
+                say(
+                    f"{prefix}validation grounding: mean IoU {res['mean_iou']:.3f}, Acc@0.5 {res['acc@0.5']:.3f} "
+                    f"(predicting the mean training box: {res['baseline_mean_iou']:.3f} / "
+                    f"{res['baseline_acc@0.5']:.3f})"
+                )
+                all_results[name] = res
+                continue
+            closed = None
+            if n.get("closed_set"):
+                closed = sorted(
+                    {str(row[n["closed_set"]]) for _, row in iter_manifest(train) if n["closed_set"] in row}
+                )
+            res = _evaluate_seq2seq(sub_task, ev, spec, n["target_field"], closed)
             say(
                 f"{prefix}validation: token F1 {res['token_f1']:.3f} (most-frequent-caption baseline "
                 f"{res['baseline_token_f1']:.3f}), exact match {res['exact_match']:.3f}"

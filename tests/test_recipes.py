@@ -259,3 +259,44 @@ def test_multitask_recipe_mixes_tasks_every_step_and_resumes(tmp_path):
         )
     )
     assert again["checkpoint"].endswith("step_0000003")
+
+
+def test_grounding_and_closed_set_recipes(tmp_path):
+    grounding = run(_cfg("vl_grounding", tmp_path / "g", "trainer.max_steps=2"))
+    assert {"mean_iou", "acc@0.5", "baseline_mean_iou"} <= set(grounding) and grounding["samples"] == 16
+    closed = run(_cfg("vl_classify", tmp_path / "c", "trainer.max_steps=2"))
+    from one_peace.data.manifest import iter_manifest
+
+    allowed = {row["caption"] for _, row in iter_manifest(tmp_path / "c" / "demo_data" / "train.jsonl")}
+    assert closed["examples"] and all(e["generated"] in allowed for e in closed["examples"])
+
+
+def test_mask_ratio_attribute_drops_source_tokens(tmp_path):
+    from one_peace.adapters.text import TextTokenizer
+
+    import one_peace
+    from one_peace.train.instructions import Instruction
+    from one_peace.train.seq2seq_task import Seq2SeqTask
+
+    tok = TextTokenizer.train(["a red circle", "caption:"], vocab_size=280)
+    model = one_peace.build_model(
+        "tiny",
+        modalities=("image", "text"),
+        modality_options={"image": {"image_size": 64}, "text": {"vocab_size": tok.vocab_size}},
+    )
+    task = Seq2SeqTask(
+        model, tok, Instruction("[IMAGE:image,mask_ratio=0.5] caption: -> [TEXT:cap]"), {"embed_dim": 32}
+    )
+    batch = {
+        "image": one_peace.example_inputs(("image",), 2, model.config)["image"],
+        "valid": torch.ones(2, dtype=torch.bool),
+        "raw": {"cap": ["a red circle", "a red circle"], "image": ["x", "y"]},
+    }
+    lengths = []
+    hook = model.layers[0].register_forward_pre_hook(lambda mod, args: lengths.append(args[0].shape[1]))
+    task.train()
+    task(batch)
+    task.eval()
+    task.generate(batch, max_len=3)
+    hook.remove()
+    assert lengths[0] < lengths[1] and lengths[1] - lengths[0] == 8  # 8 of 16 patches dropped in training only

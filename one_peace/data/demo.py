@@ -70,7 +70,8 @@ def make_demo_dataset(
 ) -> dict[str, Path]:
     """Generate the demo dataset under ``root``; returns ``{"train": manifest, "valid": manifest}``.
 
-    Each row has ``id``, ``image`` + ``caption`` (shape/colour/background), ``audio`` + ``sound`` (tone/chirp),
+    Each row has ``id``, ``image`` + ``caption`` (shape/colour/background), ``box`` (the shape's bounding box
+    in pixels) with ``width``/``height``, ``audio`` + ``sound`` (tone/chirp),
     ``video`` + ``motion`` (mp4 of a moving shape, when ``video``), and ``text`` = the caption.
     """
     import soundfile as sf
@@ -103,6 +104,9 @@ def make_demo_dataset(
                     "text": caption,
                     "audio": f"wav/{sid}.wav",
                     "sound": f"a {sound}",
+                    "box": [round(cx - r, 1), round(cy - r, 1), round(cx + r, 1), round(cy + r, 1)],
+                    "width": image_size,
+                    "height": image_size,
                 }
                 if video:
                     speed = list(SPEEDS)[rng.integers(len(SPEEDS))]

@@ -6,6 +6,8 @@ OFA's 1000 bins). Plain text and ``TEXT`` slots on the source side form the text
 slots become encoder inputs. Attributes: ``no_loss`` (target slot not scored), ``closed_set`` (generation is
 constrained to the target values seen in the data), ``mask_ratio=R`` (mask that fraction of a source modality's
 tokens). Several templates joined by ``|||`` are sampled per example. Errors give the character position.
+BOX values are ``[x0, y0, x1, y1]`` in pixels of the original image, whose size comes from the row's ``width``
+and ``height`` fields.
 """
 
 from __future__ import annotations
@@ -153,8 +155,14 @@ class Instruction:
             offset += len(part) + 3
 
     def fields(self) -> set[str]:
-        """Every dataset field any template reads."""
-        return {s.field for t in self.templates for s in (*t.source_slots, *t.target_slots)}
+        """Every dataset field any template reads (``width``/``height`` too when a BOX slot needs them)."""
+        found = {s.field for t in self.templates for s in (*t.source_slots, *t.target_slots)}
+        return found | {"width", "height"} if self.uses_box else found
+
+    @property
+    def uses_box(self) -> bool:
+        """Whether any template has a BOX slot."""
+        return any(s.kind == "box" for t in self.templates for s in (*t.source_slots, *t.target_slots))
 
     def render(
         self, row: Mapping[str, Any], rng: random.Random, image_size: tuple[int, int] | None = None
@@ -168,6 +176,8 @@ class Instruction:
         """
         idx = rng.randrange(len(self.templates))
         t = self.templates[idx]
+        if image_size is None and "width" in row and "height" in row:  # original image size for BOX slots
+            image_size = (int(row["width"]), int(row["height"]))
         inputs: dict[str, Any] = {}
         prompt: list[Any] = []
         mask_ratio: dict[str, float] = {}

@@ -52,6 +52,7 @@ class Seq2SeqTask(nn.Module):
         self.decoder = TextDecoder(Seq2SeqConfig(vocab_size=vocab, encoder_dim=model.config.embed_dim, **decoder))
         self.label_smoothing = label_smoothing
         self.rng = random.Random(seed)
+        self.mask_generator = torch.Generator().manual_seed(seed)
 
     def _ids(self, pieces: list[Any], eos: bool = True) -> list[int]:
         text = " ".join(p.strip() for p in pieces if isinstance(p, str) and p.strip())
@@ -67,7 +68,8 @@ class Seq2SeqTask(nn.Module):
         prompts = [torch.tensor(self._ids(r["prompt"])) for r in rendered]
         inputs = {m: batch[m] for m in self.modalities}
         inputs["text"] = {"tokens": nn.utils.rnn.pad_sequence(prompts, batch_first=True, padding_value=PAD_ID)}
-        out = self.model.forward_features(inputs)
+        keep = self._mask_ratio_keep_ids(inputs, rendered) if self.training else {}
+        out = self.model.forward_features(inputs, keep_ids=keep)
         memory = torch.cat([out.hidden[m] for m in inputs], dim=1)
         pads: list[torch.Tensor] = []
         for m in inputs:
@@ -75,13 +77,33 @@ class Seq2SeqTask(nn.Module):
             pads.append(mask if mask is not None else torch.zeros(out.hidden[m].shape[:2], dtype=torch.bool))
         return memory, torch.cat(pads, dim=1)
 
+    def _mask_ratio_keep_ids(
+        self, inputs: Mapping[str, Any], rendered: list[dict[str, Any]]
+    ) -> dict[str, torch.Tensor]:
+        """``mask_ratio`` slot attributes: drop that fraction of a source modality's tokens (training only)."""
+        from one_peace.train.masking import keep_ids_from_mask, random_mask
+
+        keep: dict[str, torch.Tensor] = {}
+        for m in self.modalities:
+            ratios = [r["mask_ratio"].get(m, 0.0) for r in rendered]
+            if not any(ratios):
+                continue
+            full = self.model.adapters[m](inputs[m])
+            valid = (
+                ~full.padding_mask
+                if full.padding_mask is not None
+                else torch.ones(full.tokens.shape[:2], dtype=torch.bool)
+            )
+            masked = torch.cat(
+                [random_mask(valid[i : i + 1], ratio, self.mask_generator) for i, ratio in enumerate(ratios)]
+            )
+            keep[m] = keep_ids_from_mask(masked, valid)
+        return keep
+
     def _render(self, batch: Mapping[str, Any]) -> list[dict[str, Any]]:
         raw = batch["raw"]
         n = len(next(iter(raw.values())))
-        return [
-            self.instruction.render({k: v[i] for k, v in raw.items()}, self.rng, raw.get("image_size", [None] * n)[i])
-            for i in range(n)
-        ]
+        return [self.instruction.render({k: v[i] for k, v in raw.items()}, self.rng) for i in range(n)]
 
     def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """Label-smoothed cross-entropy of the targets (``no_loss`` pieces and masked samples excluded)."""
@@ -106,6 +128,24 @@ class Seq2SeqTask(nn.Module):
             acc = (logits.argmax(-1)[m] == target[m]).float().mean().item()
         value = float(loss.detach())
         return loss, {"loss": value, "seq2seq/loss": value, "seq2seq/token_acc": acc}
+
+    @torch.no_grad()
+    def generate_boxes(self, batch: Mapping[str, Any], beam: int = 1) -> list[tuple[list[float] | None, list[float]]]:
+        """For BOX targets: ``(predicted box or None, reference box)`` in pixels per sample."""
+        from one_peace.train.instructions import dequantize_box
+
+        rendered = self._render(batch)
+        memory, pad = self._encode_batch(batch, rendered)
+        out = generate(self.decoder, memory, pad, beam=beam, max_len=6)
+        raw = batch["raw"]
+        results = []
+        for i, ids in enumerate(out):
+            size = (int(raw["width"][i]), int(raw["height"][i]))
+            bins = [t - self.text_vocab for t in ids if t >= self.text_vocab][:4]
+            ref = next(v for v, _ in rendered[i]["target"] if isinstance(v, list))
+            pred = dequantize_box(bins, size) if len(bins) == 4 else None
+            results.append((pred, dequantize_box(ref, size)))
+        return results
 
     @torch.no_grad()
     def generate(
