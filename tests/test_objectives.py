@@ -147,3 +147,23 @@ def test_denoise_task_runs_end_to_end_and_only_kept_tokens_enter_the_encoder():
     loss.backward()
     assert all(math.isfinite(v) for v in logs.values()) and {"contrastive/loss", "pair_image/loss", "loss"} <= set(logs)
     assert decoder.mask_tokens["image"].grad is not None and model.logit_scale.grad is not None
+
+
+def test_denoise_loss_equals_direct_computation():
+    from one_peace.train.objectives import denoise_loss
+
+    torch.manual_seed(0)
+    pred, target = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    masked = torch.tensor([[False, True, False, True, False], [False, False, True, False, False]])
+    loss, logs = denoise_loss(pred, target, masked, 0.4, 0.1, valid)
+    flat_t = F.normalize(target[valid], dim=-1)  # 8 candidate tokens
+    positions = [(0, 1), (0, 3), (1, 2)]
+    index = {(0, i): i for i in range(5)} | {(1, i): 5 + i for i in range(3)}
+    direct = 0.0
+    for b, i in positions:
+        logits = F.normalize(pred[b, i], dim=-1) @ flat_t.T / 0.4
+        logp = torch.log_softmax(logits, 0)
+        direct += -(0.9 * logp[index[(b, i)]] + 0.1 / 8 * logp.sum())
+    torch.testing.assert_close(loss, direct / 3)
+    assert logs["tokens"] == 3.0

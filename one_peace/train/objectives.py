@@ -160,7 +160,7 @@ class DenoiseObjective(Objective):
 
     Predictions of the decoder at masked positions are contrasted (cosine similarity / temperature, label
     smoothing) against the detached final-layer features of the full input at the same position, versus all
-    other masked tokens in the batch.
+    other (non-padding) tokens in the batch.
 
     Args:
         modality: The modality whose masked tokens are predicted.
@@ -198,7 +198,9 @@ class DenoiseObjective(Objective):
         pred = outputs[self.view_name].decoded[self.modality]  # (B, S, D)
         target = outputs[self.modality].hidden[self.modality].detach()  # (B, S, D)
         masked = outputs[self.view_name].masked[self.modality]  # (B, S) bool
-        return denoise_loss(pred, target, masked, self.temperature, self.label_smoothing)
+        pad = outputs[self.modality].padding_mask[self.modality]
+        valid = ~pad if pad is not None else torch.ones_like(masked)
+        return denoise_loss(pred, target, masked & valid, self.temperature, self.label_smoothing, valid)
 
 
 def denoise_loss(
@@ -207,14 +209,22 @@ def denoise_loss(
     masked: torch.Tensor,
     temperature: float = 0.4,
     label_smoothing: float = 0.1,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Each masked prediction against all masked targets of the batch; the positive is its own position."""
+    """Each masked prediction against the full-input features of every valid token in the batch.
+
+    The positive is the target at the prediction's own position; every other (non-padding) token of every sample
+    is a negative. Features are L2-normalised; logits are cosine similarities / ``temperature``.
+    """
+    valid = torch.ones_like(masked) if valid is None else valid
     p = F.normalize(pred[masked].float(), dim=-1)
-    t = F.normalize(target[masked].float(), dim=-1)
     if p.shape[0] == 0:
         return pred.sum() * 0.0, {"acc": 0.0, "tokens": 0.0}
+    t = F.normalize(target[valid].float(), dim=-1)
+    # index of each masked position within the flattened valid positions
+    order = torch.cumsum(valid.flatten().long(), 0) - 1
+    labels = order[masked.flatten()]
     logits = p @ t.T / temperature
-    labels = torch.arange(p.shape[0], device=p.device)
     loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     with torch.no_grad():
         acc = (logits.argmax(1) == labels).float().mean().item()
