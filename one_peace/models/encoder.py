@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -351,19 +352,11 @@ def build_model(
     from one_peace.config import model_config
 
     config = size if isinstance(size, ModelConfig) else model_config(size, tuple(modalities), **overrides)
-    with torch.device(device) if device is not None else _nullcontext():
+    with torch.device(device) if device is not None else contextlib.nullcontext():
         model = OnePeaceModel(config)
     if dtype is not None:
         model = model.to(dtype)
     return model
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def count_parameters(model: nn.Module) -> int:
