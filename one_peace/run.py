@@ -185,7 +185,9 @@ def _evaluate_contrastive(task: Any, loader: MultimodalLoader, pair: tuple[str, 
         side = batch["text"]["tokens"][v] if "text" in (a, b) else torch.arange(int(v.sum()))[:, None]
         keys += [tuple(t for t in row.tolist() if t != 1) for row in side]
     sim = torch.cat(ea) @ torch.cat(eb).T
-    same = torch.tensor([[ki == kj for kj in keys] for ki in keys])
+    ids: dict[tuple[int, ...], int] = {}
+    key_ids = torch.tensor([ids.setdefault(k, len(ids)) for k in keys])
+    same = key_ids[:, None] == key_ids[None, :]
     best_correct = sim.masked_fill(~same, float("-inf")).max(1).values
     ranks = (sim.masked_fill(same, float("-inf")) > best_correct[:, None]).sum(1)
     out = {f"{a}->{b}/R@{k}": float((ranks < k).float().mean()) for k in (1, 5)}

@@ -117,8 +117,8 @@ class OnePeaceModel(nn.Module):
         # (official checkpoints store a scalar; the loader reshapes it)
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1 / 0.07)))
         self.grad_checkpointing = False
-        self.tokenizer: Any = None
         self._preprocessors: dict[str, Any] = {}
+        self._tokenizer: Any = None
 
     # ----------------------------------------------------------------------------------------------- setup
     @property
@@ -132,6 +132,16 @@ class OnePeaceModel(nn.Module):
         for adapter in self.adapters.values():
             if hasattr(adapter, "official_padding"):
                 setattr(adapter, "official_padding", bool(value))  # noqa: B010 - plugin adapters may opt in
+
+    @property
+    def tokenizer(self) -> Any:
+        """The text tokenizer used by :meth:`encode` on raw strings (``None`` until set or loaded)."""
+        return self._tokenizer
+
+    @tokenizer.setter
+    def tokenizer(self, value: Any) -> None:
+        self._tokenizer = value
+        self._preprocessors.clear()  # preprocessors capture the tokenizer: rebuild them lazily
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each shared layer in the backward pass instead of storing its activations."""
@@ -274,12 +284,8 @@ class OnePeaceModel(nn.Module):
         if len(items) == 0:
             raise ValueError(f"no {modality} inputs given")
         plugin = self.plugins[modality]
-        if modality not in self._preprocessors or (
-            modality == "text" and self._preprocessors.get("_tok") is not self.tokenizer
-        ):
+        if modality not in self._preprocessors:
             self._preprocessors[modality] = plugin.build_preprocessor(self.config, self.tokenizer)
-            if modality == "text":
-                self._preprocessors["_tok"] = self.tokenizer
         batch = plugin.collate([self._preprocessors[modality](item) for item in items])
         device = next(self.parameters()).device
         dtype = next(self.parameters()).dtype
