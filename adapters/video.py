@@ -83,10 +83,11 @@ def load_video_frames(item: Any, num_frames: int) -> list[Any]:
         if not frames:
             raise ValueError(f"video folder {item} holds no image frames")
     else:
-        try:
-            import av
-        except ImportError as exc:
-            raise ImportError("decoding video files needs PyAV: pip install 'one-peace[video]'") from exc
+        from one_peace.extras import require
+
+        require("video", "av", feature="decoding video files")
+        import av
+
         try:
             with av.open(str(item) if isinstance(item, str | Path) else item) as container:
                 frames = [f.to_image() for f in container.decode(video=0)]

@@ -303,8 +303,10 @@ def _rank0_first(rank: int, world: int, fn: Any, *args: Any) -> Any:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run a composed recipe config; returns the evaluation results (also written to ``eval.json``)."""
+    from one_peace.extras import require
     from one_peace.train.trainer import Trainer
 
+    require("train", "fairseq2", feature="training with python -m one_peace.run")
     rank, world = _init_distributed()
 
     out = Path(cfg.output_dir)

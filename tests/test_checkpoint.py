@@ -16,6 +16,8 @@ from one_peace.checkpoint import CheckpointError
 from one_peace.convert import convert
 from one_peace.convert import main as convert_main
 
+pytestmark = pytest.mark.core
+
 
 def _features(model, io):
     with torch.no_grad():

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,13 +48,53 @@ def test_demo_cli_encodes_every_modality(tmp_path):
         assert re.search(rf"{m}: embeddings \(2, 64\)", out.stdout), out.stdout
 
 
+@pytest.mark.core
 def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     assert _readme_command("test") in ci
+    # the documented core check: same environment recipe (constraints file, extras) and the same pytest command
+    core = _readme_command("core-test")
+    install, *_, tests = core.split(" && ")
+    assert "-c .ci/constraints-core.txt -e '.[retrieval,dev]'" in install and install.split(" install ")[1] in ci
+    assert tests.replace(".venv-core/bin/python", "") in ci and ".venv-core/bin/python -m pytest" in ci
+    pins = [ln for ln in (ROOT / ".ci" / "constraints-core.txt").read_text().splitlines() if ln and ln[0] != "#"]
+    assert pins == ["torch==2.14.1", "torchvision==0.29.1"]
 
 
+SOURCE_ROOTS = {"one_peace": "one_peace", "adapters": "one_peace/adapters", "recipes": "one_peace/recipes"}
+CACHE_PARTS = {"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache"}
+
+
+def _expected_wheel_files(tree: Path) -> set[str]:
+    """Every source and data file under the three roots, at its installed path."""
+    out = set()
+    for folder, installed in SOURCE_ROOTS.items():
+        for f in (tree / folder).rglob("*"):
+            rel = f.relative_to(tree / folder)
+            if f.is_file() and not CACHE_PARTS & set(rel.parts) and f.suffix != ".pyc" and not f.name.startswith("."):
+                out.add(f"{installed}/{rel.as_posix()}")
+    return out
+
+
+@pytest.mark.core
 def test_wheel_installs_adapters_and_recipes_under_our_namespace(tmp_path):
-    """Build the wheel, install it alone into a folder, and import it from elsewhere (no editable finder)."""
+    """Build the wheel, install it alone into a folder, and import it from elsewhere (no editable finder).
+
+    The wheel is built from a copy of the tree with a new subpackage and a new static file added: packages and data
+    are discovered, so both must arrive without any listing, and the wheel holds every file of the three roots.
+    """
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy2(ROOT / name, tree / name)
+    for folder in SOURCE_ROOTS:
+        shutil.copytree(ROOT / folder, tree / folder, ignore=shutil.ignore_patterns(*CACHE_PARTS, "*.pyc"))
+    probe = tree / "one_peace" / "probe_pkg"
+    (probe / "static" / "css").mkdir(parents=True)
+    (probe / "__init__.py").write_text("VALUE = 7\n")
+    (probe / "static" / "index.html").write_text("<html></html>\n")
+    (probe / "static" / "css" / "page.css").write_text("body {}\n")
+    (tree / "recipes" / "recipe" / "probe_recipe.yaml").write_text("x: 1\n")
     subprocess.run(
         [
             sys.executable,
@@ -62,13 +106,18 @@ def test_wheel_installs_adapters_and_recipes_under_our_namespace(tmp_path):
             "-q",
             "-w",
             str(tmp_path / "dist"),
-            str(ROOT),
+            str(tree),
         ],
         check=True,
         capture_output=True,
         timeout=300,
     )
     wheel = next((tmp_path / "dist").glob("one_peace-*.whl"))
+    names = {n for n in zipfile.ZipFile(wheel).namelist() if ".dist-info/" not in n}
+    expected = _expected_wheel_files(tree)
+    assert expected - names == set(), f"missing from the wheel: {sorted(expected - names)}"
+    assert names - expected == set(), f"unexpected in the wheel: {sorted(names - expected)}"
+    assert {"one_peace/probe_pkg/static/css/page.css", "one_peace/recipes/recipe/probe_recipe.yaml"} <= names
     target = tmp_path / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
@@ -79,6 +128,7 @@ def test_wheel_installs_adapters_and_recipes_under_our_namespace(tmp_path):
     code = (
         "import one_peace, one_peace.adapters.text as t, importlib.resources as r;"
         "import one_peace.data.loader, one_peace.train.trainer, one_peace.run, one_peace.convert;"
+        "import one_peace.probe_pkg as probe; assert probe.VALUE == 7;"
         "print(one_peace.__file__); print(t.__file__);"
         "print(sorted(e.name for e in r.files('one_peace.recipes').joinpath('model').iterdir()));"
         "print(sorted(one_peace.list_modalities()))"

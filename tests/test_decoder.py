@@ -9,6 +9,8 @@ from safetensors.torch import load_file
 import one_peace
 from one_peace.models.decoder import decoder_from_official_state
 
+pytestmark = pytest.mark.core
+
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 

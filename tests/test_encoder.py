@@ -12,6 +12,8 @@ import torch
 import one_peace
 from one_peace.models.layers import GeGLUFFN, route_ffn
 
+pytestmark = pytest.mark.core
+
 BUILTINS = ("text", "image", "audio", "video")
 
 

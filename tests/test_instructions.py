@@ -8,6 +8,8 @@ import pytest
 
 from one_peace.train.instructions import Instruction, InstructionError, dequantize_box, quantize_box
 
+pytestmark = pytest.mark.core
+
 
 def test_caption_and_grounding_templates_parse_and_render():
     ins = Instruction("[IMAGE:img] what does the image describe? -> [TEXT:caption]")

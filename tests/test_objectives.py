@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -15,6 +16,8 @@ from one_peace.models.decoder import DecoderConfig, DenoiseDecoder
 from one_peace.train.masking import complementary_mask, keep_ids_from_mask, random_mask, span_mask, whole_word_mask
 from one_peace.train.objectives import ContrastiveObjective, DenoiseObjective, contrastive_loss
 from one_peace.train.task import Task
+
+pytestmark = pytest.mark.core
 
 
 def test_contrastive_loss_equals_direct_computation():

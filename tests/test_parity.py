@@ -17,6 +17,8 @@ import one_peace
 from one_peace.checkpoint.official import IGNORED, infer_config, is_ignored, map_official_key
 from one_peace.models.relpos import bucket_1d, bucket_2d
 
+pytestmark = pytest.mark.core
+
 FEAT = {"atol": 1e-5, "rtol": 0}
 HIDDEN = {"atol": 5e-5, "rtol": 1e-5}
 PRE = {"atol": 1e-6, "rtol": 0}

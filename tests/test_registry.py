@@ -22,6 +22,8 @@ from one_peace.registry import ModalityPlugin, MaskingPolicy
 from one_peace.models.adapter import Adapter, AdapterOutput
 from one_peace.models.relpos import bucket_1d, bucket_1d_rows
 
+pytestmark = pytest.mark.core
+
 
 class TabularAdapter(Adapter):
     modality = "tabular"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from one_peace.models.seq2seq import EOS, PAD, Seq2SeqConfig, TextDecoder, Trie, generate, seq2seq_loss, shift_right
+
+pytestmark = pytest.mark.core
 
 
 def _decoder(seed=0):

@@ -12,6 +12,8 @@ from one_peace.train.objectives import ContrastiveObjective
 from one_peace.train.task import Task
 from one_peace.train.trainer import TrainerConfig, apply_freezing, lr_at, parameter_groups
 
+pytestmark = pytest.mark.core
+
 
 def _task():
     model = one_peace.build_model("tiny", modalities=("text", "image"))

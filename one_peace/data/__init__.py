@@ -1,14 +1,29 @@
 """Data: manifests, WebDataset shards, streaming loaders on fairseq2's pipeline, and embedded demo data.
 
-Importing :mod:`one_peace` does not import this package (nor fairseq2).
+Importing :mod:`one_peace` does not import this package. Manifests, shards and the demo data need only the core
+install; the streaming loader (``MultimodalLoader`` and its config, stats and errors) runs on fairseq2, the
+``train`` extra, and is imported on first use, so ``from one_peace.data.manifest import ...`` works without it.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from one_peace.data.loader import EpochStats, LoaderConfig, MultimodalLoader, TooManyBadSamples
 from one_peace.data.manifest import ManifestError, iter_manifest, validate_manifest
+
+if TYPE_CHECKING:
+    from one_peace.data.loader import EpochStats, LoaderConfig, MultimodalLoader, TooManyBadSamples
+
+_LOADER_NAMES = ("EpochStats", "LoaderConfig", "MultimodalLoader", "TooManyBadSamples")
+
+
+def __getattr__(name: str) -> Any:
+    """The loader's names, imported on first use (fairseq2 is the ``train`` extra)."""
+    if name in _LOADER_NAMES:
+        from one_peace.data import loader
+
+        return getattr(loader, name)
+    raise AttributeError(f"module 'one_peace.data' has no attribute {name!r}")
 
 
 def train_tokenizer(manifest: str, field: str = "text", vocab_size: int = 8000) -> Any:

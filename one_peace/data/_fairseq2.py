@@ -26,7 +26,14 @@ def _preload_libsndfile() -> None:
 
 
 def data_pipeline() -> ModuleType:
-    """``fairseq2.data.data_pipeline``, importable without a system libsndfile."""
+    """``fairseq2.data.data_pipeline``, importable without a system libsndfile.
+
+    Raises:
+        MissingExtraError: fairseq2 (the ``train`` extra) is not installed.
+    """
+    from one_peace.extras import require
+
+    require("train", "fairseq2", feature="the training data pipeline (one_peace.data.MultimodalLoader)")
     _preload_libsndfile()
     import fairseq2.data.data_pipeline as dp
 

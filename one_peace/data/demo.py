@@ -76,6 +76,10 @@ def make_demo_dataset(
     """
     import soundfile as sf
 
+    if video:
+        from one_peace.extras import require
+
+        require("video", "av", feature="the demo videos (pass video=False or --no-video to skip them)")
     root = Path(root)
     for sub in ("img", "wav", "vid"):
         (root / sub).mkdir(parents=True, exist_ok=True)

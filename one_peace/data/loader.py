@@ -192,7 +192,9 @@ class MultimodalLoader:
     ) -> None:
         from one_peace.config import model_config as _cfg
         from one_peace.data.shards import ShardReader, list_shards
+        from one_peace.extras import require
 
+        require("train", "fairseq2", feature="the streaming loader (MultimodalLoader, on fairseq2's pipeline)")
         self.config = config or LoaderConfig()
         self.config.validate()
         if not 0 <= rank < world_size:

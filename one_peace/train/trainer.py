@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from one_peace.extras import optional
+
 CKPT_RE = re.compile(r"^step_(\d{7})$")
 
 
@@ -184,7 +186,10 @@ class Trainer:
 
     Args:
         task: The module to train; ``task(batch) -> (loss, logs)``; ``task.model`` is the encoder saved as weights.
-        loader: Yields batches; ``state_dict()``/``load_state_dict()``/``set_epoch()`` for exact resume.
+        loader: Any :class:`one_peace.train.batches.BatchSource`: an iterable of batches (one pass per epoch) with
+            ``state_dict()``/``load_state_dict()`` for exact resume, and optionally ``epoch`` and ``close()``. The
+            fairseq2 :class:`one_peace.data.MultimodalLoader` is one; :class:`one_peace.train.batches.BatchList`
+            holds batches in memory.
         config: Optimisation settings.
         output_dir: Where checkpoints, ``metrics.jsonl``, TensorBoard events and the loss plot go.
         extra_state: Callables saving/restoring additional resume state (e.g. the task's masking generator).
@@ -231,6 +236,7 @@ class Trainer:
         self.bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
         self._tb: Any = None
         self._batches: Iterator[Any] | None = None
+        self._yielded = 0
 
     # ----------------------------------------------------------------------------------------- checkpoint
     def save(self) -> Path:
@@ -344,24 +350,33 @@ class Trainer:
     def _next_batch(self) -> Any:
         while True:
             if self._batches is None:
-                self.epoch = self.loader.epoch
+                self.epoch = int(getattr(self.loader, "epoch", self.epoch))
                 self._batches = iter(self.loader)
+                self._yielded = 0
             try:
-                return next(self._batches)
+                batch = next(self._batches)
+                self._yielded += 1
+                return batch
             except StopIteration:
                 self._batches = None
+                if self._yielded == 0:
+                    raise RuntimeError(
+                        f"the batch source {type(self.loader).__name__} yielded no batch in epoch {self.epoch}: "
+                        "training cannot make progress"
+                    ) from None
+                if not hasattr(self.loader, "epoch"):  # the trainer counts passes for sources without an epoch
+                    self.epoch += 1
 
     def _log(self, logs: dict[str, float]) -> None:
         self.history.append(logs)
         with open(self.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(logs) + "\n")
         if self._tb is None:
-            try:
+            self._tb = False
+            if optional("tensorboard", "train", "TensorBoard logging"):  # metrics.jsonl is always written
                 from torch.utils.tensorboard import SummaryWriter
 
                 self._tb = SummaryWriter(str(self.out / "tensorboard"))
-            except ImportError:  # tensorboard is the optional 'train' extra
-                self._tb = False
         if self._tb:
             for k, v in logs.items():
                 if k != "step":
@@ -459,8 +474,8 @@ class Trainer:
         return last or self.save()
 
     def plot(self) -> Path | None:
-        """Save the loss curves of ``metrics.jsonl`` as ``loss.png``."""
-        if not self.history:
+        """Save the loss curves of ``metrics.jsonl`` as ``loss.png`` (skipped, with one warning, without matplotlib)."""
+        if not self.history or not optional("matplotlib", "train", "the loss plot (loss.png)"):
             return None
         import matplotlib
 
