@@ -54,7 +54,7 @@ def test_readme_test_command_is_what_ci_runs():
     assert _readme_command("test") in ci
     # the documented core check: same environment recipe (constraints file, extras) and the same pytest command
     core = _readme_command("core-test")
-    install, *_, tests = core.split(" && ")
+    _, install, *_, tests = core.split(" && ")
     assert "-c .ci/constraints-core.txt -e '.[retrieval,dev]'" in install and install.split(" install ")[1] in ci
     assert tests.replace(".venv-core/bin/python", "") in ci and ".venv-core/bin/python -m pytest" in ci
     pins = [ln for ln in (ROOT / ".ci" / "constraints-core.txt").read_text().splitlines() if ln and ln[0] != "#"]

@@ -15,14 +15,14 @@ import one_peace
 from one_peace import registry
 from one_peace.registry import ModalityPlugin, PluginError, register_modality
 
+pytestmark = pytest.mark.core
+
 PLUGIN_SRC = """
 import torch
 from torch import nn
 from one_peace.registry import ModalityPlugin, MaskingPolicy
 from one_peace.models.adapter import Adapter, AdapterOutput
 from one_peace.models.relpos import bucket_1d, bucket_1d_rows
-
-pytestmark = pytest.mark.core
 
 
 class TabularAdapter(Adapter):
