@@ -52,5 +52,20 @@ def test_freezing_by_globs_and_a_clear_error_when_nothing_trains():
     assert names and all(n.startswith("model.adapters.image.") and "conv1" not in n for n in names)
     assert not task.model.layers[0].attn.q_proj.weight.requires_grad
     with pytest.raises(ValueError, match="leave nothing to train"):
+        apply_freezing(task, [], ["*"])
+    with pytest.raises(ValueError, match=r"trainer.trainable: 'nothing\.\*' matches no parameter"):
         apply_freezing(task, ["nothing.*"], [])
-    assert isinstance(task.model.logit_scale, torch.nn.Parameter)
+
+
+def test_trainable_sets_by_the_models_named_groups():
+    task = _task()
+    names = apply_freezing(task, ["modality.image", "logit_scale"], ["head.image"])
+    own = {f"model.{n}" for n in task.model.parameter_groups("image")}
+    assert set(names) == (own | {"model.logit_scale"}) - {n for n in own if n.startswith("model.heads.image.")}
+    assert any(".ffns.image." in n for n in names) and not any(".ffns.text." in n for n in names)
+    video = one_peace.build_model("tiny", modalities=("image", "video"))
+    groups = video.named_parameter_groups()
+    assert groups["adapters.video"] and groups["ffn.video"] == []  # video runs on the image FFNs
+    video_task = Task(video, {"c": (ContrastiveObjective(("image", "video")), 1.0)})
+    with pytest.raises(ValueError, match="'ffn.video' matches no parameter"):
+        apply_freezing(video_task, ["adapters.video", "ffn.video"], [])

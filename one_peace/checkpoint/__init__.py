@@ -31,7 +31,7 @@ from one_peace.checkpoint.safe_pickle import CheckpointError, safe_torch_load
 from one_peace.config import CONFIG_FORMAT_VERSION, ModelConfig
 from one_peace.models.encoder import OnePeaceModel
 
-__all__ = ["IGNORED", "CheckpointError", "load", "load_official", "official_state_items", "save"]
+__all__ = ["IGNORED", "CheckpointError", "iter_weights", "load", "load_official", "official_state_items", "save"]
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -131,6 +131,12 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, st
                     yield key, fh.get_tensor(key), key
         except (SafetensorError, OSError) as exc:
             raise CheckpointError(f"{f}: unreadable safetensors file (truncated or corrupted?): {exc}") from None
+
+
+def iter_weights(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of every weight in a checkpoint folder (single file or shards), read lazily."""
+    for name, tensor, _ in _iter_safetensors(_weight_files(Path(folder))):
+        yield name, tensor
 
 
 def _build_meta(config: ModelConfig) -> OnePeaceModel:

@@ -167,6 +167,27 @@ class OnePeaceModel(nn.Module):
                 names.append(name)
         return names
 
+    def named_parameter_groups(self) -> dict[str, list[str]]:
+        """Named groups of parameter names, for recipes' ``trainable``/``frozen`` sets.
+
+        Per modality ``m``: ``adapters.m``, ``ffn.m`` (its FFN in every layer), ``norm.m`` (final LN), ``head.m``
+        and ``modality.m`` (all of these that belong to ``m`` alone; a modality sharing another's FFNs, like video
+        with image, owns only its adapter); plus ``backbone`` (the shared attention stack without FFNs) and
+        ``logit_scale``.
+        """
+        names = [name for name, _ in self.named_parameters()]
+        groups: dict[str, list[str]] = {}
+        for m, group in self.groups.items():
+            own = group == m
+            groups[f"adapters.{m}"] = [n for n in names if n.startswith(f"adapters.{m}.")]
+            groups[f"ffn.{m}"] = [n for n in names if own and n.startswith("layers.") and f".ffns.{m}." in n]
+            groups[f"norm.{m}"] = [n for n in names if own and n.startswith(f"final_norms.{m}.")]
+            groups[f"head.{m}"] = [n for n in names if own and n.startswith(f"heads.{m}.")]
+            groups[f"modality.{m}"] = self.parameter_groups(m)
+        groups["backbone"] = [n for n in names if n.startswith("layers.") and ".ffns." not in n]
+        groups["logit_scale"] = [n for n in names if n == "logit_scale"]
+        return groups
+
     # --------------------------------------------------------------------------------------------- forward
     def _attention_bias(self, outs: list[AdapterOutput], pad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
         """Additive mask ``(1|B, H, S, S)``: relative bias inside each block, 0 across, -inf on padded keys."""

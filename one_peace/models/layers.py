@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from one_peace.models.attention import attention
@@ -61,16 +62,16 @@ class SharedAttention(nn.Module):
         self.inner_norm = nn.LayerNorm(dim, eps=1e-5)
         self.out_proj = nn.Linear(dim, dim)
 
+    @property
+    def projections(self) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        """The query, key and value projections."""
+        return self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """Attend over ``x (B, S, D)`` with an additive ``bias`` broadcastable to ``(B, H, S, S)``."""
-        b, s, d = x.shape
-        h = self.heads
-        q = self.q_proj(x).view(b, s, h, d // h).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, h, d // h).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, h, d // h).transpose(1, 2)
+        q, k, v = (rearrange(proj(x), "b s (h d) -> b h s d", h=self.heads) for proj in self.projections)
         out = attention(q, k, v, bias, backend=self.backend)
-        out = out.transpose(1, 2).reshape(b, s, d)
-        return self.out_proj(self.inner_norm(out))
+        return self.out_proj(self.inner_norm(rearrange(out, "b h s d -> b s (h d)")))
 
 
 def route_ffn(

@@ -1,10 +1,7 @@
-"""The trainer: AdamW, warmup + cosine, clipping, accumulation, atomic checkpoints and exact resume.
+"""The trainer: the loop (accumulation, clipping, logging) over any resumable source of batches.
 
-Checkpoints are folders ``<output_dir>/checkpoints/step_0000100/`` in the checkpoint-folder contract (weights as
-safetensors + ``config.json``, so ``one_peace.load(folder)`` opens any of them) plus ``task.safetensors`` (the
-task's other modules: decoders) and ``training_state/`` (optimizer, scheduler, RNG, data position). Each is
-written to a temporary folder and renamed into place, and gets a ``COMPLETE`` marker last: a half-written
-checkpoint is never picked up as the latest.
+Optimizer, parameter groups and schedules live in :mod:`one_peace.train.optim`; atomic checkpoints and exact
+resume in :mod:`one_peace.train.checkpointing`.
 """
 
 from __future__ import annotations
@@ -12,23 +9,20 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import os
-import random
-import re
-import shutil
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from one_peace.extras import optional
+from one_peace.train.checkpointing import dist_info, latest_checkpoint, resume_checkpoint, save_checkpoint
+from one_peace.train.optim import build_optimizer, lr_at, parameter_groups
 
-CKPT_RE = re.compile(r"^step_(\d{7})$")
+__all__ = ["Trainer", "TrainerConfig", "apply_freezing", "latest_checkpoint", "lr_at", "parameter_groups"]
 
 
 @dataclass(kw_only=True)
@@ -42,6 +36,10 @@ class TrainerConfig:
         weight_decay: AdamW decay (not applied to norms, biases, embeddings, tables, scales).
         warmup_steps: Linear warmup steps, then cosine decay to ``min_lr_ratio * lr``.
         min_lr_ratio: Final learning rate as a fraction of ``lr``.
+        schedule: Registered schedule (``warmup_cosine``, ``warmup_linear``, ``constant``; see
+            :mod:`one_peace.train.optim`).
+        optimizer: ``name`` of a registered optimizer (``adamw``, ``sgd``) and its options (``betas``, ``eps``,
+            ``momentum``).
         grad_clip: Max gradient norm (0 disables).
         accumulation: Micro-batches per optimizer step.
         layer_decay: Layer-wise lr decay for fine-tuning (``None`` disables): layer i of L gets ``decay**(L-i)``.
@@ -52,8 +50,9 @@ class TrainerConfig:
         keep_last: Checkpoints kept (older ones are deleted).
         seed: Seed of parameters' init, data order and masking.
         resume: Continue from the latest complete checkpoint in ``output_dir``.
-        trainable: Glob patterns of trainable parameter names (empty = all); ``frozen`` wins over it.
-        frozen: Glob patterns of frozen parameter names.
+        trainable: Trainable parameter sets (empty = all): named groups of the model (``adapters.audio``,
+            ``ffn.audio``, ``modality.audio``, ``backbone``, ...), ``decoder``, or glob patterns of names.
+        frozen: Frozen parameter sets, the same way (wins over ``trainable``).
         distributed: Under ``torchrun``: ``"ddp"`` (DistributedDataParallel) or ``"fsdp2"`` (``fully_shard`` per
             encoder layer and on the task; the resume state goes through ``torch.distributed.checkpoint`` and the
             weights are gathered and still written as safetensors).
@@ -66,6 +65,8 @@ class TrainerConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
+    schedule: str = "warmup_cosine"
+    optimizer: dict[str, Any] = field(default_factory=lambda: {"name": "adamw", "betas": [0.9, 0.98], "eps": 1e-6})
     grad_clip: float = 1.0
     accumulation: int = 1
     layer_decay: float | None = None
@@ -82,12 +83,41 @@ class TrainerConfig:
     mixed_precision: str | None = None
 
 
+def resolve_parameter_sets(module: nn.Module, entries: Sequence[str], key: str = "trainer.trainable") -> list[str]:
+    """Glob patterns of ``module``'s parameter names for each entry: a named group of ``module.model`` (see
+    :meth:`OnePeaceModel.named_parameter_groups`), ``decoder``, or a glob; an entry matching nothing is an error."""
+    model = getattr(module, "model", None)
+    groups: dict[str, list[str]] = {}
+    if model is not None and hasattr(model, "named_parameter_groups"):
+        groups = model.named_parameter_groups()
+    names = [n for n, _ in module.named_parameters()]
+    patterns: list[str] = []
+    for entry in entries:
+        if entry in groups:
+            found = [f"model.{n}" for n in groups[entry]]
+        elif entry == "decoder":
+            found = [n for n in names if n.startswith("decoder.")]
+        else:
+            found = [n for n in names if fnmatch.fnmatch(n, entry)]
+            found = [entry] if found else []
+        if not found:
+            shown = ", ".join(sorted(groups)) or "none"
+            raise ValueError(
+                f"{key}: {entry!r} matches no parameter (named groups: {shown}, decoder; or a glob of names "
+                "such as 'model.adapters.audio.*')"
+            )
+        patterns += found
+    return patterns
+
+
 def apply_freezing(module: nn.Module, trainable: Sequence[str], frozen: Sequence[str]) -> list[str]:
-    """Set ``requires_grad`` from glob patterns on parameter names; returns the trainable names."""
+    """Set ``requires_grad`` from parameter sets (named groups or globs); returns the trainable names."""
+    train_pats = resolve_parameter_sets(module, trainable, "trainer.trainable")
+    frozen_pats = resolve_parameter_sets(module, frozen, "trainer.frozen")
     names = []
     for name, p in module.named_parameters():
-        train = not trainable or any(fnmatch.fnmatch(name, pat) for pat in trainable)
-        if any(fnmatch.fnmatch(name, pat) for pat in frozen):
+        train = not train_pats or any(fnmatch.fnmatch(name, pat) for pat in train_pats)
+        if any(fnmatch.fnmatch(name, pat) for pat in frozen_pats):
             train = False
         p.requires_grad_(train)
         if train:
@@ -97,88 +127,6 @@ def apply_freezing(module: nn.Module, trainable: Sequence[str], frozen: Sequence
             f"freezing patterns leave nothing to train (trainable={list(trainable)}, frozen={list(frozen)})"
         )
     return names
-
-
-def _layer_id(name: str, num_layers: int) -> int:
-    m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
-    if name.startswith("model.layers.") and m:
-        return int(m.group(1)) + 1
-    if name.startswith("model.adapters."):
-        return 0
-    return num_layers + 1
-
-
-def parameter_groups(task: nn.Module, cfg: TrainerConfig, num_layers: int) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on norms, biases, embeddings, relative tables, CLS and scales; optional layer decay."""
-    groups: dict[tuple[bool, int], list[nn.Parameter]] = {}
-    for name, p in task.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = p.dim() <= 1 or any(
-            k in name for k in ("embed", "rel_pos_table", "cls_", "logit_scale", "positions", "mask_token")
-        )
-        layer = _layer_id(name, num_layers) if cfg.layer_decay else 0
-        groups.setdefault((no_decay, layer), []).append(p)
-    out = []
-    for (no_decay, layer), params in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
-        scale = cfg.layer_decay ** (num_layers + 1 - layer) if cfg.layer_decay else 1.0
-        out.append({"params": params, "weight_decay": 0.0 if no_decay else cfg.weight_decay, "lr_scale": scale})
-    return out
-
-
-def lr_at(step: int, cfg: TrainerConfig) -> float:
-    """Warmup + cosine schedule multiplier (times ``cfg.lr``)."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / max(1, cfg.warmup_steps)
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest *complete* checkpoint folder (temporary and unmarked folders are ignored)."""
-    root = Path(output_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    found = [p for p in root.iterdir() if CKPT_RE.match(p.name) and (p / "COMPLETE").is_file()]
-    return max(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)), default=None)  # type: ignore[union-attr]
-
-
-def _dist_info() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def _rng_state() -> dict[str, Any]:
-    """RNG states as tensors and plain Python values (loadable with ``weights_only=True``)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
-    return {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {
-            "name": name,
-            "keys": torch.from_numpy(np.array(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached": float(cached),
-        },
-    }
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
 
 
 class Trainer:
@@ -210,7 +158,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.extra_state = extra_state
         apply_freezing(task, config.trainable, config.frozen)
-        self.rank, self.world = _dist_info()
+        self.rank, self.world = dist_info()
         self.forward_module: nn.Module = task
         self.sharded = False
         if self.world > 1:
@@ -224,9 +172,7 @@ class Trainer:
             else:
                 raise ValueError(f"trainer.distributed must be 'ddp' or 'fsdp2', got {config.distributed!r}")
         num_layers = len(getattr(task.model, "layers", []))
-        self.opt = torch.optim.AdamW(
-            parameter_groups(task, config, num_layers), lr=config.lr, betas=(0.9, 0.98), eps=1e-6
-        )
+        self.opt = build_optimizer(parameter_groups(task, config, num_layers), config.lr, dict(config.optimizer))
         self.step = 0
         self.epoch = 0
         self.history: list[dict[str, float]] = []
@@ -240,111 +186,12 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- checkpoint
     def save(self) -> Path:
-        """Write ``checkpoints/step_N`` atomically (rank 0 writes the weights, every rank its resume state).
-
-        Under FSDP2 the full encoder state is gathered (collective) and written as safetensors by rank 0, and the
-        sharded model + optimizer state goes through ``torch.distributed.checkpoint`` (``training_state/dcp``).
-        """
-        from safetensors.torch import save_file
-
-        import one_peace
-
-        root = self.out / "checkpoints"
-        final = root / f"step_{self.step:07d}"
-        tmp = root / f".{final.name}.tmp"
-        if self.rank == 0:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "training_state").mkdir(parents=True)
-        _barrier()
-        full_state = self._full_model_state()
-        try:
-            if self.sharded:
-                import torch.distributed.checkpoint as dcp
-                from torch.distributed.checkpoint.state_dict import get_state_dict
-
-                model_sd, optim_sd = get_state_dict(self.task, self.opt)
-                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "training_state" / "dcp"))
-            state = {
-                "step": self.step,
-                "epoch": self.epoch,
-                "optimizer": None if self.sharded else self.opt.state_dict(),
-                "rng": _rng_state(),
-                "loader": self.loader.state_dict(),
-                "history": self.history,
-                "extra": self.extra_state[0]() if self.extra_state else None,
-            }
-            torch.save(state, tmp / "training_state" / f"rank{self.rank}.pt")
-            _barrier()
-            if self.rank == 0:
-                one_peace.save(self.task.model, tmp / "weights", state_dict=full_state)  # type: ignore[arg-type]
-                for f in (tmp / "weights").iterdir():
-                    f.rename(tmp / f.name)
-                (tmp / "weights").rmdir()
-                if not self.sharded:
-                    extra = {
-                        k: v.detach().contiguous().cpu()
-                        for k, v in self.task.state_dict().items()
-                        if not k.startswith("model.") and ".model." not in k  # the encoder is in model.safetensors
-                    }
-                    if extra:
-                        save_file(extra, str(tmp / "task.safetensors"))
-                meta = {**asdict(self.cfg), "world_size": self.world}
-                (tmp / "training_state" / "trainer.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
-                (tmp / "COMPLETE").write_text(f"{self.step}\n")
-                if final.exists():
-                    shutil.rmtree(final)
-                os.replace(tmp, final)
-                kept = sorted((p for p in root.iterdir() if CKPT_RE.match(p.name)), key=lambda p: p.name)
-                for old in kept[: -self.cfg.keep_last] if self.cfg.keep_last > 0 else []:
-                    shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            if self.rank == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _barrier()
-        return final
+        """Write ``checkpoints/step_N`` atomically (see :func:`one_peace.train.checkpointing.save_checkpoint`)."""
+        return save_checkpoint(self)
 
     def resume(self) -> bool:
         """Restore the latest complete checkpoint, if any; returns whether one was found."""
-        from safetensors.torch import load_file
-
-        from one_peace.checkpoint import _iter_safetensors, _weight_files
-
-        ckpt = latest_checkpoint(self.out)
-        if ckpt is None:
-            return False
-        if self.sharded:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-            model_sd, optim_sd = get_state_dict(self.task, self.opt)
-            sd: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
-            dcp.load(sd, checkpoint_id=str(ckpt / "training_state" / "dcp"))
-            set_state_dict(self.task, self.opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
-        params = dict(self.task.model.named_parameters())  # type: ignore[union-attr]
-        with torch.no_grad():
-            for name, tensor, _ in _iter_safetensors(_weight_files(ckpt)) if not self.sharded else ():
-                params[name].copy_(tensor)
-            if not self.sharded and (ckpt / "task.safetensors").is_file():
-                own = dict(self.task.named_parameters())
-                for k, v in load_file(str(ckpt / "task.safetensors")).items():
-                    if k in own:
-                        own[k].copy_(v)
-        state_file = ckpt / "training_state" / f"rank{self.rank}.pt"
-        if not state_file.is_file():
-            raise FileNotFoundError(
-                f"{state_file}: no resume state for rank {self.rank} (was the world size different?)"
-            )
-        state = torch.load(state_file, weights_only=True)  # plain data and tensors only
-        if state["optimizer"] is not None:
-            self.opt.load_state_dict(state["optimizer"])
-        self.step, self.epoch, self.history = state["step"], state["epoch"], state["history"]
-        _set_rng_state(state["rng"])
-        self.loader.load_state_dict(state["loader"])
-        if self.extra_state and state.get("extra") is not None:
-            self.extra_state[1](state["extra"])
-        return True
+        return resume_checkpoint(self)
 
     # ------------------------------------------------------------------------------------------ training
     def _next_batch(self) -> Any:
@@ -391,19 +238,6 @@ class Trainer:
         for layer in task.model.layers:  # type: ignore[union-attr]
             fully_shard(layer, mp_policy=policy)
         fully_shard(task, mp_policy=policy)
-
-    def _full_model_state(self) -> dict[str, torch.Tensor] | None:
-        """The encoder's full (unsharded) state on rank 0 (collective under FSDP2), ``None`` when not sharded."""
-        if not self.sharded:
-            return None
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(self.task, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        return {
-            k.removeprefix("model."): v
-            for k, v in full.items()
-            if k.startswith("model.") and isinstance(v, torch.Tensor)
-        }
 
     def _mean_over_ranks(self, logs: dict[str, float]) -> dict[str, float]:
         import torch.distributed as dist

@@ -1,0 +1,40 @@
+"""Process-group set-up under ``torchrun`` and rank-ordered work."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group when launched by ``torchrun`` (gloo on CPU, nccl on GPU); ``(rank, world)``."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def rank0_first(rank: int, world: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn`` on rank 0 first (it writes files), then on the other ranks (they read what it wrote)."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        result = fn(*args)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        result = fn(*args)
+    return result
+
+
+def shutdown(world: int) -> None:
+    """Leave the process group (when one was joined)."""
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()

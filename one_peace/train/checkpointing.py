@@ -1,0 +1,198 @@
+"""Checkpoints of a training run: atomic save, exact resume (also through DCP under FSDP2), RNG state.
+
+Checkpoints are folders ``<output_dir>/checkpoints/step_0000100/`` in the checkpoint-folder contract (weights as
+safetensors + ``config.json``, so ``one_peace.load(folder)`` opens any of them) plus ``task.safetensors`` (the
+task's other modules: decoders) and ``training_state/`` (optimizer, scheduler, RNG, data position). Each is
+written to a temporary folder and renamed into place, and gets a ``COMPLETE`` marker last: a half-written
+checkpoint is never picked up as the latest. The functions take the :class:`~one_peace.train.trainer.Trainer`
+whose state they write or restore.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from one_peace.checkpoint import iter_weights
+from one_peace.checkpoint import save as save_folder
+
+CKPT_RE = re.compile(r"^step_(\d{7})$")
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest *complete* checkpoint folder (temporary and unmarked folders are ignored)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = [p for p in root.iterdir() if CKPT_RE.match(p.name) and (p / "COMPLETE").is_file()]
+    return max(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)), default=None)  # type: ignore[union-attr]
+
+
+def dist_info() -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` outside a process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def barrier() -> None:
+    """A barrier across ranks (nothing outside a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> dict[str, Any]:
+    """RNG states as tensors and plain Python values (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(np.array(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+
+
+def save_checkpoint(self: Any) -> Path:
+    """Write ``checkpoints/step_N`` of a :class:`~one_peace.train.trainer.Trainer` atomically.
+
+    Rank 0 writes the weights, every rank its resume state.
+
+    Under FSDP2 the full encoder state is gathered (collective) and written as safetensors by rank 0, and the
+    sharded model + optimizer state goes through ``torch.distributed.checkpoint`` (``training_state/dcp``).
+    """
+    from safetensors.torch import save_file
+
+    root = self.out / "checkpoints"
+    final = root / f"step_{self.step:07d}"
+    tmp = root / f".{final.name}.tmp"
+    if self.rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "training_state").mkdir(parents=True)
+    barrier()
+    full_state = full_model_state(self)
+    try:
+        if self.sharded:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            model_sd, optim_sd = get_state_dict(self.task, self.opt)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "training_state" / "dcp"))
+        state = {
+            "step": self.step,
+            "epoch": self.epoch,
+            "optimizer": None if self.sharded else self.opt.state_dict(),
+            "rng": _rng_state(),
+            "loader": self.loader.state_dict(),
+            "history": self.history,
+            "extra": self.extra_state[0]() if self.extra_state else None,
+        }
+        torch.save(state, tmp / "training_state" / f"rank{self.rank}.pt")
+        barrier()
+        if self.rank == 0:
+            save_folder(self.task.model, tmp / "weights", state_dict=full_state)  # type: ignore[arg-type]
+            for f in (tmp / "weights").iterdir():
+                f.rename(tmp / f.name)
+            (tmp / "weights").rmdir()
+            if not self.sharded:
+                extra = {
+                    k: v.detach().contiguous().cpu()
+                    for k, v in self.task.state_dict().items()
+                    if not k.startswith("model.") and ".model." not in k  # the encoder is in model.safetensors
+                }
+                if extra:
+                    save_file(extra, str(tmp / "task.safetensors"))
+            meta = {**asdict(self.cfg), "world_size": self.world}
+            (tmp / "training_state" / "trainer.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
+            (tmp / "COMPLETE").write_text(f"{self.step}\n")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            kept = sorted((p for p in root.iterdir() if CKPT_RE.match(p.name)), key=lambda p: p.name)
+            for old in kept[: -self.cfg.keep_last] if self.cfg.keep_last > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    barrier()
+    return final
+
+
+def resume_checkpoint(self: Any) -> bool:
+    """Restore the latest complete checkpoint, if any; returns whether one was found."""
+    from safetensors.torch import load_file
+
+    ckpt = latest_checkpoint(self.out)
+    if ckpt is None:
+        return False
+    if self.sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.task, self.opt)
+        sd: dict[str, Any] = {"model": model_sd, "optim": optim_sd}
+        dcp.load(sd, checkpoint_id=str(ckpt / "training_state" / "dcp"))
+        set_state_dict(self.task, self.opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    params = dict(self.task.model.named_parameters())  # type: ignore[union-attr]
+    with torch.no_grad():
+        for name, tensor in iter_weights(ckpt) if not self.sharded else ():
+            params[name].copy_(tensor)
+        if not self.sharded and (ckpt / "task.safetensors").is_file():
+            own = dict(self.task.named_parameters())
+            for k, v in load_file(str(ckpt / "task.safetensors")).items():
+                if k in own:
+                    own[k].copy_(v)
+    state_file = ckpt / "training_state" / f"rank{self.rank}.pt"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{state_file}: no resume state for rank {self.rank} (was the world size different?)")
+    state = torch.load(state_file, weights_only=True)  # plain data and tensors only
+    if state["optimizer"] is not None:
+        self.opt.load_state_dict(state["optimizer"])
+    self.step, self.epoch, self.history = state["step"], state["epoch"], state["history"]
+    _set_rng_state(state["rng"])
+    self.loader.load_state_dict(state["loader"])
+    if self.extra_state and state.get("extra") is not None:
+        self.extra_state[1](state["extra"])
+    return True
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def full_model_state(self: Any) -> dict[str, torch.Tensor] | None:
+    """The encoder's full (unsharded) state on rank 0 (collective under FSDP2), ``None`` when not sharded."""
+    if not self.sharded:
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(self.task, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {
+        k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.") and isinstance(v, torch.Tensor)
+    }
