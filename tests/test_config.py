@@ -82,10 +82,12 @@ def test_plugin_options_reach_the_model_and_unknown_ones_are_refused():
     cfg = _compose("recipe=al_contrastive", "model.modality_options.audio.feature_dim=32")
     config = build.model_config(cfg, ["audio", "text"], 100)
     assert config.modality_options["audio"]["feature_dim"] == 32
+    typo = _compose("recipe=al_contrastive", "model.modality_options.audio.feature_dimm=32")
     with pytest.raises(ValueError, match=r"model.modality_options.audio.feature_dimm: the 'audio' plugin has no"):
-        build.model_config(_compose("recipe=al_contrastive", "model.modality_options.audio.feature_dimm=32"), ["audio"], 1)
+        build.model_config(typo, ["audio"], 1)
+    wrong = _compose("recipe=al_contrastive", "model.modality_options.audio.feature_dim=x")
     with pytest.raises(ValueError, match=r"model.modality_options.audio.feature_dim: expected int"):
-        build.model_config(_compose("recipe=al_contrastive", "model.modality_options.audio.feature_dim=x"), ["audio"], 1)
+        build.model_config(wrong, ["audio"], 1)
 
 
 def test_pretrained_official_start_keeps_its_own_resolution_unless_asked(parity, official_tiny):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 import one_peace
 from one_peace.train.objectives import ContrastiveObjective
@@ -67,5 +66,5 @@ def test_trainable_sets_by_the_models_named_groups():
     groups = video.named_parameter_groups()
     assert groups["adapters.video"] and groups["ffn.video"] == []  # video runs on the image FFNs
     video_task = Task(video, {"c": (ContrastiveObjective(("image", "video")), 1.0)})
-    with pytest.raises(ValueError, match="'ffn.video' matches no parameter"):
+    with pytest.raises(ValueError, match=r"'ffn\.video' matches no parameter"):
         apply_freezing(video_task, ["adapters.video", "ffn.video"], [])
