@@ -20,6 +20,9 @@ from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
 
 SAMPLE_RATE = 16000
 CONV_SPEC: tuple[tuple[int, int], ...] = ((10, 5),) + ((3, 2),) * 4 + ((2, 2),) * 2
+#: log-mel front end: 25 ms windows every 10 ms, then a stride-2 conv: one frame per 320 samples, like CONV_SPEC
+FBANK_SPEC: tuple[tuple[int, int], ...] = ((400, 160), (2, 2))
+FRONTENDS = {"waveform": CONV_SPEC, "fbank": FBANK_SPEC}
 
 
 def num_frames(samples: int | torch.Tensor, spec: Sequence[tuple[int, int]] = CONV_SPEC) -> Any:
@@ -51,6 +54,47 @@ class ConvFeatureExtractor(nn.Module):
         x = wave.unsqueeze(1)
         for conv, norm in zip(self.convs, self.norms):
             x = F.gelu(norm(conv(x).transpose(1, 2)).transpose(1, 2))
+        return self.proj(self.out_norm(x.transpose(1, 2)))
+
+
+def mel_filterbank(n_mels: int, n_fft: int = 400, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """Triangular HTK-scale mel filters ``(n_fft // 2 + 1, n_mels)`` from 0 Hz to Nyquist."""
+    mel = np.linspace(0.0, 2595.0 * np.log10(1.0 + (sample_rate / 2) / 700.0), n_mels + 2)
+    hz = 700.0 * (10.0 ** (mel / 2595.0) - 1.0)
+    freqs = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)
+    lower, centre, upper = hz[:-2, None], hz[1:-1, None], hz[2:, None]
+    up = (freqs[None, :] - lower) / (centre - lower)
+    down = (upper - freqs[None, :]) / (upper - centre)
+    return torch.from_numpy(np.maximum(0.0, np.minimum(up, down)).T.astype(np.float32))
+
+
+class LogMelFrontEnd(nn.Module):
+    """A cheap alternative to the waveform extractor: log-mel filterbank features (25 ms / 10 ms, ``n_mels`` bins),
+    a stride-2 Conv1d to ``channels``, GELU, LayerNorm and Linear to the model width (one frame per 320 samples,
+    as the waveform extractor). The window and filters are computed, not stored: nothing to load or save."""
+
+    def __init__(self, dim: int, channels: int = 256, n_mels: int = 80) -> None:
+        super().__init__()
+        self.spec = FBANK_SPEC
+        self.n_mels = n_mels
+        self.conv = nn.Conv1d(n_mels, channels, 2, 2)
+        self.out_norm = nn.LayerNorm(channels, eps=1e-5)
+        self.proj = nn.Linear(channels, dim)
+        self._consts: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _window_and_filters(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (str(like.device), like.dtype)
+        if key not in self._consts:
+            window = torch.hann_window(400, device=like.device, dtype=like.dtype)
+            self._consts[key] = (window, mel_filterbank(self.n_mels).to(like.device, like.dtype))
+        return self._consts[key]
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        """``(B, N)`` waveform -> ``(B, T, D)`` frame features."""
+        window, filters = self._window_and_filters(wave)
+        spec = torch.stft(wave, 400, 160, window=window, center=False, return_complex=True).abs().pow(2)
+        logmel = torch.log(torch.einsum("bft,fm->bmt", spec, filters) + 1e-6)
+        x = F.gelu(self.conv(logmel))
         return self.proj(self.out_norm(x.transpose(1, 2)))
 
 
@@ -97,11 +141,20 @@ class AudioAdapter(Adapter):
         pos_depth: int = 5,
         pos_width: int = 95,
         pos_groups: int = 16,
+        frontend: str = "waveform",
+        n_mels: int = 80,
     ) -> None:
         super().__init__()
+        if frontend not in FRONTENDS:
+            raise ValueError(f"audio option 'frontend' must be one of {sorted(FRONTENDS)}, got {frontend!r}")
         self.bucket_size = bucket_size
         self.official_padding = False
-        self.feature_extractor = ConvFeatureExtractor(dim, feature_dim)
+        self.spec = FRONTENDS[frontend]
+        self.feature_extractor: nn.Module = (
+            ConvFeatureExtractor(dim, feature_dim)
+            if frontend == "waveform"
+            else LogMelFrontEnd(dim, feature_dim, n_mels)
+        )
         self.positions = ConvPositions(dim, pos_depth, pos_width, pos_groups)
         self.cls_embedding = nn.Parameter(torch.zeros(1, 1, dim))
         self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, dim))
@@ -117,7 +170,7 @@ class AudioAdapter(Adapter):
                 )
             return mask
         if "lengths" in batch and batch["lengths"] is not None:
-            valid = num_frames(batch["lengths"].long().to(wave.device))
+            valid = num_frames(batch["lengths"].long().to(wave.device), self.spec)
             pos = torch.arange(frames + 1, device=wave.device)
             return pos[None, :] > valid[:, None]
         return None
@@ -180,7 +233,9 @@ def load_audio(item: Any) -> tuple[np.ndarray, int]:
     return data, int(sr)
 
 
-def preprocess_audio(item: Any, max_seconds: float = 15.0, min_samples: int = SAMPLE_RATE) -> dict[str, torch.Tensor]:
+def preprocess_audio(
+    item: Any, max_seconds: float = 15.0, min_samples: int = SAMPLE_RATE, spec: Sequence[tuple[int, int]] = CONV_SPEC
+) -> dict[str, torch.Tensor]:
     """Official audio preprocessing: mono (channel mean), soxr HQ to 16 kHz, normalise the whole clip, keep 15 s,
     repeat clips under 1 s; returns ``{"waveform": (N,), "padding_mask": (T+1,)}``."""
     data, sr = load_audio(item)
@@ -199,7 +254,7 @@ def preprocess_audio(item: Any, max_seconds: float = 15.0, min_samples: int = SA
     wave = wave[: int(max_seconds * SAMPLE_RATE)]
     if wave.numel() < min_samples:
         wave = wave.repeat(math.ceil(min_samples / wave.numel()))[:min_samples]
-    t = int(num_frames(wave.numel()))
+    t = int(num_frames(wave.numel(), spec))
     return {"waveform": wave, "padding_mask": torch.zeros(t + 1, dtype=torch.bool)}
 
 
@@ -215,6 +270,8 @@ class AudioModality(ModalityPlugin):
         "pos_width": 95,
         "pos_groups": 16,
         "max_seconds": 15.0,
+        "frontend": "waveform",
+        "n_mels": 80,
     }
     masking = MaskingPolicy(kind="span", ratio=0.55, span=5)
 
@@ -229,14 +286,17 @@ class AudioModality(ModalityPlugin):
             o["pos_depth"],
             o["pos_width"],
             o["pos_groups"],
+            o["frontend"],
+            o["n_mels"],
         )
         adapter.official_padding = config.official_padding
         return adapter
 
     def build_preprocessor(self, config: ModelConfig, tokenizer: Any = None) -> Any:
         """Return ``path/bytes/(array, sr) -> {"waveform", "padding_mask"}``."""
-        max_seconds = self.options(config)["max_seconds"]
-        return lambda item: preprocess_audio(item, max_seconds)
+        o = self.options(config)
+        spec = FRONTENDS.get(o["frontend"], CONV_SPEC)
+        return lambda item: preprocess_audio(item, o["max_seconds"], spec=spec)
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Right-pad waveforms with 0.0 and frame masks with True."""
@@ -252,8 +312,10 @@ class AudioModality(ModalityPlugin):
     def example_batch(self, config: ModelConfig, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
         """Random clips of 0.5-1 s at 16 kHz, padded."""
         rows = []
+        spec = FRONTENDS.get(self.options(config)["frontend"], CONV_SPEC)
         for i in range(batch_size):
             n = 16000 - (i % 3) * 4000
             wave = torch.randn(n, generator=generator)
-            rows.append({"waveform": wave, "padding_mask": torch.zeros(int(num_frames(n)) + 1, dtype=torch.bool)})
+            mask = torch.zeros(int(num_frames(n, spec)) + 1, dtype=torch.bool)
+            rows.append({"waveform": wave, "padding_mask": mask})
         return self.collate(rows)

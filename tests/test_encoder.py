@@ -271,3 +271,27 @@ def test_xformers_backend_agrees_with_sdpa():  # pragma: no cover - GPU only
     out = model.forward_features(inputs).hidden
     for m in ref:
         torch.testing.assert_close(out[m], ref[m], atol=1e-5, rtol=1e-5)
+
+
+def test_log_mel_front_end_is_padding_invariant_and_round_trips(tmp_path):
+    from one_peace.adapters.audio import LogMelFrontEnd
+
+    options = {"audio": {"frontend": "fbank", "feature_dim": 32}}
+    torch.manual_seed(0)
+    model = one_peace.build_model("tiny", modalities=("text", "audio"), modality_options=options).eval()
+    assert isinstance(model.adapters["audio"].feature_extractor, LogMelFrontEnd)
+    batch = one_peace.example_inputs(("audio",), 3, config=model.config)["audio"]  # 1 s, 0.75 s, 0.5 s, padded
+    together = model.encode("audio", batch)
+    for i, n in enumerate((16000, 12000, 8000)):
+        frames = int((~batch["padding_mask"][i]).sum())
+        alone = {
+            "waveform": batch["waveform"][i : i + 1, :n],
+            "padding_mask": batch["padding_mask"][i : i + 1, :frames],
+        }
+        torch.testing.assert_close(model.encode("audio", alone), together[i : i + 1], atol=1e-5, rtol=1e-5)
+    assert frames == 24 + 1  # 0.5 s: 48 windows of 25 ms every 10 ms, halved by the stride-2 conv, + CLS
+    one_peace.save(model, tmp_path / "fbank")
+    again = one_peace.load(tmp_path / "fbank").eval()
+    torch.testing.assert_close(again.encode("audio", batch), together)
+    with pytest.raises(ValueError, match="frontend"):
+        one_peace.build_model("tiny", modalities=("audio",), modality_options={"audio": {"frontend": "mfcc"}})
