@@ -170,3 +170,51 @@ def test_denoise_loss_equals_direct_computation():
         direct += -(0.9 * logp[index[(b, i)]] + 0.1 / 8 * logp.sum())
     torch.testing.assert_close(loss, direct / 3)
     assert logs["tokens"] == 3.0
+
+
+def test_contrastive_with_label_smoothing_and_masked_slots_is_finite_and_direct():
+    """#10.7: masked columns take neither probability nor smoothing mass; equal to the valid sub-batch."""
+    torch.manual_seed(1)
+    a, b = F.normalize(torch.randn(6, 8), dim=-1), F.normalize(torch.randn(6, 8), dim=-1)
+    scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
+    valid = torch.tensor([True, False, True, True, False, True])
+    loss, logs = contrastive_loss(a, b, scale, valid, label_smoothing=0.1)
+    assert torch.isfinite(loss)
+    keep = valid.nonzero()[:, 0]
+    sub, _ = contrastive_loss(a[keep], b[keep], scale, None, label_smoothing=0.1)
+    torch.testing.assert_close(loss, sub)
+    s, eps, k = 1 / 0.07, 0.1, len(keep)
+    direct = 0.0
+    for i in range(k):  # direct: smoothed CE over the 4 valid columns only, both directions
+        for x, y in ((a[keep], b[keep]), (b[keep], a[keep])):
+            logp = torch.log_softmax(s * x[i] @ y.T, 0)
+            direct += ((1 - eps) * -logp[i] + eps * -logp.mean()) / 2
+    torch.testing.assert_close(loss, direct / k)
+    loss.backward()
+    assert torch.isfinite(scale.grad)
+
+
+class _Out:
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def test_denoise_ignores_bad_sample_filler_slots():
+    """#10.6: a slot with valid=False (a copy of sample 0, as the loader fills it) adds no positives or negatives."""
+    torch.manual_seed(2)
+    pred, target = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    pred[2], target[2] = pred[0], target[0]  # the filler copies sample 0
+    masked = torch.zeros(3, 5, dtype=torch.bool)
+    masked[:, 1:3] = True
+    objective = DenoiseObjective("text")
+
+    def outputs(n):
+        return {
+            "text_masked": _Out(decoded={"text": pred[:n]}, masked={"text": masked[:n]}),
+            "text": _Out(hidden={"text": target[:n]}, padding_mask={"text": None}),
+        }
+
+    loss, logs = objective(outputs(3), None, {"valid": torch.tensor([True, True, False])})
+    ref, ref_logs = objective(outputs(2), None, {"valid": torch.tensor([True, True])})
+    torch.testing.assert_close(loss, ref)
+    assert logs["tokens"] == ref_logs["tokens"] == 4.0

@@ -147,6 +147,25 @@ class ContrastiveObjective(Objective):
         return contrastive_loss(ea, eb, model.logit_scale, batch.get("valid"), self.label_smoothing)  # type: ignore[arg-type]
 
 
+def _masked_smoothed_ce(
+    logits: torch.Tensor, labels: torch.Tensor, columns: torch.Tensor, smoothing: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row label-smoothed cross entropy over the valid ``columns`` only, with fixed shapes and finite values.
+
+    Masked columns take no probability and no smoothing mass (the smoothing is spread over the valid columns, as
+    if the masked ones did not exist); rows whose label column is masked give 0. Also returns whether each row's
+    arg-max is its label.
+    """
+    logp = torch.log_softmax(logits.masked_fill(~columns[None, :], float("-inf")), dim=1)
+    logp = logp.masked_fill(~columns[None, :], 0.0)  # finite everywhere; masked columns contribute nothing
+    nll = -logp.gather(1, labels[:, None])[:, 0]
+    smooth = -logp.sum(1) / columns.sum().clamp(min=1)
+    per_row = (1.0 - smoothing) * nll + smoothing * smooth
+    with torch.no_grad():
+        correct = logits.masked_fill(~columns[None, :], float("-inf")).argmax(1) == labels
+    return per_row, correct
+
+
 def contrastive_loss(
     ea: torch.Tensor,
     eb: torch.Tensor,
@@ -162,17 +181,14 @@ def contrastive_loss(
     all_v = gather_with_grad(v.float()[:, None])[:, 0].bool()
     scale = scaled_logit_scale(logit_scale)
     labels = torch.arange(n, device=ea.device) + rank * n
-    logits_a = scale * ea @ all_b.T
-    logits_b = scale * eb @ all_a.T
-    logits_a = logits_a.masked_fill(~all_v[None, :], float("-inf"))
-    logits_b = logits_b.masked_fill(~all_v[None, :], float("-inf"))
-    la = F.cross_entropy(logits_a[v], labels[v], label_smoothing=label_smoothing, reduction="sum")
-    lb = F.cross_entropy(logits_b[v], labels[v], label_smoothing=label_smoothing, reduction="sum")
+    rows = v.float()
+    la, correct = _masked_smoothed_ce(scale * ea @ all_b.T, labels, all_v, label_smoothing)
+    lb, _ = _masked_smoothed_ce(scale * eb @ all_a.T, labels, all_v, label_smoothing)
     total = all_v.sum().clamp(min=1)
-    loss = (la + lb) / (2 * total)  # summed over ranks (DDP averages grads: scale by world in the trainer)
+    loss = ((la + lb) * rows).sum() / (2 * total)  # summed over ranks (DDP averages grads: scale by world)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     with torch.no_grad():
-        acc = (logits_a[v].argmax(1) == labels[v]).float().mean().item() if bool(v.any()) else 0.0
+        acc = float((correct.float() * rows).sum() / rows.sum().clamp(min=1))
     return loss * world, {"acc": acc, "scale": float(scale.detach())}
 
 
@@ -222,6 +238,8 @@ class DenoiseObjective(Objective):
         masked = outputs[self.view_name].masked[self.modality]  # (B, S) bool
         pad = outputs[self.modality].padding_mask[self.modality]
         valid = ~pad if pad is not None else torch.ones_like(masked)
+        if batch.get("valid") is not None:  # bad-sample filler slots: neither predicted nor negatives
+            valid = valid & batch["valid"].to(valid.device).bool()[:, None]
         return denoise_loss(pred, target, masked & valid, self.temperature, self.label_smoothing, valid)
 
 
