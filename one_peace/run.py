@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 
 from one_peace.runner import build
 from one_peace.runner.config import register
-from one_peace.runner.distributed import init_distributed, rank0_first, shutdown
+from one_peace.runner.distributed import barrier, init_distributed, rank0_first, shutdown
+from one_peace.runner.outputs import OutputDirInUse, lock_output_dir, prepare_output_dir
 
 register()
 
@@ -45,7 +46,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             print(text)
 
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    lock = None
+    if rank == 0:  # one run per output folder; rank 0 holds the lock for the whole job
+        lock = lock_output_dir(out)
+        prepare_output_dir(out, tcfg.resume, bool(cfg.overwrite), say)
+    barrier()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     train, valid = cfg.data.train, cfg.data.valid
@@ -102,6 +107,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
         print(f"checkpoint: {results['checkpoint']}")
     shutdown(world)
+    if lock is not None:
+        lock.close()
     return results
 
 
@@ -113,7 +120,7 @@ def main(cfg: DictConfig) -> None:
 
     try:
         run(cfg)
-    except (ValueError, MissingExtraError, ManifestError, FileNotFoundError) as exc:
+    except (ValueError, MissingExtraError, ManifestError, FileNotFoundError, OutputDirInUse) as exc:
         raise SystemExit(f"error: {exc}") from None
 
 

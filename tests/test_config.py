@@ -127,6 +127,7 @@ def test_cli_refuses_bad_keys_and_values_naming_them(tmp_path, parity, official_
         "trainer.schedule=cosine_forever": "trainer.schedule: unknown schedule 'cosine_forever'",
         "trainer.optimizer.name=lion": "trainer.optimizer.name: unknown optimizer 'lion'",
         "data.remainder=keep": "data.remainder must be 'drop' or 'pad'",
+        "trainer.save_every=0": "trainer.save_every must be an integer >= 1, got 0",
         f"model.pretrained={official_tiny} model=base": "drop the size overrides",
     }
     procs = {}
@@ -161,3 +162,20 @@ def test_cli_model_dimensions_are_built_and_saved_and_plotting_is_optional(tmp_p
 def test_training_doc_lists_every_key_with_its_default():
     doc = (ROOT / "docs" / "TRAINING.md").read_text()
     assert reference_markdown() in doc, "docs/TRAINING.md is stale: paste `python -m one_peace.runner.config`"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("trainer.save_every=0", "trainer.save_every must be an integer >= 1, got 0"),
+        ("trainer.accumulation=0", "trainer.accumulation must be an integer >= 1, got 0"),
+        ("trainer.max_steps=0", "trainer.max_steps must be an integer >= 1, got 0"),
+        ("trainer.max_steps=-5", "trainer.max_steps must be an integer >= 1, got -5"),
+        ("trainer.lr=0", "trainer.lr must be > 0"),
+        ("trainer.distributed=horovod", "trainer.distributed must be 'ddp' or 'fsdp2'"),
+    ],
+)
+def test_trainer_values_are_checked_before_any_work(override, message):
+    """#10.15: these used to end in ZeroDivisionError, KeyError 'loss' or an untrained checkpoint."""
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build.check_config(_compose("recipe=vl_contrastive", override), ["image", "text"])

@@ -326,3 +326,26 @@ def test_packing_plan_from_the_loader_feeds_forward_packed(tmp_path, tokenizer):
     ref = model.forward_features({"text": batch["text"]})
     real = ref.padding_mask["text"] is None or ~ref.padding_mask["text"]
     torch.testing.assert_close(packed.hidden[real], ref.hidden["text"][real], atol=2e-5, rtol=1e-5)
+
+
+def test_an_epoch_that_yields_nothing_is_a_clear_error_not_a_hang(tmp_path, tokenizer):
+    """#10.1: fewer rows than the batch size used to give 0 batches per epoch and an endless loop of empty epochs."""
+    path = tmp_path / "tiny.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "text": f"a red square {i}"}) + "\n" for i in range(3)))
+    loader = MultimodalLoader(
+        path, fields={"text": "text"}, model_config=CFG, tokenizer=tokenizer, config=LoaderConfig(batch_size=8)
+    )
+    with pytest.raises(ValueError, match=r"yields no batch on rank 0 of 1: 3 rows per rank, batch size 8") as err:
+        list(loader)
+    assert "data.remainder=pad" in str(err.value) and str(path) in str(err.value)
+    loader.close()
+    padded = MultimodalLoader(
+        path,
+        fields={"text": "text"},
+        model_config=CFG,
+        tokenizer=tokenizer,
+        config=LoaderConfig(batch_size=8, remainder="pad"),
+    )
+    (batch,) = list(padded)
+    assert batch["valid"].tolist() == [True] * 3 + [False] * 5
+    padded.close()

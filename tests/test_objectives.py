@@ -179,7 +179,7 @@ def test_contrastive_with_label_smoothing_and_masked_slots_is_finite_and_direct(
     scale = torch.tensor(math.log(1 / 0.07), requires_grad=True)
     valid = torch.tensor([True, False, True, True, False, True])
     loss, logs = contrastive_loss(a, b, scale, valid, label_smoothing=0.1)
-    assert torch.isfinite(loss)
+    assert torch.isfinite(loss) and 0.0 <= logs["acc"] <= 1.0
     keep = valid.nonzero()[:, 0]
     sub, _ = contrastive_loss(a[keep], b[keep], scale, None, label_smoothing=0.1)
     torch.testing.assert_close(loss, sub)

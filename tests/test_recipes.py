@@ -300,3 +300,52 @@ def test_mask_ratio_attribute_drops_source_tokens(tmp_path):
     task.generate(batch, max_len=3)
     hook.remove()
     assert lengths[0] < lengths[1] and lengths[1] - lengths[0] == 8  # 8 of 16 patches dropped in training only
+
+
+def _cli(out: Path, *overrides: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    args = ["recipe=vl_contrastive", f"output_dir={out}", "hydra.run.dir=" + str(out), *SMALL, *overrides]
+    return subprocess.run(
+        [sys.executable, "-m", "one_peace.run", *args], capture_output=True, text=True, timeout=timeout, cwd=out.parent
+    )
+
+
+def test_output_dir_holding_another_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    """#10.2: a fresh run used to prune its own new checkpoints in favour of an older run's higher steps."""
+    out = tmp_path / "run"
+    run(_cfg("vl_contrastive", out, "trainer.max_steps=4", "trainer.save_every=2"))  # the old run: step 4
+    refused = _cli(out, "trainer.max_steps=2")
+    assert refused.returncode != 0
+    assert "holds another run (checkpoints, metrics.jsonl)" in refused.stderr, refused.stderr[-2000:]
+    assert "trainer.resume=true" in refused.stderr and "overwrite=true" in refused.stderr
+    assert latest_checkpoint(out).name == "step_0000004"  # untouched
+    fresh = _cli(out, "trainer.max_steps=2", "overwrite=true")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "overwrite=true: moved the previous run" in fresh.stdout
+    printed = Path(fresh.stdout.split("checkpoint: ")[-1].strip().splitlines()[0])
+    assert printed.is_dir() and printed == latest_checkpoint(out) and printed.name == "step_0000002"
+    (aside,) = out.glob("previous-*")
+    assert (aside / "checkpoints" / "step_0000004" / "COMPLETE").is_file()
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2]  # the new run's metrics only
+
+
+def test_a_second_run_into_a_locked_output_dir_is_refused_naming_the_holder(tmp_path):
+    """#10.3: the lock is an OS lock (flock): held here by this process, as a live run would hold it."""
+    import fcntl
+
+    from one_peace.runner.outputs import LOCK_NAME
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / LOCK_NAME, "w") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fh.write("424242\n")
+        fh.flush()
+        refused = _cli(out, "trainer.max_steps=1")
+    assert refused.returncode != 0
+    assert "is in use by another run (pid 424242)" in refused.stderr, refused.stderr[-2000:]
+    assert not (out / "demo_data").exists()
+    # released (the holder closed or was killed): the same command now runs, and says a resume found nothing
+    ok = _cli(out, "trainer.max_steps=1", "trainer.resume=true")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "trainer.resume: no checkpoint in" in ok.stdout and "starting fresh" in ok.stdout

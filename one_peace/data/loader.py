@@ -468,6 +468,8 @@ class MultimodalLoader:
                 self.bad_reasons = Counter(restored["bad_reasons"])
             else:
                 self.stats = EpochStats(epoch=self.epoch, rows=self.per_rank_rows())
+        yielded = 0
+        resumed_mid_epoch = self.stats.batches > 0
         for batch in self._pipeline:
             if self._abort:
                 raise TooManyBadSamples(self._abort)
@@ -476,9 +478,23 @@ class MultimodalLoader:
                 self.stats.slots += len(batch["valid"])
                 continue
             self._account(batch)
+            yielded += 1
             yield batch
         if self._abort:
             raise TooManyBadSamples(self._abort)
+        if yielded == 0 and not resumed_mid_epoch:
+            self._pipeline = None
+            rows = self.per_rank_rows()
+            why = (
+                f"remainder='drop' drops the {rows} rows that cannot fill a batch of {self.config.batch_size}"
+                if self.config.remainder == "drop" and rows < self.config.batch_size
+                else f"every sample read was bad ({dict(self.bad_reasons)})"
+            )
+            raise ValueError(
+                f"{self.manifest or 'the data'}: epoch {self.epoch} yields no batch on rank {self.rank} of "
+                f"{self.world}: {rows} rows per rank, batch size {self.config.batch_size}; {why}. "
+                "Use more rows, a smaller trainer.batch_size, or data.remainder=pad."
+            )
         self.stats.bad = Counter(self.bad_reasons)
         if self.config.remainder == "drop":  # rows of this rank that did not fill a batch
             self.stats.remainder_dropped = max(0, self.stats.rows - self.stats.slots)

@@ -321,7 +321,9 @@ def trainer_config(cfg: DictConfig) -> Any:
     name = (raw.get("optimizer") or {}).get("name", "adamw")
     if name not in OPTIMIZERS:
         raise ValueError(f"trainer.optimizer.name: unknown optimizer {name!r}; registered: {sorted(OPTIMIZERS)}")
-    return TrainerConfig(**raw)
+    config = TrainerConfig(**raw)
+    config.validate()
+    return config
 
 
 def check_config(cfg: DictConfig, modalities: list[str]) -> None:

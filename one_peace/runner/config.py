@@ -221,12 +221,15 @@ class RunConfig:
         output_dir: Where checkpoints, metrics and evaluation results go.
         seed: Seed of init, data order and masking.
         modality: ``add_modality``: the modality aligned to text.
+        overwrite: A fresh run into an ``output_dir`` that holds another run moves that run into
+            ``previous-<time>/`` (without it, and without ``trainer.resume=true``, such a run is refused).
     """
 
     recipe_name: str = MISSING
     output_dir: str = "outputs/${recipe_name}"
     seed: int = 0
     modality: Optional[str] = None  # noqa: UP045
+    overwrite: bool = False
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)

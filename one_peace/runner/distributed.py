@@ -32,6 +32,14 @@ def rank0_first(rank: int, world: int, fn: Callable[..., Any], *args: Any) -> An
     return result
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing outside a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown(world: int) -> None:
     """Leave the process group (when one was joined)."""
     if world > 1:

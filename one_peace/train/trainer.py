@@ -82,6 +82,29 @@ class TrainerConfig:
     distributed: str = "ddp"
     mixed_precision: str | None = None
 
+    def validate(self) -> None:
+        """Check the values, raising ``ValueError`` naming ``trainer.<key>`` and what was expected."""
+        for key in ("max_steps", "batch_size", "save_every", "log_every", "accumulation"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"trainer.{key} must be an integer >= 1, got {value!r}")
+        for key in ("warmup_steps", "keep_last"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)!r}")
+        for key in ("weight_decay", "grad_clip"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"trainer.lr must be > 0, got {self.lr!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"trainer.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ValueError(f"trainer.layer_decay must be in (0, 1] or null, got {self.layer_decay!r}")
+        if self.distributed not in ("ddp", "fsdp2"):
+            raise ValueError(f"trainer.distributed must be 'ddp' or 'fsdp2', got {self.distributed!r}")
+        if self.mixed_precision not in (None, "bf16", "fp32"):
+            raise ValueError(f"trainer.mixed_precision must be 'bf16', 'fp32' or null, got {self.mixed_precision!r}")
+
 
 def resolve_parameter_sets(module: nn.Module, entries: Sequence[str], key: str = "trainer.trainable") -> list[str]:
     """Glob patterns of ``module``'s parameter names for each entry: a named group of ``module.model`` (see
@@ -151,6 +174,7 @@ class Trainer:
         output_dir: str | Path,
         extra_state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
     ) -> None:
+        config.validate()
         self.task = task
         self.loader = loader
         self.cfg = config
@@ -251,8 +275,14 @@ class Trainer:
         """Train to ``max_steps`` (resuming when configured); returns the final checkpoint folder."""
         from tqdm import tqdm
 
-        if self.cfg.resume and self.resume():
-            print(f"resumed from step {self.step}")
+        if self.cfg.resume and self.rank == 0:
+            print(
+                f"resumed from step {self.step}"
+                if self.resume()
+                else f"trainer.resume: no checkpoint in {self.out}, starting fresh"
+            )
+        elif self.cfg.resume:
+            self.resume()
         self.task.train()
         bar = tqdm(
             total=self.cfg.max_steps,
