@@ -29,13 +29,28 @@ from one_peace.checkpoint import save as save_folder
 CKPT_RE = re.compile(r"^step_(\d{7})$")
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest *complete* checkpoint folder (temporary and unmarked folders are ignored)."""
+def _recover(root: Path) -> None:
+    """Finish an interrupted replacement: a ``.step_N.old`` whose ``step_N`` is missing is put back."""
+    for old in root.glob(".step_*.old"):
+        final = root / old.name[1:].removesuffix(".old")
+        if CKPT_RE.match(final.name) and not final.exists():
+            os.replace(old, final)
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Every *complete* checkpoint folder, newest first (temporary and unmarked folders are ignored)."""
     root = Path(output_dir) / "checkpoints"
     if not root.is_dir():
-        return None
+        return []
+    _recover(root)
     found = [p for p in root.iterdir() if CKPT_RE.match(p.name) and (p / "COMPLETE").is_file()]
-    return max(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)), default=None)  # type: ignore[union-attr]
+    return sorted(found, key=lambda p: int(CKPT_RE.match(p.name).group(1)), reverse=True)  # type: ignore[union-attr]
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest *complete* checkpoint folder, or ``None``."""
+    found = complete_checkpoints(output_dir)
+    return found[0] if found else None
 
 
 def dist_info() -> tuple[int, int]:
@@ -131,9 +146,14 @@ def save_checkpoint(self: Any) -> Path:
             meta = {**asdict(self.cfg), "world_size": self.world}
             (tmp / "training_state" / "trainer.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
             (tmp / "COMPLETE").write_text(f"{self.step}\n")
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            if final.exists():  # never delete before the replacement is in place (see _recover)
+                old = root / f".{final.name}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
             kept = sorted((p for p in root.iterdir() if CKPT_RE.match(p.name)), key=lambda p: p.name)
             for old in kept[: -self.cfg.keep_last] if self.cfg.keep_last > 0 else []:
                 shutil.rmtree(old, ignore_errors=True)
@@ -145,13 +165,56 @@ def save_checkpoint(self: Any) -> Path:
     return final
 
 
+class UnreadableCheckpoint(RuntimeError):
+    """A checkpoint folder that cannot be restored (corrupt or for another model)."""
+
+
 def resume_checkpoint(self: Any) -> bool:
-    """Restore the latest complete checkpoint, if any; returns whether one was found."""
+    """Restore the latest complete checkpoint, if any; returns whether one was found.
+
+    When the newest one cannot be read (corrupt files), the previous complete one is used instead, and the
+    fallback is printed (single process; under torchrun every rank must agree, so the error is raised instead).
+    """
+    found = complete_checkpoints(self.out)
+    for i, ckpt in enumerate(found):
+        try:
+            _restore(self, ckpt)
+        except UnreadableCheckpoint as exc:
+            if self.world > 1 or i + 1 == len(found):
+                raise
+            print(f"{exc}; falling back to the previous complete checkpoint {found[i + 1].name}")
+            continue
+        _trim_metrics(self)
+        return True
+    return False
+
+
+def _trim_metrics(self: Any) -> None:
+    """Drop the rows of ``metrics.jsonl`` logged after the resumed step (they will be logged again)."""
+    path = self.out / "metrics.jsonl"
+    if self.rank != 0 or not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line).get("step", 0) <= self.step]
+    if len(kept) != len(rows):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+
+
+def _restore(self: Any, ckpt: Path) -> None:
+    """Load one checkpoint folder into the trainer (weights, task modules, optimizer, RNG, data position)."""
     from safetensors.torch import load_file
 
-    ckpt = latest_checkpoint(self.out)
-    if ckpt is None:
-        return False
+    from one_peace.checkpoint import CheckpointError
+
+    state_file = ckpt / "training_state" / f"rank{self.rank}.pt"
+    if not state_file.is_file():
+        raise FileNotFoundError(f"{state_file}: no resume state for rank {self.rank} (was the world size different?)")
+    try:
+        state = torch.load(state_file, weights_only=True)  # plain data and tensors only
+    except Exception as exc:  # torch raises RuntimeError / UnpicklingError / EOFError for damaged files
+        raise UnreadableCheckpoint(f"{state_file}: unreadable resume state ({type(exc).__name__}: {exc})") from None
     if self.sharded:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -161,18 +224,24 @@ def resume_checkpoint(self: Any) -> bool:
         dcp.load(sd, checkpoint_id=str(ckpt / "training_state" / "dcp"))
         set_state_dict(self.task, self.opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     params = dict(self.task.model.named_parameters())  # type: ignore[union-attr]
-    with torch.no_grad():
-        for name, tensor in iter_weights(ckpt) if not self.sharded else ():
-            params[name].copy_(tensor)
-        if not self.sharded and (ckpt / "task.safetensors").is_file():
-            own = dict(self.task.named_parameters())
-            for k, v in load_file(str(ckpt / "task.safetensors")).items():
-                if k in own:
-                    own[k].copy_(v)
-    state_file = ckpt / "training_state" / f"rank{self.rank}.pt"
-    if not state_file.is_file():
-        raise FileNotFoundError(f"{state_file}: no resume state for rank {self.rank} (was the world size different?)")
-    state = torch.load(state_file, weights_only=True)  # plain data and tensors only
+    try:
+        with torch.no_grad():
+            for name, tensor in iter_weights(ckpt) if not self.sharded else ():
+                if name not in params:
+                    raise ValueError(f"{ckpt}: weight {name!r} is not a parameter of this model")
+                if params[name].shape != tensor.shape:
+                    raise ValueError(
+                        f"{ckpt}: {name} has shape {tuple(tensor.shape)}, the model's is {tuple(params[name].shape)} "
+                        "(was the run resumed with another model size?)"
+                    )
+                params[name].copy_(tensor)
+            if not self.sharded and (ckpt / "task.safetensors").is_file():
+                own = dict(self.task.named_parameters())
+                for k, v in load_file(str(ckpt / "task.safetensors")).items():
+                    if k in own:
+                        own[k].copy_(v)
+    except CheckpointError as exc:
+        raise UnreadableCheckpoint(str(exc)) from None
     if state["optimizer"] is not None:
         self.opt.load_state_dict(state["optimizer"])
     self.step, self.epoch, self.history = state["step"], state["epoch"], state["history"]
@@ -180,7 +249,6 @@ def resume_checkpoint(self: Any) -> bool:
     self.loader.load_state_dict(state["loader"])
     if self.extra_state and state.get("extra") is not None:
         self.extra_state[1](state["extra"])
-    return True
 
 
 # ------------------------------------------------------------------------------------------ training

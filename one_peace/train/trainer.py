@@ -335,7 +335,10 @@ class Trainer:
             self._tb.close()
         if self.rank == 0:
             self.plot()
-        return last or self.save()
+        if last is None:  # resumed at max_steps: the finished run's own checkpoint, not a re-save over it
+            done = latest_checkpoint(self.out)
+            last = done if done is not None and done.name == f"step_{self.step:07d}" else self.save()
+        return last
 
     def plot(self) -> Path | None:
         """Save the loss curves of ``metrics.jsonl`` as ``loss.png`` (skipped, with one warning, without matplotlib)."""
