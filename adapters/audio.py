@@ -249,8 +249,12 @@ def preprocess_audio(
         import soxr
 
         data = soxr.resample(data, sr, SAMPLE_RATE, quality="HQ").astype(np.float32)
-    wave = torch.from_numpy(np.ascontiguousarray(data))
-    wave = F.layer_norm(wave, wave.shape, eps=1e-5)
+    # normalise the whole clip in float64: huge finite samples (e.g. +-3e38 in a float WAV) overflow float32
+    wide = data.astype(np.float64)
+    wide = (wide - wide.mean()) / np.sqrt(wide.var() + 1e-5)
+    if not np.isfinite(wide).all():
+        raise ValueError("audio input cannot be normalised (non-finite after normalisation)")
+    wave = torch.from_numpy(np.ascontiguousarray(wide.astype(np.float32)))
     wave = wave[: int(max_seconds * SAMPLE_RATE)]
     if wave.numel() < min_samples:
         wave = wave.repeat(math.ceil(min_samples / wave.numel()))[:min_samples]

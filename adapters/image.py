@@ -119,6 +119,24 @@ def load_image(item: Any) -> Any:
         raise ValueError(
             f"cannot decode image {str(item)[:120] if isinstance(item, str | Path) else '<bytes>'}: {exc}"
         ) from exc
+    return to_rgb(img)
+
+
+def to_rgb(img: Any) -> Any:
+    """RGB of any PIL mode. 16-bit, 32-bit integer and float images are scaled to 8 bits first (PIL's own
+    ``convert("RGB")`` clips them at 255, so a 16-bit PNG came out almost white); every other mode (1-bit, L, P,
+    RGBA, LA, CMYK, ...) goes through ``convert`` as the official preprocessing does (alpha is dropped)."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        if img.mode.startswith("I;16"):
+            arr = arr / 257.0
+        elif img.mode == "I":
+            arr = arr / 257.0 if arr.max(initial=0) > 255 else arr
+        else:  # float images: [0, 1] when they fit, else taken as 0..255
+            arr = arr * 255.0 if arr.max(initial=0) <= 1.0 else arr
+        img = Image.fromarray(np.clip(np.rint(np.nan_to_num(arr)), 0, 255).astype(np.uint8), mode="L")
     return img.convert("RGB")
 
 

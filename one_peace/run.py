@@ -97,7 +97,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.sharded:  # evaluation calls submodules directly: gather the root's sharded parameters first
         task.unshard()
 
-    all_results = evaluate_all(specs, needs, tasks, eval_loaders, train, say, multi)
+    train_of = {
+        name: ((spec.get("data") or {}).get("train") if multi else None) or train for name, spec in specs.items()
+    }
+    all_results = evaluate_all(specs, needs, tasks, eval_loaders, train_of, say, multi)
     results = all_results if multi else next(iter(all_results.values()))
     loader.close()
     for ev in eval_loaders.values():

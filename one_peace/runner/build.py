@@ -99,6 +99,7 @@ def task_needs(cfg: DictConfig, spec: Any) -> dict[str, Any]:
             "text_fields": passthrough,
             "plain": [p for t in instruction.templates for p in t.source if isinstance(p, str)],
             "target_field": next((s.field for s in instruction.templates[0].target_slots if s.kind == "text"), None),
+            "box_field": next((s.field for s in instruction.templates[0].target_slots if s.kind == "box"), None),
             "closed_set": next(
                 (s.field for t in instruction.templates for s in t.target_slots if "closed_set" in s.attrs), None
             ),

@@ -46,8 +46,9 @@ def box_iou(a: list[float], b: list[float]) -> float:
 
 
 @torch.no_grad()
-def evaluate_boxes(task: Any, loader: Any, spec: Any) -> dict[str, Any]:
-    """Grounding: IoU of generated boxes with the references, against predicting the mean reference box."""
+def evaluate_boxes(task: Any, loader: Any, spec: Any, train_boxes: list[list[float]] | None = None) -> dict[str, Any]:
+    """Grounding: IoU of generated boxes with the references, against predicting the mean *training* box
+    (``train_boxes``; the validation references' own mean only when no training boxes are given)."""
     task.eval()
     pairs = []
     for batch in loader:
@@ -55,7 +56,8 @@ def evaluate_boxes(task: Any, loader: Any, spec: Any) -> dict[str, Any]:
             if ok:
                 pairs.append((pred, ref))
     ious = [box_iou(p, r) if p is not None else 0.0 for p, r in pairs]
-    mean_box = [float(np.mean([r[i] for _, r in pairs])) for i in range(4)]
+    source = train_boxes if train_boxes else [r for _, r in pairs]
+    mean_box = [float(np.mean([r[i] for r in source])) for i in range(4)]
     base = [box_iou(mean_box, r) for _, r in pairs]
     return {
         "mean_iou": float(np.mean(ious)),
@@ -67,7 +69,12 @@ def evaluate_boxes(task: Any, loader: Any, spec: Any) -> dict[str, Any]:
 
 
 def evaluate_seq2seq(
-    task: Any, loader: Any, spec: Any, target_field: str, closed_set: list[str] | None = None
+    task: Any,
+    loader: Any,
+    spec: Any,
+    target_field: str,
+    closed_set: list[str] | None = None,
+    train_refs: list[str] | None = None,
 ) -> dict[str, Any]:
     """Generated text vs the references: token F1 and exact match, against the most frequent training caption."""
     task.eval()
@@ -87,10 +94,7 @@ def evaluate_seq2seq(
         prec, rec = common / len(pt), common / len(rt)
         return 2 * prec * rec / (prec + rec)
 
-    train_refs = (
-        [str(row[target_field]).lower() for _, row in iter_manifest(loader.manifest)] if loader.manifest else refs
-    )
-    baseline = Counter(train_refs).most_common(1)[0][0]
+    baseline = Counter([r.lower() for r in train_refs] if train_refs else refs).most_common(1)[0][0]
     return {
         "token_f1": float(np.mean([token_f1(p, r) for p, r in zip(preds, refs)])),
         "exact_match": float(np.mean([p == r for p, r in zip(preds, refs)])),
@@ -100,23 +104,37 @@ def evaluate_seq2seq(
     }
 
 
+def _training_rows(source: Any) -> list[dict[str, Any]]:
+    """The training rows of a manifest (shards and in-memory sources: their rows as the loader reads them)."""
+    if isinstance(source, list | tuple):
+        return [dict(r) for r in source if isinstance(r, dict)]
+    return [row for _, row in iter_manifest(str(source))]
+
+
 def evaluate_all(
     specs: dict[str, Any],
     needs: dict[str, Any],
     tasks: dict[str, Any],
     loaders: dict[str, Any],
-    train: str,
+    train: dict[str, Any],
     say: Any,
     multi: bool,
 ) -> dict[str, Any]:
-    """Run each task's evaluator on its validation loader, print a summary line per task; results by task name."""
+    """Run each task's evaluator on its validation loader, print a summary line per task; results by task name.
+
+    ``train`` maps each task to its training data: baselines (most frequent caption, mean box) and closed sets
+    come from there, never from the validation split.
+    """
     results: dict[str, Any] = {}
     for name, spec in specs.items():
         n, sub_task, ev = needs[name], tasks[name], loaders[name]
         prefix = f"[{name}] " if multi else ""
         if n["kind"] == "seq2seq":
+            rows = _training_rows(train[name])
             if n["target_field"] is None:  # BOX targets: grounding
-                res = evaluate_boxes(sub_task, ev, spec)
+                box = n.get("box_field")
+                boxes = [[v * 1.0 for v in row[box]] for row in rows if box and isinstance(row.get(box), list | tuple)]
+                res = evaluate_boxes(sub_task, ev, spec, boxes)
                 say(
                     f"{prefix}validation grounding: mean IoU {res['mean_iou']:.3f}, Acc@0.5 {res['acc@0.5']:.3f} "
                     f"(predicting the mean training box: {res['baseline_mean_iou']:.3f} / "
@@ -126,10 +144,9 @@ def evaluate_all(
                 continue
             closed = None
             if n.get("closed_set"):
-                closed = sorted(
-                    {str(row[n["closed_set"]]) for _, row in iter_manifest(train) if n["closed_set"] in row}
-                )
-            res = evaluate_seq2seq(sub_task, ev, spec, n["target_field"], closed)
+                closed = sorted({str(row[n["closed_set"]]) for row in rows if n["closed_set"] in row})
+            refs = [str(row[n["target_field"]]) for row in rows if n["target_field"] in row]
+            res = evaluate_seq2seq(sub_task, ev, spec, n["target_field"], closed, refs)
             say(
                 f"{prefix}validation: token F1 {res['token_f1']:.3f} (most-frequent-caption baseline "
                 f"{res['baseline_token_f1']:.3f}), exact match {res['exact_match']:.3f}"

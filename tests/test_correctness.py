@@ -1,0 +1,88 @@
+"""Correctness fixes of #10 that need no training extra: evaluator baselines from training data, image modes, WAV."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from one_peace.runner.evaluate import box_iou, evaluate_boxes, evaluate_seq2seq
+
+pytestmark = pytest.mark.core
+
+
+class _Task:
+    def __init__(self, outputs):
+        self.outputs = outputs
+
+    def eval(self):
+        return self
+
+    def generate(self, batch, beam=1, closed_set=None):
+        return self.outputs
+
+    def generate_boxes(self, batch, beam=1):
+        return self.outputs
+
+
+def test_most_frequent_caption_baseline_is_the_training_one():
+    batch = {"raw": {"caption": ["a blue circle", "a blue circle"]}, "valid": torch.tensor([True, True])}
+    train = ["a red square"] * 3 + ["a blue circle"]
+    res = evaluate_seq2seq(_Task(["a red square", "a blue circle"]), [batch], {}, "caption", None, train)
+    assert res["baseline_caption"] == "a red square"  # the validation split's own mode would be "a blue circle"
+    assert res["baseline_token_f1"] == pytest.approx(2 * (1 / 3 * 1 / 3) / (2 / 3))  # "a" of 3 tokens each way
+    assert res["token_f1"] == pytest.approx((res["baseline_token_f1"] + 1.0) / 2)
+
+
+def test_mean_box_baseline_is_the_mean_training_box():
+    refs = [[0.0, 0.0, 10.0, 10.0], [10.0, 10.0, 20.0, 20.0]]
+    batch = {"valid": torch.tensor([True, True])}
+    train_boxes = [[0.0, 0.0, 10.0, 10.0]] * 3
+    res = evaluate_boxes(_Task([(refs[0], refs[0]), (None, refs[1])]), [batch], {}, train_boxes)
+    assert res["mean_iou"] == pytest.approx(0.5) and res["acc@0.5"] == pytest.approx(0.5)
+    assert res["baseline_mean_iou"] == pytest.approx((1.0 + 0.0) / 2)  # the training mean is refs[0]'s box
+    assert box_iou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)
+
+
+def test_every_image_mode_decodes_to_the_right_colours(tmp_path):
+    """#10.14: a 16-bit PNG used to decode almost white (PIL clips I;16 at 255)."""
+    import numpy as np
+    from one_peace.adapters.image import load_image
+    from PIL import Image
+
+    grey16 = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16  # 0 .. 65520
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    img16 = np.asarray(load_image(tmp_path / "g16.png"))
+    expected = np.rint(grey16 / 257.0)
+    assert np.abs(img16[..., 0].astype(float) - expected).max() <= 1 and (img16[..., 0] == 255).mean() < 0.01
+    red = Image.new("RGB", (8, 8), (200, 30, 40))
+    cases = {
+        "1": Image.new("1", (8, 8), 1),
+        "L": Image.new("L", (8, 8), 77),
+        "P": red.convert("P", palette=Image.Palette.ADAPTIVE),
+        "RGBA": Image.new("RGBA", (8, 8), (200, 30, 40, 128)),
+        "CMYK": red.convert("CMYK"),
+        "F": Image.fromarray(np.full((8, 8), 0.5, dtype=np.float32)),
+    }
+    want = {"1": (255,) * 3, "L": (77,) * 3, "P": (200, 30, 40), "RGBA": (200, 30, 40), "F": (128,) * 3}
+    for mode, im in cases.items():
+        im.save(tmp_path / f"{mode}.png" if mode not in ("CMYK", "F") else tmp_path / f"{mode}.tiff")
+        path = tmp_path / (f"{mode}.png" if mode not in ("CMYK", "F") else f"{mode}.tiff")
+        px = tuple(int(v) for v in np.asarray(load_image(path))[4, 4])
+        if mode == "CMYK":
+            assert max(abs(a - b) for a, b in zip(px, (200, 30, 40))) <= 3, px
+        else:
+            assert px == want[mode], (mode, px)
+
+
+def test_encode_accepts_huge_finite_wav_samples_without_nan():
+    """#10.14: +-3e38 float samples used to give a NaN embedding (float32 overflow in the normalisation)."""
+    import numpy as np
+
+    import one_peace
+
+    model = one_peace.build_model("tiny", modalities=("text", "audio")).eval()
+    wave = np.where(np.arange(16000) % 2 == 0, 3e38, -3e38).astype(np.float32)
+    emb = model.encode("audio", [(wave, 16000)])
+    assert torch.isfinite(emb).all()
+    with pytest.raises(ValueError, match="NaN or infinity"):
+        model.encode("audio", [(np.full(16000, np.inf, dtype=np.float32), 16000)])
