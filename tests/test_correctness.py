@@ -86,3 +86,38 @@ def test_encode_accepts_huge_finite_wav_samples_without_nan():
     assert torch.isfinite(emb).all()
     with pytest.raises(ValueError, match="NaN or infinity"):
         model.encode("audio", [(np.full(16000, np.inf, dtype=np.float32), 16000)])
+
+
+def test_building_a_model_never_rewrites_the_callers_config():
+    """#10.20: the model used to rewrite config.modalities and the official_padding setter the caller's config."""
+    import one_peace
+
+    cfg = one_peace.model_config("tiny", ("video",))  # video requires image: the model adds it
+    options = {"video": {"num_frames": 4}}
+    cfg.modality_options = options
+    model = one_peace.build_model(cfg)
+    assert model.config.modalities == ("image", "video") and cfg.modalities == ("video",)
+    model.official_padding = True
+    model.config.modality_options["video"]["num_frames"] = 2
+    assert cfg.official_padding is False and options == {"video": {"num_frames": 4}}
+
+
+def test_the_gather_group_follows_the_process_group_lifetime(tmp_path):
+    """#10.20: the contrastive gather group was cached across process groups (a second run() reused a dead one)."""
+    import torch.distributed as dist
+
+    from one_peace.train import objectives
+
+    groups = []
+    for i in range(2):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store{i}", rank=0, world_size=1)
+        try:
+            group = objectives._gather_group()
+            assert objectives._gather_group() is group  # cached within one process group
+            out = [torch.zeros(2)]
+            dist.all_gather(out, torch.ones(2), group=group)  # usable
+            assert out[0].tolist() == [1.0, 1.0]
+            groups.append(group)
+        finally:
+            dist.destroy_process_group()
+    assert groups[0] is not groups[1]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,7 +89,12 @@ class OnePeaceModel(nn.Module):
         super().__init__()
         config.validate()
         plugins = resolve_modalities(config.modalities)
-        config.modalities = tuple(p.name for p in plugins)
+        # the model's own copy: the caller's config is never rewritten (here or by the official_padding setter)
+        config = dataclasses.replace(
+            config,
+            modalities=tuple(p.name for p in plugins),
+            modality_options=copy.deepcopy(config.modality_options),
+        )
         self.config = config
         self.plugins: dict[str, ModalityPlugin] = {p.name: p for p in plugins}
         self.groups: dict[str, str] = {p.name: p.shares or p.name for p in plugins}

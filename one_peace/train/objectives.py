@@ -75,9 +75,10 @@ def _gather_group() -> Any:
     gloo group lets the two streams of collectives pair up differently on different ranks (wrong gradients).
     """
     global _GATHER_GROUP
-    if _GATHER_GROUP is None:
-        _GATHER_GROUP = dist.new_group()
-    return _GATHER_GROUP
+    world = dist.group.WORLD
+    if _GATHER_GROUP is None or _GATHER_GROUP[0] is not world:  # a new process group (e.g. a second run()) needs
+        _GATHER_GROUP = (world, dist.new_group())  # its own gather group: the old one died with the old world
+    return _GATHER_GROUP[1]
 
 
 class _GatherWithGrad(torch.autograd.Function):
