@@ -206,6 +206,8 @@ class AudioAdapter(Adapter):
         k = keep_ids.shape[1]
         kpad = keep_ids.eq(-1)
         g = keep_ids.masked_fill(kpad, k - 1)
+        if mask is not None:  # kept frames that were padding stay padding
+            kpad = kpad | mask.gather(1, g)
         frames = (g[:, 1:] - 1).clamp(min=0)
         fk = f.gather(1, frames[:, :, None].expand(b, k - 1, d))
         x = self._finish(fk, kpad[:, 1:])

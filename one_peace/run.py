@@ -87,12 +87,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         weights = {name: float(spec.get("weight", 1.0)) for name, spec in specs.items()}
         task: Any = MultiTask(model, tasks, weights)
         loader: Any = MultiLoader(loaders)
-        extra_state: Any = (task.generator_state, task.set_generator_state)
     else:
         task, loader = next(iter(tasks.values())), next(iter(loaders.values()))
-        gen = getattr(task, "generator", None)
-        extra_state = (gen.get_state, gen.set_state) if gen is not None else None
-    trainer = Trainer(task, loader, tcfg, out, extra_state=extra_state)
+    trainer = Trainer(task, loader, tcfg, out)  # every RNG the task owns is saved with its checkpoints
     ckpt = trainer.fit()
     if trainer.sharded:  # evaluation calls submodules directly: gather the root's sharded parameters first
         task.unshard()

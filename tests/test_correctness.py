@@ -121,3 +121,27 @@ def test_the_gather_group_follows_the_process_group_lifetime(tmp_path):
         finally:
             dist.destroy_process_group()
     assert groups[0] is not groups[1]
+
+
+@pytest.mark.parametrize("modality", ["text", "audio"])
+def test_keep_ids_naming_a_padded_position_keeps_it_padding(modality):
+    """#10.19: the adapter's padding mask used to be dropped, so kept padding became an attended token."""
+    import one_peace
+
+    torch.manual_seed(0)
+    model = one_peace.build_model("tiny", modalities=("text", "audio")).eval()
+    batch = one_peace.example_inputs(("text", "audio"), batch_size=3, config=model.config)[modality]
+    full = model.adapters[modality](batch)
+    assert full.padding_mask is not None
+    row = int(full.padding_mask.sum(1).argmax())  # the most padded sample
+    padded = full.padding_mask[row].nonzero()[:, 0]
+    last_real = int((~full.padding_mask[row]).nonzero()[-1])
+    keep = torch.tensor([[0, 1, last_real, int(padded[0])]] * 3)
+    out = model.adapters[modality](batch, keep_ids=keep)
+    assert out.padding_mask is not None and bool(out.padding_mask[row, 3])
+    assert not out.padding_mask[row, :3].any()
+    # and the encoder's result for the real kept tokens does not depend on the padded one
+    with torch.no_grad():
+        with_pad = model.forward_features({modality: batch}, keep_ids={modality: keep}).hidden[modality][row, :3]
+        without = model.forward_features({modality: batch}, keep_ids={modality: keep[:, :3]}).hidden[modality][row]
+    torch.testing.assert_close(with_pad, without, atol=1e-5, rtol=1e-5)

@@ -349,3 +349,35 @@ def test_a_second_run_into_a_locked_output_dir_is_refused_naming_the_holder(tmp_
     ok = _cli(out, "trainer.max_steps=1", "trainer.resume=true")
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "trainer.resume: no checkpoint in" in ok.stdout and "starting fresh" in ok.stdout
+
+
+def test_seq2seq_with_sampled_templates_resumes_bitwise(tmp_path, monkeypatch):
+    """#10.9: the `|||` template sampler and the mask_ratio generator are saved; a crash after the step-2 checkpoint
+    (fault injection) and a resume reach exactly the uninterrupted run's weights."""
+    import one_peace.train.trainer as trainer_module
+
+    instruction = (
+        "task.instruction='[IMAGE:image,mask_ratio=0.3] what does the image describe? -> [TEXT:caption] ||| "
+        "[IMAGE:image,mask_ratio=0.3] caption it: -> [TEXT:caption]'"
+    )
+    common = ("trainer.max_steps=4", "trainer.save_every=2", "trainer.keep_last=5", instruction)
+    run(_cfg("vl_seq2seq", tmp_path / "ref", *common))
+    real = trainer_module.save_checkpoint
+
+    def crash_after_step_2(trainer):
+        path = real(trainer)
+        if trainer.step == 2:
+            raise KeyboardInterrupt("injected crash")
+        return path
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", crash_after_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg("vl_seq2seq", tmp_path / "run", *common))
+    monkeypatch.setattr(trainer_module, "save_checkpoint", real)
+    run(_cfg("vl_seq2seq", tmp_path / "run", *common, "trainer.resume=true"))
+    a = _weights(tmp_path / "ref" / "checkpoints" / "step_0000004")
+    b = _weights(tmp_path / "run" / "checkpoints" / "step_0000004")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ta = load_file(str(tmp_path / "ref" / "checkpoints" / "step_0000004" / "task.safetensors"))
+    tb = load_file(str(tmp_path / "run" / "checkpoints" / "step_0000004" / "task.safetensors"))
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)

@@ -41,7 +41,8 @@ def gather_kept(out: AdapterOutput, keep_ids: torch.Tensor, name: str) -> Adapte
 
     Tokens already carry their absolute positions, and the relative-bias index is gathered on both
     axes, so kept tokens see exactly the positions they had in the full sequence. ``-1`` entries
-    become padding (filled with the last column's index, as the official code does).
+    become padding (filled with the last column's index, as the official code does); a kept position that was
+    padding in the full sequence stays padding.
     """
     b, t, d = out.tokens.shape
     keep_ids = check_keep_ids(keep_ids, b, t, name)
@@ -52,6 +53,8 @@ def gather_kept(out: AdapterOutput, keep_ids: torch.Tensor, name: str) -> Adapte
     idx = out.rel_index if out.rel_index.dim() == 3 else out.rel_index.expand(b, t, t)
     rows = idx.gather(1, g[:, :, None].expand(b, k, t))
     rel_index = rows.gather(2, g[:, None, :].expand(b, k, k))
+    if out.padding_mask is not None:  # a kept position that was padding stays padding (never attended)
+        pad = pad | out.padding_mask.gather(1, g)
     return AdapterOutput(tokens, pad if bool(pad.any()) else None, rel_index, out.rel_table)
 
 

@@ -86,6 +86,41 @@ def _rng_state() -> dict[str, Any]:
     }
 
 
+def module_rng_states(module: torch.nn.Module) -> dict[str, Any]:
+    """Every RNG a module tree owns (``torch.Generator`` and ``random.Random`` attributes of any submodule), by path.
+
+    One mechanism for every task: masking generators, instruction-template sampling, ``mask_ratio`` draws and
+    whatever a plugin's task adds are all saved, without looking them up by name.
+    """
+    out: dict[str, Any] = {}
+    for prefix, sub in module.named_modules():
+        for attr, value in vars(sub).items():
+            key = f"{prefix}.{attr}" if prefix else attr
+            if isinstance(value, torch.Generator):
+                out[key] = {"kind": "torch", "state": value.get_state()}
+            elif isinstance(value, random.Random):
+                out[key] = {"kind": "python", "state": value.getstate()}
+    return out
+
+
+def set_module_rng_states(module: torch.nn.Module, states: Mapping[str, Any]) -> None:
+    """Restore :func:`module_rng_states`; an RNG the checkpoint lacks (or has but the module lacks) is an error."""
+    own = module_rng_states(module)
+    if set(own) != set(states):
+        raise ValueError(
+            f"resume state: the task's RNGs {sorted(own)} differ from the checkpoint's {sorted(states)} "
+            "(was the run resumed with another recipe?)"
+        )
+    for key, entry in states.items():
+        *path, attr = key.split(".")
+        sub = module.get_submodule(".".join(path)) if path else module
+        rng = getattr(sub, attr)
+        if entry["kind"] == "torch":
+            rng.set_state(entry["state"])
+        else:
+            rng.setstate(entry["state"])
+
+
 def _set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
@@ -127,6 +162,7 @@ def save_checkpoint(self: Any) -> Path:
             "loader": self.loader.state_dict(),
             "history": self.history,
             "extra": self.extra_state[0]() if self.extra_state else None,
+            "task_rngs": module_rng_states(self.task),
         }
         torch.save(state, tmp / "training_state" / f"rank{self.rank}.pt")
         barrier()
@@ -249,6 +285,8 @@ def _restore(self: Any, ckpt: Path) -> None:
     self.loader.load_state_dict(state["loader"])
     if self.extra_state and state.get("extra") is not None:
         self.extra_state[1](state["extra"])
+    if state.get("task_rngs") is not None:  # absent in checkpoints written before this was saved
+        set_module_rng_states(self.task, state["task_rngs"])
 
 
 # ------------------------------------------------------------------------------------------ training
