@@ -115,6 +115,20 @@ class TextTokenizer:
             raw = [i - 4 for i in ids if i >= 4]
         return str(self.tokenizer.decode(raw)).strip()
 
+    def word_start_table(self) -> torch.Tensor:
+        """``(vocab_size,)`` bool: which ids begin a word (byte-level BPE marks a leading space with ``Ġ``).
+
+        Special ids count as word starts; ids of continuation pieces (no ``Ġ``) are False. Whole-word masking uses
+        this to mask every piece of a word together.
+        """
+        size = self.vocab_size
+        starts = [True] * 4 + [False] * (size - 4)
+        for piece, raw in self.tokenizer.get_vocab().items():
+            ours = self.id_map.get(raw) if self.id_map is not None else raw + 4
+            if ours is not None and 4 <= ours < size:
+                starts[ours] = piece.startswith("\u0120")
+        return torch.tensor(starts, dtype=torch.bool)
+
     def save(self, folder: str | Path) -> dict[str, Any]:
         """Write the tokenizer files into ``folder``; returns the config entry describing them."""
         folder = Path(folder)

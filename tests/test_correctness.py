@@ -145,3 +145,42 @@ def test_keep_ids_naming_a_padded_position_keeps_it_padding(modality):
         with_pad = model.forward_features({modality: batch}, keep_ids={modality: keep}).hidden[modality][row, :3]
         without = model.forward_features({modality: batch}, keep_ids={modality: keep[:, :3]}).hidden[modality][row]
     torch.testing.assert_close(with_pad, without, atol=1e-5, rtol=1e-5)
+
+
+def test_whole_word_masking_masks_every_piece_of_a_word_together(parity):
+    """#10.8: nothing built the word-start table, so whole-word text masking was token masking."""
+    from one_peace.adapters.text import TextTokenizer
+
+    import one_peace
+    from one_peace.train.objectives import DenoiseObjective
+    from one_peace.train.task import Task
+
+    tok = TextTokenizer.from_bpe_dir(parity / "bpe")
+    model = one_peace.build_model(
+        "tiny", modalities=("text",), modality_options={"text": {"vocab_size": tok.vocab_size}}
+    )
+    model.tokenizer = tok
+    task = Task(model, {"t": (DenoiseObjective("text"), 1.0)}, seed=3)
+    assert task.word_start is not None and task.word_start.shape == (tok.vocab_size,)
+    sentences = [
+        "antidisestablishmentarianism is an extraordinarily long word",
+        "the photosynthesising chloroplasts outperformed expectations",
+        "unbelievably, the kaleidoscopic hummingbird hovered motionlessly",
+    ] * 4
+    batch = model.prepare("text", sentences)
+    tokens = batch["tokens"]
+    starts = task.word_start[tokens]
+    assert (~starts & tokens.gt(3)).sum() >= 10, "the sentences must hold multi-piece words"
+    valid = tokens.ne(1)
+    valid = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)  # the CLS position comes first
+    mask = task._single_mask("text", valid, {"text": batch})[:, 1:]
+    assert mask.any()
+    for row in range(tokens.shape[0]):
+        word: list[int] = []
+        for p in range(tokens.shape[1] + 1):
+            at_end = p == tokens.shape[1] or tokens[row, p] <= 3 or bool(starts[row, p])
+            if at_end and word:
+                assert len({bool(mask[row, q]) for q in word}) == 1, (sentences[row], word)
+                word = []
+            if p < tokens.shape[1] and tokens[row, p] > 3:
+                word.append(p)

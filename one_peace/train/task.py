@@ -61,6 +61,8 @@ class Task(nn.Module):
         self.objectives = nn.ModuleDict({k: o for k, (o, _) in objectives.items()})
         self.weights = {k: float(w) for k, (_, w) in objectives.items()}
         self.decoder = decoder
+        if word_start is None and hasattr(getattr(model, "tokenizer", None), "word_start_table"):
+            word_start = model.tokenizer.word_start_table()  # whole-word masking from the model's own tokenizer
         self.word_start = word_start
         self.generator = torch.Generator().manual_seed(seed)
 
