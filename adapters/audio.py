@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from one_peace.config import ModelConfig
+from one_peace.errors import EmptyMedia, NonFiniteData, UndecodableMedia
 from one_peace.models.adapter import Adapter, AdapterOutput, check_keep_ids, init_rel_table, require
 from one_peace.models.relpos import bucket_1d, bucket_1d_rows
 from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
@@ -231,7 +232,9 @@ def load_audio(item: Any) -> tuple[np.ndarray, int]:
         else:
             raise TypeError(f"unsupported audio input type {type(item).__name__} (path, bytes or (array, sample_rate))")
     except (RuntimeError, sf.LibsndfileError) as exc:
-        raise ValueError(f"cannot decode audio {item if isinstance(item, str | Path) else '<bytes>'}: {exc}") from exc
+        raise UndecodableMedia(
+            f"cannot decode audio {item if isinstance(item, str | Path) else '<bytes>'}: {exc}"
+        ) from exc
     return data, int(sr)
 
 
@@ -244,9 +247,9 @@ def preprocess_audio(
     if data.ndim == 2:
         data = data.mean(axis=1, dtype=np.float32)
     if data.size == 0:
-        raise ValueError("audio input has no samples")
+        raise EmptyMedia("audio input has no samples")
     if not np.isfinite(data).all():
-        raise ValueError("audio input contains NaN or infinity")
+        raise NonFiniteData("audio input contains NaN or infinity")
     if sr != SAMPLE_RATE:
         import soxr
 
@@ -255,7 +258,7 @@ def preprocess_audio(
     wide = data.astype(np.float64)
     wide = (wide - wide.mean()) / np.sqrt(wide.var() + 1e-5)
     if not np.isfinite(wide).all():
-        raise ValueError("audio input cannot be normalised (non-finite after normalisation)")
+        raise NonFiniteData("audio input cannot be normalised (non-finite after normalisation)")
     wave = torch.from_numpy(np.ascontiguousarray(wide.astype(np.float32)))
     wave = wave[: int(max_seconds * SAMPLE_RATE)]
     if wave.numel() < min_samples:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from one_peace.config import ModelConfig
+from one_peace.errors import UndecodableMedia
 from one_peace.models.adapter import Adapter, AdapterOutput, init_rel_table, require
 from one_peace.models.relpos import bucket_2d, bucket_2d_rows
 from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
@@ -116,7 +117,7 @@ def load_image(item: Any) -> Any:
         else:
             raise TypeError(f"unsupported image input type {type(item).__name__} (path, bytes, PIL image or array)")
     except (OSError, ValueError) as exc:
-        raise ValueError(
+        raise UndecodableMedia(
             f"cannot decode image {str(item)[:120] if isinstance(item, str | Path) else '<bytes>'}: {exc}"
         ) from exc
     return to_rgb(img)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from one_peace.config import ModelConfig
+from one_peace.errors import InvalidValue
 from one_peace.models.adapter import Adapter, AdapterOutput, init_rel_table, require
 from one_peace.models.relpos import bucket_1d, bucket_1d_rows
 from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
@@ -229,6 +230,8 @@ class TextModality(ModalityPlugin):
             )
 
         def preprocess(text: Any) -> dict[str, Any]:
+            if not isinstance(text, str):
+                raise InvalidValue(f"text must be a string, got {type(text).__name__} {str(text)[:60]!r}")
             return {"tokens": torch.tensor(tokenizer.encode(text), dtype=torch.long)}
 
         return preprocess

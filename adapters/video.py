@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from one_peace.config import ModelConfig
+from one_peace.errors import EmptyMedia, UndecodableMedia
 from one_peace.models.adapter import Adapter, AdapterOutput, require
 from one_peace.models.relpos import bucket_2d
 from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
@@ -69,7 +70,7 @@ class VideoAdapter(Adapter):
 def sample_frame_indices(total: int, num: int) -> list[int]:
     """``num`` indices spread uniformly over ``total`` frames (segment centres)."""
     if total <= 0:
-        raise ValueError("video has no frames")
+        raise EmptyMedia("video has no frames")
     return [min(total - 1, int((i + 0.5) * total / num)) for i in range(num)]
 
 
@@ -81,7 +82,7 @@ def load_video_frames(item: Any, num_frames: int) -> list[Any]:
         exts = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
         frames = sorted(p for p in Path(item).iterdir() if p.suffix.lower() in exts)
         if not frames:
-            raise ValueError(f"video folder {item} holds no image frames")
+            raise EmptyMedia(f"video folder {item} holds no image frames")
     else:
         from one_peace.extras import require
 
@@ -92,7 +93,7 @@ def load_video_frames(item: Any, num_frames: int) -> list[Any]:
             with av.open(str(item) if isinstance(item, str | Path) else item) as container:
                 frames = [f.to_image() for f in container.decode(video=0)]
         except Exception as exc:
-            raise ValueError(f"cannot decode video {item}: {exc}") from exc
+            raise UndecodableMedia(f"cannot decode video {item}: {exc}") from exc
     return [frames[i] for i in sample_frame_indices(len(frames), num_frames)]
 
 

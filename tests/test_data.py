@@ -142,7 +142,7 @@ def test_bad_fraction_limit_stops_the_run_with_a_report(tmp_path):
         model_config=CFG,
         config=LoaderConfig(batch_size=5, shuffle_window=0, max_bad_fraction=0.1, min_samples_for_bad_check=10),
     )
-    with pytest.raises(TooManyBadSamples, match=r"\d+ of \d+ samples were bad .*> 10\.0%.*missing file"):
+    with pytest.raises(TooManyBadSamples, match=r"\d+ of \d+ distinct samples were bad .*> 10\.0%.*missing file"):
         list(loader)
 
 
@@ -349,3 +349,56 @@ def test_an_epoch_that_yields_nothing_is_a_clear_error_not_a_hang(tmp_path, toke
     (batch,) = list(padded)
     assert batch["valid"].tolist() == [True] * 3 + [False] * 5
     padded.close()
+
+
+def test_bad_rows_are_counted_once_per_epoch_and_distinct_in_total(tmp_path, caplog):
+    """#10.11: re-reads of the same bad rows used to accumulate ("1000 of 1000" for 40 bad rows over 25 epochs)."""
+    manifest = _bad_manifest(tmp_path)  # 20 rows, 4 bad
+    loader = MultimodalLoader(
+        manifest, model_config=CFG, config=LoaderConfig(batch_size=5, shuffle_window=0, max_bad_fraction=0.5)
+    )
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            _ids(loader)
+            assert loader.stats.bad_total == 4 and loader.total_seen == 20
+    assert loader.bad_ids == {"missing", "corrupt", "empty", "nan"}
+    assert caplog.text.count("skipping sample corrupt") == 1  # logged once, not once per epoch
+    strict = MultimodalLoader(
+        manifest,
+        model_config=CFG,
+        config=LoaderConfig(batch_size=5, shuffle_window=0, max_bad_fraction=0.1, min_samples_for_bad_check=1000),
+    )
+    with pytest.raises(TooManyBadSamples, match=r"epoch 0: 4 of 20 distinct samples were bad"):
+        _ids(strict)  # a whole epoch smaller than the sample size is judged at its end
+
+
+def test_a_plugin_bug_stops_the_run_instead_of_becoming_bad_samples(tmp_path, tokenizer):
+    """#10.12: a TypeError in a preprocessor used to be counted as a bad sample (999 warnings, masked slots)."""
+    from one_peace.errors import InvalidValue
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "text": "a red square"}) + "\n" for i in range(4)))
+    loader = MultimodalLoader(
+        path, fields={"text": "text"}, model_config=CFG, tokenizer=tokenizer, config=LoaderConfig(batch_size=2)
+    )
+
+    def buggy(value):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    loader.preprocessors["text"] = buggy
+    with pytest.raises(TypeError, match="unsupported operand"):
+        list(loader)
+    assert loader.total_bad == 0
+    numbers = tmp_path / "numbers.jsonl"
+    numbers.write_text(json.dumps({"id": "n", "text": 5}) + "\n" + json.dumps({"id": "ok", "text": "a tone"}) + "\n")
+    typed = MultimodalLoader(
+        numbers,
+        fields={"text": "text"},
+        model_config=CFG,
+        tokenizer=tokenizer,
+        config=LoaderConfig(batch_size=2, max_bad_fraction=0.5),
+        validate=False,  # up-front validation would refuse the row; here it reaches the preprocessor
+    )
+    (batch,) = list(typed)
+    assert batch["valid"].tolist() == [False, True] or batch["valid"].tolist() == [True, False]
+    assert dict(typed.stats.bad) == {InvalidValue.reason: 1}

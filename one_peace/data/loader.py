@@ -28,6 +28,7 @@ import torch
 from one_peace.config import ModelConfig
 from one_peace.data._fairseq2 import data_pipeline
 from one_peace.data.manifest import MEDIA_MODALITIES, ManifestReader, default_fields, resolve_media, validate_manifest
+from one_peace.errors import DataError, InvalidValue, MissingField, NonFiniteData
 from one_peace.registry import get_plugin, list_modalities
 
 logger = logging.getLogger(__name__)
@@ -147,17 +148,11 @@ def _stats_from_dict(d: Mapping[str, Any]) -> EpochStats:
     return st
 
 
-def _classify(modality: str, exc: BaseException) -> str:
-    text = str(exc).lower()
-    if isinstance(exc, FileNotFoundError) or "missing file" in text:
-        return "missing file"
-    if "nan" in text or "infinit" in text:
-        return "non-finite values"
-    if "no samples" in text or "no frames" in text:
-        return f"empty {modality}"
-    if isinstance(exc, KeyError) or "missing field" in text:
-        return "missing field"
-    return f"undecodable {modality}"
+def _classify(modality: str, exc: DataError) -> str:
+    """The count category of a bad sample: the error's own reason, with the modality for media problems."""
+    if exc.reason in ("undecodable", "empty"):
+        return f"{exc.reason} {modality}"
+    return exc.reason
 
 
 class MultimodalLoader:
@@ -239,7 +234,8 @@ class MultimodalLoader:
         self.total_seen = 0
         self.total_bad = 0
         self._abort: str | None = None
-        self.bad_reasons: Counter[str] = Counter()
+        self.bad_reasons: Counter[str] = Counter()  # this epoch's bad rows by reason (each row is read once)
+        self.bad_ids: set[str] = set()  # distinct bad rows over all epochs
         self._pool: ThreadPoolExecutor | None = None
 
     def _guess_modalities(self) -> list[str]:
@@ -362,43 +358,47 @@ class MultimodalLoader:
         modality = "row"
         try:
             if "__error__" in row:
-                raise ValueError(row["__error__"])
+                raise InvalidValue(row["__error__"])
             sample: dict[str, Any] = {"id": sid}
             for modality, fld in self.fields.items():
                 if fld not in row:
-                    raise KeyError(f"missing field {fld!r}")
+                    raise MissingField(f"missing field {fld!r}")
                 value = row[fld]
                 if modality in MEDIA_MODALITIES or isinstance(value, bytes):
                     value = resolve_media(value, self.base_dir)
                 out = self.preprocessors[modality](value)
                 for k, v in out.items():
                     if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                        raise ValueError(f"decoded {modality} {k} contains NaN or infinity")
+                        raise NonFiniteData(f"decoded {modality} {k} contains NaN or infinity")
                 sample[modality] = out
             for fld in self.passthrough:
                 if fld not in row:
-                    raise KeyError(f"missing field {fld!r}")
+                    raise MissingField(f"missing field {fld!r}")
                 sample.setdefault("raw", {})[fld] = row[fld]
             result: dict[str, Any] | _Bad = sample
-        except Exception as exc:
+        except DataError as exc:  # a bad sample; anything else is a bug (of ours or a plugin's) and stops the run
             result = _Bad(sid, _classify(modality, exc), f"{type(exc).__name__}: {exc}")
         with self._lock:
             self.total_seen += 1
             if isinstance(result, _Bad):
                 self.total_bad += 1
                 self.bad_reasons[result.reason] += 1
-                logger.warning("skipping sample %s: %s (%s)", result.sid, result.reason, result.detail)
-            c = self.config
-            if (
-                self.total_seen >= c.min_samples_for_bad_check
-                and self.total_bad / self.total_seen > c.max_bad_fraction
-                and self._abort is None
-            ):
-                self._abort = (
-                    f"{self.total_bad} of {self.total_seen} samples were bad ({self.total_bad / self.total_seen:.1%} > "
-                    f"{c.max_bad_fraction:.1%}); reasons: {dict(self.bad_reasons)}"
-                )
+                if result.sid not in self.bad_ids:  # logged once per row, not once per epoch
+                    self.bad_ids.add(result.sid)
+                    logger.warning("skipping sample %s: %s (%s)", result.sid, result.reason, result.detail)
+            if self.total_seen >= self.config.min_samples_for_bad_check:
+                self._judge_bad_fraction()
         return result
+
+    def _judge_bad_fraction(self) -> None:
+        """Set the abort report when this epoch's bad fraction (of distinct rows read) exceeds the limit."""
+        c = self.config
+        if self.total_seen and self.total_bad / self.total_seen > c.max_bad_fraction and self._abort is None:
+            self._abort = (
+                f"epoch {self.epoch}: {self.total_bad} of {self.total_seen} distinct samples were bad "
+                f"({self.total_bad / self.total_seen:.1%} > {c.max_bad_fraction:.1%}); "
+                f"reasons: {dict(self.bad_reasons)}"
+            )
 
     def _collate(self, samples: list[dict[str, Any]], slots: int) -> dict[str, Any]:
         """Collate ``samples``; empty slots (bad samples, padded remainder) are masked copies (``valid`` False)."""
@@ -466,8 +466,11 @@ class MultimodalLoader:
                 self.stats = _stats_from_dict(restored["stats"])
                 self.total_seen, self.total_bad = restored["seen"], restored["bad"]
                 self.bad_reasons = Counter(restored["bad_reasons"])
+                self.bad_ids = set(restored.get("bad_ids", ()))
             else:
                 self.stats = EpochStats(epoch=self.epoch, rows=self.per_rank_rows())
+                # counts are per epoch: a bad row read again in the next epoch is the same bad row, not a new one
+                self.total_seen, self.total_bad, self.bad_reasons = 0, 0, Counter()
         yielded = 0
         resumed_mid_epoch = self.stats.batches > 0
         for batch in self._pipeline:
@@ -480,7 +483,11 @@ class MultimodalLoader:
             self._account(batch)
             yielded += 1
             yield batch
+        if self.total_seen < self.config.min_samples_for_bad_check:  # a whole epoch smaller than the sample size
+            with self._lock:
+                self._judge_bad_fraction()
         if self._abort:
+            self._pipeline = None
             raise TooManyBadSamples(self._abort)
         if yielded == 0 and not resumed_mid_epoch:
             self._pipeline = None
@@ -522,6 +529,7 @@ class MultimodalLoader:
             "seen": self.total_seen,
             "bad": self.total_bad,
             "bad_reasons": dict(self.bad_reasons),
+            "bad_ids": sorted(self.bad_ids),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:

@@ -15,6 +15,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from one_peace.errors import InvalidValue, MissingMedia
+
 MEDIA_MODALITIES = ("image", "audio", "video")
 
 
@@ -176,17 +178,17 @@ def resolve_media(value: Any, base_dir: Path) -> Any:
     if isinstance(value, str) and value.startswith("data:"):
         head, _, payload = value.partition(",")
         if ";base64" not in head:
-            raise ValueError("data URI must be base64-encoded (data:<mime>;base64,...)")
+            raise InvalidValue("data URI must be base64-encoded (data:<mime>;base64,...)")
         try:
             return base64.b64decode(payload, validate=True)
         except binascii.Error as exc:
-            raise ValueError(f"invalid base64 in data URI: {exc}") from None
+            raise InvalidValue(f"invalid base64 in data URI: {exc}") from None
     if isinstance(value, str):
         p = Path(value)
         p = p if p.is_absolute() else base_dir / p
         if not p.exists():
-            raise FileNotFoundError(f"missing file {p}")
+            raise MissingMedia(f"missing file {p}")
         return p
     if isinstance(value, list):
         return [resolve_media(v, base_dir) for v in value]
-    raise ValueError(f"unsupported media value of type {type(value).__name__}")
+    raise InvalidValue(f"unsupported media value of type {type(value).__name__}")
