@@ -184,3 +184,61 @@ def test_whole_word_masking_masks_every_piece_of_a_word_together(parity):
                 word = []
             if p < tokens.shape[1] and tokens[row, p] > 3:
                 word.append(p)
+
+
+def test_raw_errors_now_name_the_file_line_and_field(tmp_path):
+    """#10.15: invalid UTF-8, a lone surrogate, a checkpoint folder without its tokenizer files."""
+    import json
+
+    from one_peace.adapters.text import TextTokenizer
+
+    import one_peace
+    from one_peace.checkpoint import CheckpointError
+    from one_peace.data.manifest import ManifestError, iter_manifest, validate_manifest
+
+    bad_utf8 = tmp_path / "latin1.jsonl"
+    bad_utf8.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(ManifestError, match=r"latin1.jsonl:2: not valid UTF-8"):
+        list(iter_manifest(bad_utf8))
+    surrogate = tmp_path / "surrogate.jsonl"
+    surrogate.write_text(json.dumps({"text": "a"}) + "\n" + '{"text": "broken \\ud800 text"}\n')
+    with pytest.raises(ManifestError, match=r"surrogate.jsonl:2: field 'text': character 7 is a lone surrogate"):
+        validate_manifest(surrogate, {"text": "text"}, ["text"])
+    model = one_peace.build_model("tiny", modalities=("text",))
+    model.tokenizer = TextTokenizer.train(["a red square", "a blue circle"] * 5, vocab_size=280)
+    folder = one_peace.save(model, tmp_path / "ckpt")
+    (folder / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"tokenizer files that are missing: \['tokenizer.json'\]"):
+        one_peace.load(folder)
+
+
+def test_crafted_checkpoints_from_allowed_names_get_one_clear_refusal(tmp_path, monkeypatch):
+    """#10.16: allowed pickle names put together wrongly gave raw TypeError/AttributeError/RecursionError."""
+    import sys
+    import types
+
+    from one_peace.checkpoint import CheckpointError
+    from one_peace.checkpoint.safe_pickle import safe_torch_load
+
+    module = types.ModuleType("omegaconf.dictconfig")
+
+    class DictConfig:
+        def __init__(self, state):
+            self.state = state
+
+        def __reduce__(self):
+            return (DictConfig, (), self.state)
+
+    DictConfig.__module__, DictConfig.__qualname__ = "omegaconf.dictconfig", "DictConfig"
+    module.DictConfig = DictConfig
+    monkeypatch.setitem(sys.modules, "omegaconf.dictconfig", module)
+    looped = DictConfig({"_content": {}})
+    looped.state["_content"]["self"] = looped  # a config that contains itself
+    for name, obj in {"list_state": DictConfig(["not", "a", "dict"]), "loop": looped}.items():
+        torch.save({"cfg": obj, "model": {}}, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError, match="refused: its config objects are malformed"):
+            safe_torch_load(tmp_path / f"{name}.pt")
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(CheckpointError) as err:
+        safe_torch_load(tmp_path / "noise.pt")
+    assert "weights_only=False" not in str(err.value) and "noise.pt" in str(err.value)

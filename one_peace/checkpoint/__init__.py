@@ -192,7 +192,13 @@ def _load_folder(
         raise CheckpointError(f"{folder / 'config.json'}: invalid model section: {exc}") from None
     model = _build_meta(config)
     _assign(model, _iter_safetensors(_weight_files(folder)), str(folder), dtype, device)
-    if doc.get("tokenizer"):
+    if doc.get("tokenizer") and bpe_dir is None:
+        missing = [f for f in doc["tokenizer"].get("files", []) if not (folder / f).is_file()]
+        if missing:
+            raise CheckpointError(
+                f"{folder}: config.json names tokenizer files that are missing: {missing} "
+                "(copy them back, or pass bpe_dir=... for the official BPE files)"
+            )
         model.tokenizer = TextTokenizer.from_config(folder, doc["tokenizer"])
     if bpe_dir is not None:
         model.tokenizer = TextTokenizer.from_bpe_dir(bpe_dir)

@@ -141,11 +141,27 @@ def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
         found = re.search(
             r"GLOBAL ([\w.]+)|unrecognized function ([^\s]+)|new object for [^\n]*? but got ([^\n]+)", text
         )
-        msg = f"it references {next(g for g in found.groups() if g)}" if found else text.split("\n")[0][:200]
+        if found:
+            msg = f"it references {next(g for g in found.groups() if g)}"
+        else:  # torch's own text advises weights_only=False, which is exactly what must not be done here
+            msg = "it is not a torch checkpoint of tensors and config objects (damaged or not a .pt file)"
         raise CheckpointError(
             f"{path}: refused to unpickle: {msg}. Only tensors and omegaconf/argparse config objects are allowed "
             "(weights_only=True with an explicit allow-list); the file was not executed."
         ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupted?): {exc}") from None
-    return to_plain(data)
+        first = str(exc).split("\n")[0][:200].split("weights_only")[0].rstrip(" .,(")
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or corrupted?): {first}") from None
+    except (TypeError, AttributeError, RecursionError, KeyError, IndexError) as exc:
+        # only allowed names were used, but put together into something our stand-ins cannot be (crafted files)
+        raise CheckpointError(
+            f"{path}: refused: its config objects are malformed ({type(exc).__name__}); not a ONE-PEACE checkpoint "
+            "(nothing in it was executed)"
+        ) from None
+    try:
+        return to_plain(data)
+    except (TypeError, AttributeError, RecursionError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: refused: its config objects are malformed ({type(exc).__name__}); not a ONE-PEACE checkpoint "
+            "(nothing in it was executed)"
+        ) from None

@@ -109,7 +109,13 @@ class ManifestReader:
                 raise StopIteration
             self.offset += len(raw)
             self.line_no += 1
-            line = raw.decode("utf-8")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ManifestError(
+                    f"{self.path}:{self.line_no}: not valid UTF-8 (byte {exc.start}: "
+                    f"{raw[exc.start : exc.start + 4]!r}); manifests must be UTF-8 text"
+                ) from None
             if not line.strip():
                 continue
             if self.fmt == "tsv" and self.header is None:
@@ -125,6 +131,17 @@ def iter_manifest(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield from reader
     finally:
         reader.close()
+
+
+def check_text(value: str, where: str) -> None:
+    """Raise :class:`ManifestError` at ``where`` unless ``value`` is encodable text (no lone surrogates)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ManifestError(
+            f"{where}: character {exc.start} is a lone surrogate ({value[exc.start]!r}), not text; "
+            "fix the escape sequence (JSON \\ud800-\\udfff need a pair)"
+        ) from None
 
 
 def default_fields(modalities: Sequence[str]) -> dict[str, str]:
@@ -162,6 +179,8 @@ def validate_manifest(path: str | Path, fields: Mapping[str, str], known_modalit
                 raise ManifestError(
                     f"{path}:{line_no}: field {field!r} must be a string (text), got {type(value).__name__}"
                 )
+            if modality == "text":
+                check_text(value, f"{path}:{line_no}: field {field!r}")
             if modality in MEDIA_MODALITIES and not isinstance(value, str | list):
                 raise ManifestError(
                     f"{path}:{line_no}: field {field!r} must be a path or data URI, got {type(value).__name__}"

@@ -70,7 +70,14 @@ def build_tokenizer(cfg: DictConfig, train: str, text_fields: list[str], out: Pa
     path = out / "tokenizer.json"
     if path.is_file():
         return TextTokenizer.from_file(path)
-    texts = [str(row[f]) for _, row in iter_manifest(train) for f in text_fields if f in row] + extra
+    from one_peace.data.manifest import check_text
+
+    texts = list(extra)
+    for line_no, row in iter_manifest(train):
+        for f in text_fields:
+            if f in row:
+                check_text(str(row[f]), f"{train}:{line_no}: field {f!r}")
+                texts.append(str(row[f]))
     tok = TextTokenizer.train(texts, vocab_size=cfg.data.vocab_size)
     tok.tokenizer.save(str(path))
     return tok
