@@ -402,3 +402,13 @@ def test_a_plugin_bug_stops_the_run_instead_of_becoming_bad_samples(tmp_path, to
     (batch,) = list(typed)
     assert batch["valid"].tolist() == [False, True] or batch["valid"].tolist() == [True, False]
     assert dict(typed.stats.bad) == {InvalidValue.reason: 1}
+
+
+def test_length_bucketing_never_drops_long_audio(tmp_path):
+    """#10.13: audio longer than the largest bucket was dropped silently (its estimate ignored max_seconds)."""
+    manifest = _many(tmp_path, 12, audio_lengths=[1.0] * 8 + [20.0] * 4)  # 20 s clips are cut at 15 s
+    cfg = LoaderConfig(batch_size=4, shuffle_window=0, length_buckets=[60, 200], remainder="pad")
+    loader = MultimodalLoader(manifest, fields={"audio": "audio"}, model_config=CFG, config=cfg)
+    got = _ids(loader)
+    assert sorted(got) == sorted(f"s{i:03d}" for i in range(12))
+    assert loader.stats.samples == 12

@@ -221,6 +221,7 @@ class MultimodalLoader:
                     raise ValueError(f"unknown modality {m!r} in the field map; registered: {sorted(known)}")
             self.num_rows = len(self.rows) if self.rows is not None else ShardReader(self.shards or []).count()
         cfg = model_config or _cfg("tiny", tuple(self.fields))
+        self.model_config = cfg
         self.preprocessors = {}
         for m in self.fields:
             if m == "text" and tokenizer is None:
@@ -330,11 +331,16 @@ class MultimodalLoader:
 
                 src = resolve_media(value, self.base_dir)
                 info = sf.info(io.BytesIO(src) if isinstance(src, bytes) else str(src))
-                length = max(1, int(info.frames * 16000 / info.samplerate) // 320)
+                cap = float(get_plugin("audio").options(self.model_config)["max_seconds"])
+                seconds = min(info.frames / info.samplerate, cap)
+                length = max(1, int(seconds * 16000) // 320)  # what decoding keeps (clips are cut at max_seconds)
             elif by == "video":
                 length = 1
         except Exception:  # a bad sample: decoding will skip and count it
             length = 1
+        # never longer than the largest bucket: bucket_by_length would drop such rows without a word; the bounds
+        # group rows for batching, and a longer row simply joins the last bucket
+        length = min(length, max(int(b) for b in self.config.length_buckets or [length]))
         # a zero-size tensor whose first dim is the length: what bucket_by_length measures, no memory
         return {"row": item, "length": torch.empty(length, 0)}
 
