@@ -227,10 +227,16 @@ def test_bf16_inference_path(tiny_model):
     assert torch.nn.functional.cosine_similarity(emb.float(), ref).min() > 0.99
 
 
-def test_logit_scale_is_a_log(tiny_model):
-    assert math.isclose(
-        one_peace.build_model("tiny", modalities=("text",)).logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6
-    )
+def test_logit_scale_is_a_log_and_is_what_the_contrastive_loss_uses():
+    model = one_peace.build_model("tiny", modalities=("text",))
+    assert model.logit_scale.shape == (1,)
+    assert math.isclose(model.logit_scale.item(), math.log(1 / 0.07), rel_tol=1e-6)
+    from one_peace.train.objectives import scaled_logit_scale
+
+    assert math.isclose(float(scaled_logit_scale(model.logit_scale)), 1 / 0.07, rel_tol=1e-5)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)  # exp(10) is clamped to 100, as the official model does
+    assert math.isclose(float(scaled_logit_scale(model.logit_scale)), 100.0, rel_tol=1e-5)
 
 
 def test_4b_builds_on_meta_with_official_parameter_count(parity: Path):
@@ -262,6 +268,7 @@ def test_bad_batches_give_clear_errors(tiny_model):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="xformers backend needs a CUDA device")
 def test_xformers_backend_agrees_with_sdpa():  # pragma: no cover - GPU only
+    pytest.importorskip("xformers", reason="the 'gpu' extra (xformers) is not installed")
     model = one_peace.build_model("tiny", modalities=("text", "image")).cuda().eval()
     inputs = one_peace.example_inputs(("text", "image"), 2, model.config)
     inputs = {m: {k: v.cuda() for k, v in b.items()} for m, b in inputs.items()}

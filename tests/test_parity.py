@@ -6,6 +6,7 @@ The tiny official weights are wrapped into an official-style fairseq file and lo
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -49,27 +50,36 @@ def _check_pass(model, io, inputs, prefix, names):
     return out
 
 
+@contextlib.contextmanager
+def official_padding(model):
+    """The module-scoped model with official padding on, restored even when an assertion fails."""
+    model.official_padding = True
+    try:
+        yield model
+    finally:
+        model.official_padding = False
+
+
 @torch.no_grad()
 def test_unimodal_passes_features_hidden_and_layers(model, parity_io):
     io = parity_io
-    model.official_padding = True  # the official batch of two audio clips leaks padding (README §3)
-    for m, batch in (
-        ("text", {"tokens": io["in.text.src_tokens"]}),
-        ("image", {"pixels": io["in.image.src_images"]}),
-        ("audio", {"waveform": io["in.audio.src_audios"], "padding_mask": io["in.audio.audio_padding_masks"]}),
-    ):
-        out = _check_pass(model, io, {m: batch}, m, [m])
-        torch.testing.assert_close(out.adapter_states[m], io[f"dbg.{m}.adapter_out"], **HIDDEN)
-        torch.testing.assert_close(model.embed(m, out.hidden[m]), io[f"out.{m}.features"], **FEAT)
-    adapters = model.adapters
-    torch.testing.assert_close(
-        adapters["image"].patch_tokens(io["in.image.src_images"])[0], io["dbg.image.stem_out"], **PRE
-    )
-    f = adapters["audio"].feature_extractor(io["in.audio.src_audios"])
-    torch.testing.assert_close(f, io["dbg.audio.feature_extractor_out"], **HIDDEN)
-    torch.testing.assert_close(adapters["audio"].positions(f, None), io["dbg.audio.conv_pos_out"], **HIDDEN)
-    torch.testing.assert_close(model.logit_scale.exp().clamp(max=100).reshape(1), io["out.logit_scale_exp"])
-    model.official_padding = False
+    with official_padding(model):  # the official batch of two audio clips leaks padding (README §3)
+        for m, batch in (
+            ("text", {"tokens": io["in.text.src_tokens"]}),
+            ("image", {"pixels": io["in.image.src_images"]}),
+            ("audio", {"waveform": io["in.audio.src_audios"], "padding_mask": io["in.audio.audio_padding_masks"]}),
+        ):
+            out = _check_pass(model, io, {m: batch}, m, [m])
+            torch.testing.assert_close(out.adapter_states[m], io[f"dbg.{m}.adapter_out"], **HIDDEN)
+            torch.testing.assert_close(model.embed(m, out.hidden[m]), io[f"out.{m}.features"], **FEAT)
+        adapters = model.adapters
+        torch.testing.assert_close(
+            adapters["image"].patch_tokens(io["in.image.src_images"])[0], io["dbg.image.stem_out"], **PRE
+        )
+        f = adapters["audio"].feature_extractor(io["in.audio.src_audios"])
+        torch.testing.assert_close(f, io["dbg.audio.feature_extractor_out"], **HIDDEN)
+        torch.testing.assert_close(adapters["audio"].positions(f, None), io["dbg.audio.conv_pos_out"], **HIDDEN)
+        torch.testing.assert_close(model.logit_scale.exp().clamp(max=100).reshape(1), io["out.logit_scale_exp"])
 
 
 @torch.no_grad()
@@ -82,10 +92,9 @@ def test_fused_vl_and_al_passes(model, parity_io):
         "vl",
         [],
     )
-    model.official_padding = True
-    audio = {"waveform": io["in.audio.src_audios"], "padding_mask": io["in.audio.audio_padding_masks"]}
-    _check_pass(model, io, {"text": {"tokens": io["in.al.src_tokens"]}, "audio": audio}, "al", [])
-    model.official_padding = False
+    with official_padding(model):
+        audio = {"waveform": io["in.audio.src_audios"], "padding_mask": io["in.audio.audio_padding_masks"]}
+        _check_pass(model, io, {"text": {"tokens": io["in.al.src_tokens"]}, "audio": audio}, "al", [])
 
 
 @torch.no_grad()
@@ -95,9 +104,8 @@ def test_end_to_end_from_raw_inputs(model, parity, parity_io):
     torch.testing.assert_close(img, io["out.image.features"], **FEAT)
     assert torch.equal(model.prepare("text", SENTENCES)["tokens"], io["in.text.src_tokens"])
     torch.testing.assert_close(model.encode("text", SENTENCES), io["out.text.features"], **FEAT)
-    model.official_padding = True
-    aud = model.encode("audio", [str(parity / "io_audio_1.wav"), str(parity / "io_audio_2.wav")])
-    model.official_padding = False
+    with official_padding(model):
+        aud = model.encode("audio", [str(parity / "io_audio_1.wav"), str(parity / "io_audio_2.wav")])
     torch.testing.assert_close(aud, io["out.audio.features"], **FEAT)
 
 
@@ -106,18 +114,17 @@ def test_student_encoder_with_kept_tokens(model, parity):
     """§5: the encoder on visible tokens only (keep_ids = official preserve_ids)."""
     io = load_file(str(parity / "one_peace_tiny_io.safetensors"))
     pre = load_file(str(parity / "one_peace_tiny_pretrain_io.safetensors"))
-    model.official_padding = True
-    cases = {
-        "text": {"tokens": io["in.text.src_tokens"]},
-        "image": {"pixels": io["in.image.src_images"]},
-        "audio": {"waveform": io["in.audio.src_audios"], "padding_mask": io["in.audio.audio_padding_masks"]},
-    }
-    for m, batch in cases.items():
-        keep = pre[f"in.{m}.{m}_preserve_ids"]
-        out = model.forward_features({m: batch}, keep_ids={m: keep})
-        valid = keep.ne(-1)
-        torch.testing.assert_close(out.hidden[m][valid], pre[f"dbg.{m}.encoder_out_kept"][valid], **HIDDEN)
-    model.official_padding = False
+    with official_padding(model):
+        cases = {
+            "text": {"tokens": io["in.text.src_tokens"]},
+            "image": {"pixels": io["in.image.src_images"]},
+            "audio": {"waveform": io["in.audio.src_audios"], "padding_mask": io["in.audio.audio_padding_masks"]},
+        }
+        for m, batch in cases.items():
+            keep = pre[f"in.{m}.{m}_preserve_ids"]
+            out = model.forward_features({m: batch}, keep_ids={m: keep})
+            valid = keep.ne(-1)
+            torch.testing.assert_close(out.hidden[m][valid], pre[f"dbg.{m}.encoder_out_kept"][valid], **HIDDEN)
 
 
 def test_preprocessing_matches_official(model, parity):
