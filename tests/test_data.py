@@ -412,3 +412,34 @@ def test_length_bucketing_never_drops_long_audio(tmp_path):
     got = _ids(loader)
     assert sorted(got) == sorted(f"s{i:03d}" for i in range(12))
     assert loader.stats.samples == 12
+
+
+def test_resuming_over_other_data_is_an_error_unless_allowed(tmp_path, tokenizer):
+    """#10.5: resuming with another data.train silently continued the old manifest for the rest of the epoch."""
+    old, new = tmp_path / "old.jsonl", tmp_path / "new.jsonl"
+    old.write_text("".join(json.dumps({"id": f"o{i}", "text": "a red square"}) + "\n" for i in range(6)))
+    new.write_text("".join(json.dumps({"id": f"n{i}", "text": "a blue circle"}) + "\n" for i in range(6)))
+    cfg = LoaderConfig(batch_size=2, shuffle_window=0)
+    first = MultimodalLoader(old, fields={"text": "text"}, model_config=CFG, tokenizer=tokenizer, config=cfg)
+    it = iter(first)
+    next(it)
+    state = first.state_dict()
+    again = MultimodalLoader(old, fields={"text": "text"}, model_config=CFG, tokenizer=tokenizer, config=cfg)
+    again.load_state_dict(state)  # the same data: fine
+    assert [b["ids"] for b in again] == [["o2", "o3"], ["o4", "o5"]]
+    other = MultimodalLoader(new, fields={"text": "text"}, model_config=CFG, tokenizer=tokenizer, config=cfg)
+    with pytest.raises(ValueError, match=r"the data differs from the checkpoint's .*data.allow_changed=true"):
+        other.load_state_dict(state)
+    allowed = MultimodalLoader(
+        new,
+        fields={"text": "text"},
+        model_config=CFG,
+        tokenizer=tokenizer,
+        config=LoaderConfig(batch_size=2, shuffle_window=0, allow_changed=True),
+    )
+    allowed.load_state_dict(state)
+    assert allowed.epoch == 1
+    ids = [b["ids"] for b in allowed]
+    assert ids == [["n0", "n1"], ["n2", "n3"], ["n4", "n5"]]  # a new epoch on the new data, from its start
+    for loader in (first, again, other, allowed):
+        loader.close()

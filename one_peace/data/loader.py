@@ -66,6 +66,8 @@ class LoaderConfig:
             ``bucket_by`` into rows of this many tokens, for ``OnePeaceModel.forward_packed``.
         max_bad_fraction: Stop when more than this fraction of samples is bad...
         min_samples_for_bad_check: ... once at least this many samples were read.
+        allow_changed: Resuming with other data than the saved state's (another manifest or changed files) is an
+            error unless this is set; then the resumed run starts a new epoch on the new data.
     """
 
     batch_size: int = 8
@@ -78,6 +80,7 @@ class LoaderConfig:
     pack_length: int | None = None
     max_bad_fraction: float = 0.01
     min_samples_for_bad_check: int = 1000
+    allow_changed: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming a bad field."""
@@ -536,10 +539,45 @@ class MultimodalLoader:
             "bad": self.total_bad,
             "bad_reasons": dict(self.bad_reasons),
             "bad_ids": sorted(self.bad_ids),
+            "data": self.data_identity(),
         }
 
+    def data_identity(self) -> dict[str, Any]:
+        """What data this loader reads: path(s), sizes, a hash of each file's first and last KiB, row count."""
+        import hashlib
+
+        files = [self.manifest] if self.manifest is not None else list(self.shards or [])
+        entries = []
+        for f in files:
+            size = f.stat().st_size
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                h.update(fh.read(1024))
+                fh.seek(max(0, size - 1024))
+                h.update(fh.read(1024))
+            entries.append({"path": str(Path(f).resolve()), "size": size, "sha256_ends": h.hexdigest()[:16]})
+        return {"files": entries, "rows": self.num_rows}
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the next iteration continues exactly where it stopped."""
+        """Restore :meth:`state_dict`; the next iteration continues exactly where it stopped.
+
+        Raises:
+            ValueError: the state was saved over other data (unless ``allow_changed``, which starts a new epoch).
+        """
+        saved, now = state.get("data"), self.data_identity()
+        if saved is not None and saved != now:
+            if not self.config.allow_changed:
+                raise ValueError(
+                    f"resume: the data differs from the checkpoint's (saved {saved}, now {now}); resume with the "
+                    "same data, or set data.allow_changed=true to start a new epoch on the new data"
+                )
+            logger.warning(
+                "resume: the data changed (data.allow_changed=true): starting epoch %s afresh", state["epoch"] + 1
+            )
+            self.epoch = int(state["epoch"]) + 1
+            self._pipeline = None
+            self._restored = None
+            return
         self.epoch = int(state["epoch"])
         self._pipeline = None
         self._restored = dict(state) if state.get("pipeline") is not None else None

@@ -54,6 +54,7 @@ def loader_config(cfg: DictConfig, batch_size: int, train: bool) -> Any:
         seed=cfg.seed,
         max_bad_fraction=d.max_bad_fraction,
         min_samples_for_bad_check=d.min_samples_for_bad_check,
+        allow_changed=d.allow_changed,
     )
     if not train:
         return LoaderConfig(shuffle_window=0, remainder="pad", **common)

@@ -74,6 +74,8 @@ class DataSection:
         remainder: ``drop`` the samples that cannot fill a batch on every rank (reported) or ``pad`` them.
         max_bad_fraction: Stop when more than this fraction of samples is bad ...
         min_samples_for_bad_check: ... once at least this many were read.
+        allow_changed: Resume even though ``data.train`` differs from the checkpoint's (a new epoch on the new
+            data); without it such a resume is an error.
     """
 
     train: Optional[str] = None  # noqa: UP045
@@ -92,6 +94,7 @@ class DataSection:
     remainder: str = "drop"
     max_bad_fraction: float = 0.01
     min_samples_for_bad_check: int = 1000
+    allow_changed: bool = False
 
 
 @dataclass
