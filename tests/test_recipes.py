@@ -384,3 +384,34 @@ def test_seq2seq_with_sampled_templates_resumes_bitwise(tmp_path, monkeypatch):
     ta = load_file(str(tmp_path / "ref" / "checkpoints" / "step_0000004" / "task.safetensors"))
     tb = load_file(str(tmp_path / "run" / "checkpoints" / "step_0000004" / "task.safetensors"))
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_from_scratch_training_on_field_mapped_shards(tmp_path):
+    """#10.10: shards of a field-mapped manifest (`img`) stored no media, and tokenizer training refused shards."""
+    from one_peace.data.demo import make_demo_dataset
+    from one_peace.data.loader import LoaderConfig, MultimodalLoader
+    from one_peace.data.shards import write_shards
+
+    paths = make_demo_dataset(tmp_path / "demo", 24, 8, image_size=32, video=False)
+    for split in ("train", "valid"):
+        rows = [json.loads(x) for x in paths[split].read_text().splitlines()]
+        renamed = tmp_path / "demo" / f"{split}_img.jsonl"
+        renamed.write_text("".join(json.dumps({**r, "img": r.pop("image")}) + "\n" for r in rows))
+        write_shards(renamed, tmp_path / f"{split}_shards", shard_size=10, fields={"image": "img"})
+    loader = MultimodalLoader(
+        tmp_path / "train_shards", fields={"image": "img"}, config=LoaderConfig(batch_size=4, shuffle_window=0)
+    )
+    batches = list(loader)
+    loader.close()
+    assert loader.stats.bad_total == 0 and sum(int(b["valid"].sum()) for b in batches) == 24
+    results = run(
+        _cfg(
+            "vl_contrastive",
+            tmp_path / "out",
+            f"data.train={tmp_path / 'train_shards'}",
+            f"data.valid={tmp_path / 'valid_shards'}",
+            "data.fields={image:img,text:caption}",
+            "trainer.max_steps=2",
+        )
+    )
+    assert Path(results["checkpoint"]).is_dir() and (tmp_path / "out" / "tokenizer.json").is_file()

@@ -11,11 +11,11 @@ import io
 import json
 import re
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from one_peace.data.manifest import MEDIA_MODALITIES, iter_manifest, resolve_media
+from one_peace.data.manifest import MEDIA_MODALITIES, ManifestError, iter_manifest, resolve_media
 
 INDEX = "shards.json"
 
@@ -144,9 +144,17 @@ def _ext(value: Any, field: str) -> str:
 
 
 def write_shards(
-    manifest: str | Path, out_dir: str | Path, shard_size: int = 1000, prefix: str = "shard"
+    manifest: str | Path,
+    out_dir: str | Path,
+    shard_size: int = 1000,
+    prefix: str = "shard",
+    fields: Mapping[str, str] | None = None,
 ) -> list[Path]:
-    """Write WebDataset tar shards of ``shard_size`` samples from a manifest (streaming); returns their paths."""
+    """Write WebDataset tar shards of ``shard_size`` samples from a manifest (streaming); returns their paths.
+
+    Media are stored as members: the fields the field map ``fields`` (``modality -> field``) gives to a media
+    modality, fields named after one (``image``, ``audio``, ``video``), and any ``data:`` URI.
+    """
     from tqdm import tqdm
 
     manifest, out = Path(manifest), Path(out_dir)
@@ -155,6 +163,7 @@ def write_shards(
     counts: dict[str, int] = {}
     tar: tarfile.TarFile | None = None
     in_shard = 0
+    media_fields = set(MEDIA_MODALITIES) | {f for m, f in (fields or {}).items() if m in MEDIA_MODALITIES}
 
     def add(name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -172,9 +181,7 @@ def write_shards(
             in_shard = 0
         key = re.sub(r"[^\w-]", "_", str(row.get("id", f"line{line_no}")))
         meta = {
-            k: v
-            for k, v in row.items()
-            if not (k in MEDIA_MODALITIES or (isinstance(v, str) and v.startswith("data:")))
+            k: v for k, v in row.items() if not (k in media_fields or (isinstance(v, str) and v.startswith("data:")))
         }
         media = {k: v for k, v in row.items() if k not in meta}
         files = [f"{k}" for k in media]
@@ -206,7 +213,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("manifest")
     p.add_argument("out_dir")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--fields", default="", help="field map of media fields named otherwise, e.g. image=img,audio=wav")
     args = p.parse_args(argv)
-    files = write_shards(args.manifest, args.out_dir, args.shard_size)
+    fields = dict(part.split("=", 1) for part in args.fields.split(",") if part)
+    files = write_shards(args.manifest, args.out_dir, args.shard_size, fields=fields)
     print(f"wrote {len(files)} shard(s) to {args.out_dir}")
     return 0
+
+
+def iter_rows(source: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(index, row)`` of a manifest file or a shard folder / shard file (media of shards arrive as bytes)."""
+    path = Path(source)
+    if path.is_file() and path.suffix != ".tar":
+        yield from iter_manifest(path)
+        return
+    files = list_shards(source)
+    if not files:
+        raise ManifestError(f"{source}: neither a manifest (.jsonl/.tsv) nor a folder of .tar shards")
+    reader = ShardReader(files)
+    try:
+        yield from reader
+    finally:
+        reader._close()

@@ -14,7 +14,6 @@ import torch
 from omegaconf import DictConfig
 
 from one_peace.config import ModelConfig
-from one_peace.data.manifest import iter_manifest
 from one_peace.models.encoder import OnePeaceModel
 from one_peace.registry import get_plugin, list_modalities
 from one_peace.runner.config import to_container
@@ -72,9 +71,10 @@ def build_tokenizer(cfg: DictConfig, train: str, text_fields: list[str], out: Pa
     if path.is_file():
         return TextTokenizer.from_file(path)
     from one_peace.data.manifest import check_text
+    from one_peace.data.shards import iter_rows
 
     texts = list(extra)
-    for line_no, row in iter_manifest(train):
+    for line_no, row in iter_rows(train):  # a manifest or a shard folder
         for f in text_fields:
             if f in row:
                 check_text(str(row[f]), f"{train}:{line_no}: field {f!r}")

@@ -8,8 +8,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from one_peace.data.manifest import iter_manifest
-
 
 @torch.no_grad()
 def evaluate_contrastive(task: Any, loader: Any, pair: tuple[str, str]) -> dict[str, float]:
@@ -108,7 +106,9 @@ def _training_rows(source: Any) -> list[dict[str, Any]]:
     """The training rows of a manifest (shards and in-memory sources: their rows as the loader reads them)."""
     if isinstance(source, list | tuple):
         return [dict(r) for r in source if isinstance(r, dict)]
-    return [row for _, row in iter_manifest(str(source))]
+    from one_peace.data.shards import iter_rows
+
+    return [row for _, row in iter_rows(str(source))]
 
 
 def evaluate_all(
