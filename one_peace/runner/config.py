@@ -168,32 +168,38 @@ class TrainerSection:
 
 
 @dataclass
-class SubTaskSection:
-    """``task.tasks.<name>``: one task of a multi-task recipe (a task section with a weight and its own data).
-
-    Attributes:
-        type: ``objectives`` or ``seq2seq``.
-        weight: Weight of its loss in the sum minimised every step.
-        objectives: As ``task.objectives``.
-        decoder: As ``task.decoder``.
-        instruction: As ``task.instruction``.
-        label_smoothing: As ``task.label_smoothing``.
-        beam: As ``task.beam``.
-        data: Its own ``train`` / ``valid`` / ``fields`` (default: the recipe's ``data``).
-    """
+class _TaskFields:
+    """What every task section has (see :class:`TaskSection`)."""
 
     type: str = "objectives"
-    weight: float = 1.0
     objectives: Dict[str, Any] = field(default_factory=dict)  # noqa: UP006
     decoder: Optional[Dict[str, Any]] = None  # noqa: UP006, UP045
     instruction: Optional[str] = None  # noqa: UP045
     label_smoothing: float = 0.1
     beam: int = 1
+
+
+@dataclass
+class SubTaskSection(_TaskFields):
+    """``task.tasks.<name>``: one task of a multi-task recipe (a task section with a weight and its own data).
+
+    Attributes:
+        type: ``objectives`` or ``seq2seq``.
+        objectives: As ``task.objectives``.
+        decoder: As ``task.decoder``.
+        instruction: As ``task.instruction``.
+        label_smoothing: As ``task.label_smoothing``.
+        beam: As ``task.beam``.
+        weight: Weight of its loss in the sum minimised every step.
+        data: Its own ``train`` / ``valid`` / ``fields`` (default: the recipe's ``data``).
+    """
+
+    weight: float = 1.0
     data: Dict[str, Any] = field(default_factory=dict)  # noqa: UP006
 
 
 @dataclass
-class TaskSection:
+class TaskSection(_TaskFields):
     """``task``: what is trained (set by the recipe).
 
     Attributes:
@@ -206,12 +212,6 @@ class TaskSection:
         tasks: ``multitask``: ``<name>: <a task section with its own weight and optional data>``.
     """
 
-    type: str = "objectives"
-    objectives: Dict[str, Any] = field(default_factory=dict)  # noqa: UP006
-    decoder: Optional[Dict[str, Any]] = None  # noqa: UP006, UP045
-    instruction: Optional[str] = None  # noqa: UP045
-    label_smoothing: float = 0.1
-    beam: int = 1
     tasks: Dict[str, SubTaskSection] = field(default_factory=dict)  # noqa: UP006
 
 
