@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from one_peace.checkpoint import iter_weights
+from one_peace.checkpoint import iter_weights, persistent_buffers
 from one_peace.checkpoint import save as save_folder
 
 CKPT_RE = re.compile(r"^step_(\d{7})$")
@@ -260,11 +260,12 @@ def _restore(self: Any, ckpt: Path) -> None:
         dcp.load(sd, checkpoint_id=str(ckpt / "training_state" / "dcp"))
         set_state_dict(self.task, self.opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
     params = dict(self.task.model.named_parameters())  # type: ignore[union-attr]
+    params.update(persistent_buffers(self.task.model))  # type: ignore[arg-type]
     try:
         with torch.no_grad():
             for name, tensor in iter_weights(ckpt) if not self.sharded else ():
                 if name not in params:
-                    raise ValueError(f"{ckpt}: weight {name!r} is not a parameter of this model")
+                    raise ValueError(f"{ckpt}: weight {name!r} is not a parameter or buffer of this model")
                 if params[name].shape != tensor.shape:
                     raise ValueError(
                         f"{ckpt}: {name} has shape {tuple(tensor.shape)}, the model's is {tuple(params[name].shape)} "
@@ -272,7 +273,7 @@ def _restore(self: Any, ckpt: Path) -> None:
                     )
                 params[name].copy_(tensor)
             if not self.sharded and (ckpt / "task.safetensors").is_file():
-                own = dict(self.task.named_parameters())
+                own = {**dict(self.task.named_parameters()), **persistent_buffers(self.task)}
                 for k, v in load_file(str(ckpt / "task.safetensors")).items():
                     if k in own:
                         own[k].copy_(v)
