@@ -305,6 +305,9 @@ def test_length_buckets_give_every_rank_the_same_batch_count(tmp_path):
     assert len(seen[0]) == len(seen[1]) > 0
     flat = [set(i for b in s for i in b) for s in seen]
     assert not flat[0] & flat[1]
+    # coverage: the ranks together read every row once, or report the ones they dropped (#10.22)
+    dropped = sum(ld.stats.remainder_dropped for ld in loaders)
+    assert len(flat[0] | flat[1]) + dropped == 30 and sum(len(f) for f in flat) == len(flat[0] | flat[1])
 
 
 def test_packing_plan_from_the_loader_feeds_forward_packed(tmp_path, tokenizer):
