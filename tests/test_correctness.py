@@ -242,3 +242,42 @@ def test_crafted_checkpoints_from_allowed_names_get_one_clear_refusal(tmp_path, 
     with pytest.raises(CheckpointError) as err:
         safe_torch_load(tmp_path / "noise.pt")
     assert "weights_only=False" not in str(err.value) and "noise.pt" in str(err.value)
+
+
+def test_multitask_gradient_is_the_weighted_sum_of_each_tasks_gradient():
+    """#10.22: the old check recomputed the production expression from the logs; this one differentiates."""
+    import one_peace
+    from one_peace.train.multitask import MultiTask
+    from one_peace.train.objectives import ContrastiveObjective
+    from one_peace.train.task import Task
+
+    torch.manual_seed(0)
+    model = one_peace.build_model("tiny", modalities=("text", "image", "audio"))
+    tasks = {
+        "vl": Task(model, {"c": (ContrastiveObjective(("image", "text")), 1.0)}),
+        "al": Task(model, {"c": (ContrastiveObjective(("audio", "text")), 1.0)}),
+    }
+    weights = {"vl": 1.0, "al": 0.25}
+    batches = {}
+    for i, (name, mods) in enumerate((("vl", ("image", "text")), ("al", ("audio", "text")))):
+        batches[name] = one_peace.example_inputs(mods, batch_size=3, config=model.config, seed=i)
+        batches[name]["valid"] = torch.ones(3, dtype=torch.bool)
+    multi = MultiTask(model, tasks, weights)
+    loss, logs = multi(batches)
+    loss.backward()
+    mixed = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    expected = {}
+    separate = 0.0
+    for name, task in tasks.items():
+        part, _ = task(batches[name])
+        separate += weights[name] * float(part)
+        (weights[name] * part).backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                expected[n] = expected.get(n, 0) + p.grad
+        model.zero_grad(set_to_none=True)
+    assert logs["loss"] == pytest.approx(separate, rel=1e-6)
+    assert mixed.keys() == expected.keys() and any(".ffns.audio." in n for n in mixed)
+    for n in mixed:
+        torch.testing.assert_close(mixed[n], expected[n], atol=1e-6, rtol=1e-5)
