@@ -26,7 +26,19 @@ register()
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run a composed recipe config; returns the evaluation results (also written to ``eval.json``)."""
+    """Run a composed recipe config; returns the evaluation results (also written to ``eval.json``).
+
+    The output folder's lock is released when the run ends, however it ends.
+    """
+    held: list[Any] = []
+    try:
+        return _run(cfg, held)
+    finally:
+        for fh in held:
+            fh.close()
+
+
+def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
     from one_peace.data.loader import MultimodalLoader
     from one_peace.extras import require
     from one_peace.runner.evaluate import evaluate_all
@@ -46,9 +58,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             print(text)
 
     out = Path(cfg.output_dir)
-    lock = None
     if rank == 0:  # one run per output folder; rank 0 holds the lock for the whole job
-        lock = lock_output_dir(out)
+        held.append(lock_output_dir(out))
         prepare_output_dir(out, tcfg.resume, bool(cfg.overwrite), say)
     barrier()
     random.seed(cfg.seed)
@@ -107,8 +118,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
         print(f"checkpoint: {results['checkpoint']}")
     shutdown(world)
-    if lock is not None:
-        lock.close()
     return results
 
 

@@ -415,3 +415,18 @@ def test_from_scratch_training_on_field_mapped_shards(tmp_path):
         )
     )
     assert Path(results["checkpoint"]).is_dir() and (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_a_run_that_fails_releases_its_output_dir_lock(tmp_path):
+    """The lock is released however run() ends, so a retry in the same process is not refused."""
+    out = tmp_path / "run"
+    missing = [f"data.train={tmp_path / 'missing.jsonl'}", f"data.valid={tmp_path / 'x.jsonl'}"]
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl not found"):  # fails after taking the lock
+        run(_cfg("vl_contrastive", out, *missing))
+    import fcntl
+
+    from one_peace.runner.outputs import lock_output_dir
+
+    fh = lock_output_dir(out)  # would raise OutputDirInUse if the failed run still held it
+    fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    fh.close()
