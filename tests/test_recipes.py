@@ -421,8 +421,9 @@ def test_a_run_that_fails_releases_its_output_dir_lock(tmp_path):
     """The lock is released however run() ends, so a retry in the same process is not refused."""
     out = tmp_path / "run"
     missing = [f"data.train={tmp_path / 'missing.jsonl'}", f"data.valid={tmp_path / 'x.jsonl'}"]
-    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl not found"):  # fails after taking the lock
+    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl not found") as err:  # fails after the lock
         run(_cfg("vl_contrastive", out, *missing))
+    assert err.traceback  # the failed run's frames stay alive here, as in a debugger or a retry loop
     import fcntl
 
     from one_peace.runner.outputs import lock_output_dir
