@@ -62,7 +62,10 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
         p.grad /= world
     if rank == 0:
         torch.save({"w": proj.weight.grad, "b": proj.bias.grad, "s": scale.grad}, path)
-    dist.destroy_process_group()
+    dist.barrier()
+    # Leave without running gloo's destructors: with torch 2.14 a gloo process aborts at interpreter exit now and
+    # then ("terminate called without an active exception", seen in about 1 of 4-15 runs) after all work is done.
+    os._exit(0)
 
 
 def test_two_process_gradient_equals_single_process(tmp_path):
