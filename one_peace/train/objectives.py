@@ -84,9 +84,10 @@ def _gather_group() -> Any:
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 whose backward sums every rank's gradient of this rank's slice.
 
-    Our own instead of ``torch.distributed.nn.functional.all_gather``: that one is deprecated in newer torch, and with
-    torch 2.14 on gloo its processes aborted at exit about one run in four ("terminate called without an active
-    exception"); this one (``all_gather`` forward, ``all_reduce`` backward) did not in the same loop.
+    Our own instead of ``torch.distributed.nn.functional.all_gather``, which is deprecated in newer torch; with torch
+    2.14 on gloo, processes using it aborted at exit about one run in four ("terminate called without an active
+    exception"). This one (``all_gather`` forward, ``all_reduce`` backward) made that rarer but not impossible: the
+    abort comes from gloo's teardown at exit (see the 2-process test).
     """
 
     @staticmethod
