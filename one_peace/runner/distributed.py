@@ -8,6 +8,10 @@ from typing import Any
 
 import torch
 
+from one_peace.train.checkpointing import barrier
+
+__all__ = ["barrier", "init_distributed", "rank0_first", "shutdown"]
+
 
 def init_distributed() -> tuple[int, int]:
     """Join the process group when launched by ``torchrun`` (gloo on CPU, nccl on GPU); ``(rank, world)``."""
@@ -30,14 +34,6 @@ def rank0_first(rank: int, world: int, fn: Callable[..., Any], *args: Any) -> An
     if rank != 0:
         result = fn(*args)
     return result
-
-
-def barrier() -> None:
-    """Wait for every rank (nothing outside a process group)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def shutdown(world: int) -> None:

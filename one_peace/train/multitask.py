@@ -46,22 +46,6 @@ class MultiTask(nn.Module):
         logs["loss"] = float(total.detach())
         return total, logs
 
-    def generator_state(self) -> dict[str, Any]:
-        """RNG states of the tasks' masking generators (for exact resume)."""
-        out = {}
-        for name, task in self.tasks.items():
-            gen = getattr(task, "generator", None)
-            if isinstance(gen, torch.Generator):
-                out[name] = gen.get_state()
-        return out
-
-    def set_generator_state(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`generator_state`."""
-        for name, value in state.items():
-            gen = getattr(self.tasks[name], "generator", None)
-            if isinstance(gen, torch.Generator):
-                gen.set_state(value)
-
 
 class MultiLoader:
     """Yields ``{task: batch}`` forever; each task's loader restarts (next epoch) independently when exhausted.
