@@ -217,25 +217,81 @@ class AudioAdapter(Adapter):
         return AdapterOutput(x, kpad if bool(kpad.any()) else None, rel, self.rel_pos_table)
 
 
+#: containers whose sound track is decoded with PyAV (the ``video`` extra) when soundfile cannot read them
+AV_SUFFIXES = {".mp4", ".m4a", ".mkv", ".webm", ".mov", ".avi", ".ogv", ".opus", ".aac", ".mp3"}
+
+
+def _load_with_av(item: Any) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream of a container (a video's sound track, WebM/Opus) with PyAV."""
+    from one_peace.extras import require
+
+    require("video", "av", feature="decoding the sound track of a video or WebM/Opus file")
+    import av
+
+    source = str(item) if isinstance(item, str | Path) else io.BytesIO(bytes(item))
+    label = str(item)[:120] if isinstance(item, str | Path) else "<bytes>"
+    # PyAV's resampler gives mono float32 at 16 kHz whatever the stream's layout and sample format
+    resampler = av.AudioResampler(format="fltp", layout="mono", rate=SAMPLE_RATE)
+    chunks: list[np.ndarray] = []
+    try:
+        with av.open(source) as container:
+            if not container.streams.audio:
+                raise UndecodableMedia(f"{label} has no audio stream")
+            for frame in container.decode(audio=0):
+                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    except UndecodableMedia:
+        raise
+    except Exception as exc:
+        raise UndecodableMedia(f"cannot decode audio {label}: {exc}") from exc
+    if not chunks:
+        raise EmptyMedia(f"the audio stream of {label} has no samples")
+    return np.concatenate(chunks).astype(np.float32), SAMPLE_RATE
+
+
 def load_audio(item: Any) -> tuple[np.ndarray, int]:
-    """Decode ``item`` (path, bytes, or ``(array, sample_rate)``) to a float32 ``(N,)`` or ``(N, C)`` array and rate."""
+    """Decode ``item`` to a float32 ``(N,)`` or ``(N, C)`` array and its rate.
+
+    ``item``: a path or bytes of a sound file (soundfile; the sound track of a video / WebM / Opus file through
+    PyAV), a ``(waveform, sample_rate)`` pair (numpy or torch), or a bare 1-D waveform taken as 16 kHz.
+    """
     import soundfile as sf
 
     if isinstance(item, tuple) and len(item) == 2:
         data, sr = item
+        if isinstance(data, torch.Tensor):
+            data = data.detach().cpu().numpy()
         return np.asarray(data, dtype=np.float32), int(sr)
+    if isinstance(item, torch.Tensor | np.ndarray):
+        arr = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else item
+        return np.asarray(arr, dtype=np.float32), SAMPLE_RATE
+    if isinstance(item, str | Path) and Path(item).suffix.lower() in AV_SUFFIXES:
+        return _load_with_av(item)
     try:
         if isinstance(item, str | Path):
             data, sr = sf.read(str(item), dtype="float32", always_2d=False)
         elif isinstance(item, bytes | bytearray | memoryview):
             data, sr = sf.read(io.BytesIO(bytes(item)), dtype="float32", always_2d=False)
         else:
-            raise TypeError(f"unsupported audio input type {type(item).__name__} (path, bytes or (array, sample_rate))")
+            raise TypeError(
+                f"unsupported audio input type {type(item).__name__} (path, bytes, (array, sample_rate) or array)"
+            )
     except (RuntimeError, sf.LibsndfileError) as exc:
+        if isinstance(item, bytes | bytearray | memoryview) and _av_available():
+            try:  # bytes of a container soundfile does not read (an uploaded WebM recording, an mp4)
+                return _load_with_av(item)
+            except UndecodableMedia:
+                pass
         raise UndecodableMedia(
             f"cannot decode audio {item if isinstance(item, str | Path) else '<bytes>'}: {exc}"
         ) from exc
     return data, int(sr)
+
+
+def _av_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("av") is not None
 
 
 def preprocess_audio(

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from one_peace.config import ModelConfig
-from one_peace.errors import UndecodableMedia
+from one_peace.errors import InvalidValue, UndecodableMedia
 from one_peace.models.adapter import Adapter, AdapterOutput, init_rel_table, require
 from one_peace.models.relpos import bucket_2d, bucket_2d_rows
 from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
@@ -112,15 +112,40 @@ def load_image(item: Any) -> Any:
         elif isinstance(item, bytes | bytearray | memoryview):
             img = Image.open(io.BytesIO(bytes(item)))
             img.load()
-        elif isinstance(item, np.ndarray):
-            img = Image.fromarray(item)
+        elif isinstance(item, np.ndarray) or _is_tensor(item):
+            img = Image.fromarray(array_to_uint8(item))
         else:
-            raise TypeError(f"unsupported image input type {type(item).__name__} (path, bytes, PIL image or array)")
+            raise TypeError(
+                f"unsupported image input type {type(item).__name__} (path, bytes, PIL image, numpy/torch array)"
+            )
     except (OSError, ValueError) as exc:
         raise UndecodableMedia(
             f"cannot decode image {str(item)[:120] if isinstance(item, str | Path) else '<bytes>'}: {exc}"
         ) from exc
     return to_rgb(img)
+
+
+def _is_tensor(item: Any) -> bool:
+    return isinstance(item, torch.Tensor)
+
+
+def array_to_uint8(item: Any) -> np.ndarray:
+    """An image array as ``HxW`` or ``HxWxC`` uint8: CHW tensors/arrays are moved to HWC, floats in [0, 1] scaled.
+
+    Accepted: uint8 of any layout PIL reads, and float arrays (``[0, 1]``, or 0..255 when larger).
+    """
+    arr = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else np.asarray(item)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3, 4) and arr.shape[-1] not in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3):
+        raise InvalidValue(f"image array must be HxW, HxWxC or CxHxW, got shape {tuple(arr.shape)}")
+    if arr.dtype != np.uint8:
+        wide = np.nan_to_num(arr.astype(np.float64))
+        wide = wide * 255.0 if wide.max(initial=0) <= 1.0 else wide
+        arr = np.clip(np.rint(wide), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(arr)
 
 
 def to_rgb(img: Any) -> Any:

@@ -96,13 +96,22 @@ class TextTokenizer:
         tok.train_from_iterator((" " + t.lower() for t in texts), trainer=trainer)
         return cls(tok, None, max_tokens)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of one string: at most ``max_tokens`` ids followed by EOS."""
+    def ids(self, text: str) -> list[int]:
+        """All token ids of one string, without EOS and without truncation."""
         if not isinstance(text, str):
             raise TypeError(f"text input must be a str, got {type(text).__name__}")
         raw = self.tokenizer.encode(" " + text.lower(), add_special_tokens=False).ids
-        ids = [self.id_map.get(i, UNK_ID) for i in raw] if self.id_map is not None else [i + 4 for i in raw]
-        return [*ids[: self.max_tokens], EOS_ID]
+        return [self.id_map.get(i, UNK_ID) for i in raw] if self.id_map is not None else [i + 4 for i in raw]
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of one string: at most ``max_tokens`` ids followed by EOS."""
+        return [*self.ids(text)[: self.max_tokens], EOS_ID]
+
+    def chunks(self, text: str) -> list[list[int]]:
+        """The ids of one string cut into consecutive pieces of ``max_tokens``, each followed by EOS."""
+        ids = self.ids(text)
+        step = self.max_tokens
+        return [[*ids[i : i + step], EOS_ID] for i in range(0, max(1, len(ids)), step)]
 
     def decode(self, ids: Sequence[int]) -> str:
         """Inverse of :meth:`encode` (special ids dropped)."""
@@ -232,9 +241,28 @@ class TextModality(ModalityPlugin):
         def preprocess(text: Any) -> dict[str, Any]:
             if not isinstance(text, str):
                 raise InvalidValue(f"text must be a string, got {type(text).__name__} {str(text)[:60]!r}")
-            return {"tokens": torch.tensor(tokenizer.encode(text), dtype=torch.long)}
+            ids = tokenizer.ids(text) if hasattr(tokenizer, "ids") else None
+            if ids is None:  # a tokenizer without the full-ids method: its own truncation, nothing to report
+                return {"tokens": torch.tensor(tokenizer.encode(text), dtype=torch.long)}
+            limit = tokenizer.max_tokens
+            sample: dict[str, Any] = {"tokens": torch.tensor([*ids[:limit], EOS_ID], dtype=torch.long)}
+            if len(ids) > limit:
+                sample["truncated"] = len(ids) - limit
+            return sample
 
         return preprocess
+
+    def build_chunker(self, config: ModelConfig, tokenizer: Any = None) -> Any:
+        """Return ``str -> [{"tokens"}, ...]``: the text cut into chunks of the tokenizer's limit."""
+        if tokenizer is None or not hasattr(tokenizer, "chunks"):
+            return None
+        prep = self.build_preprocessor(config, tokenizer)
+
+        def split(text: Any) -> list[dict[str, Any]]:
+            prep(text)  # the same type check and error as a plain input
+            return [{"tokens": torch.tensor(c, dtype=torch.long)} for c in tokenizer.chunks(text)]
+
+        return split
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Right-pad token sequences with the pad id (1)."""

@@ -99,6 +99,15 @@ class ModalityPlugin:
         """Return a callable turning one raw input (path, bytes, array, string...) into a sample dict."""
         raise NotImplementedError
 
+    def build_chunker(self, config: ModelConfig, tokenizer: Any = None) -> Callable[[Any], list[dict[str, Any]]] | None:
+        """Optional: a callable splitting one over-long raw input into several samples (text: token chunks).
+
+        ``encode(..., long_text="chunks")`` embeds such an input as the normalised mean of its chunks. ``None``
+        (the default) means inputs are never split; a preprocessor that shortens an input sets ``"truncated"``
+        in its sample so that ``encode`` can warn.
+        """
+        return None
+
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Batch preprocessed samples into the adapter's input dict."""
         raise NotImplementedError

@@ -544,19 +544,10 @@ class MultimodalLoader:
 
     def data_identity(self) -> dict[str, Any]:
         """What data this loader reads: path(s), sizes, a hash of each file's first and last KiB, row count."""
-        import hashlib
+        from one_peace.data.shards import files_identity
 
         files = [self.manifest] if self.manifest is not None else list(self.shards or [])
-        entries = []
-        for f in files:
-            size = f.stat().st_size
-            h = hashlib.sha256()
-            with open(f, "rb") as fh:
-                h.update(fh.read(1024))
-                fh.seek(max(0, size - 1024))
-                h.update(fh.read(1024))
-            entries.append({"path": str(Path(f).resolve()), "size": size, "sha256_ends": h.hexdigest()[:16]})
-        return {"files": entries, "rows": self.num_rows}
+        return {"files": files_identity(files), "rows": self.num_rows}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; the next iteration continues exactly where it stopped.

@@ -118,7 +118,9 @@ class ShardReader:
                     raise ValueError("truncated sample at the end of the shard")
                 return None
             name = Path(member.name).name
-            _, _, rest = name.partition(".")
+            key, _, rest = name.partition(".")
+            if not row:
+                row = {"__key__": key, "__shard__": self.files[self.shard]}
             if rest == "json":
                 meta = json.loads(self._tar.extractfile(member).read())  # type: ignore[union-attr]
                 if not isinstance(meta, dict) or "__members__" not in meta:
@@ -221,8 +223,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def files_identity(files: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Path, size and a hash of the first and last KiB of each file: cheap, and changes when the data does."""
+    import hashlib
+
+    entries = []
+    for f in files:
+        size = Path(f).stat().st_size
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            h.update(fh.read(1024))
+            fh.seek(max(0, size - 1024))
+            h.update(fh.read(1024))
+        entries.append({"path": str(Path(f).resolve()), "size": size, "sha256_ends": h.hexdigest()[:16]})
+    return entries
+
+
+def source_files(source: str | Path) -> list[Path]:
+    """The files a manifest path or shard folder / file stands for."""
+    path = Path(source)
+    if path.is_file() and path.suffix != ".tar":
+        return [path]
+    return list_shards(source)
+
+
 def iter_rows(source: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(index, row)`` of a manifest file or a shard folder / shard file (media of shards arrive as bytes)."""
+    """``(index, row)`` of a manifest file or a shard folder / shard file.
+
+    Media of shards arrive as bytes; shard rows also carry ``__shard__`` (the file) and ``__key__`` (the sample's
+    key), WebDataset's names, so that a media source can be named.
+    """
     path = Path(source)
     if path.is_file() and path.suffix != ".tar":
         yield from iter_manifest(path)

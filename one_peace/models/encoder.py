@@ -290,34 +290,66 @@ class OnePeaceModel(nn.Module):
         """Project the CLS state of ``hidden (B, T, D)`` with the modality's head and L2-normalise."""
         return F.normalize(self.heads[self.groups[modality]](hidden[:, 0]), dim=-1, eps=1e-12)
 
-    def encode(self, modality: str, batch: Any) -> torch.Tensor:
-        """``(B, D)`` L2-normalised embeddings of one modality.
+    def encode(
+        self,
+        modality: str,
+        items: Any,
+        batch_size: int = 64,
+        normalize: bool = True,
+        output: str = "torch",
+        progress: bool = False,
+        long_text: str = "truncate",
+    ) -> Any:
+        """``(N, D)`` embeddings of one modality, in input order, L2-normalised unless ``normalize=False``.
 
         Args:
             modality: A modality of this model.
-            batch: A ready batch dict, or a list of raw inputs (strings, paths, bytes, arrays, PIL images)
-                that the plugin's preprocessor and collator turn into one.
+            items: A list of raw inputs (or one): strings, paths, bytes, PIL images, numpy/torch arrays,
+                ``(waveform, sample_rate)`` pairs (a bare 1-D array is taken as 16 kHz), a video path or a
+                video as a list of frames (``[[frame, ...]]``), a video file as ``audio`` (its sound track); or a
+                ready batch dict (one forward, as the plugin's collator makes it).
+            batch_size: Items per forward; items are grouped by length within windows of 8 batches.
+            normalize: L2-normalise (the default); ``False`` gives the raw head output.
+            output: ``"torch"`` (on the model's device) or ``"numpy"`` (float32).
+            progress: Show a progress bar.
+            long_text: ``"truncate"`` (to the tokenizer's limit, 70 tokens for the official model; one warning per
+                call) or ``"chunks"``: the normalised mean of the embeddings of consecutive limit-sized chunks.
+
+        Runs under ``torch.inference_mode()`` in eval mode (the training flag is restored afterwards).
         """
-        if modality not in self.adapters:
-            raise KeyError(f"modality {modality!r} is not in this model (it has {list(self.adapters)})")
-        if not isinstance(batch, Mapping):
-            batch = self.prepare(modality, batch)
-        out = self.forward_features({modality: batch})
-        return self.embed(modality, out.hidden[modality])
+        from one_peace.models.encoding import encode
+
+        return encode(self, modality, items, batch_size, normalize, output, progress, long_text)
+
+    def encode_multimodal(
+        self,
+        inputs: Mapping[str, Any],
+        fuse: str = "joint",
+        weights: Mapping[str, float] | None = None,
+        batch_size: int = 64,
+        output: str = "torch",
+    ) -> Any:
+        """One ``(N, D)`` embedding per composed query, e.g. ``{"image": [img], "text": ["in the snow"]}``.
+
+        ``fuse="mean"``: the normalised weighted mean of the single-modality embeddings. ``fuse="joint"``: one
+        fused forward over the modalities together (each attends to the others); each modality's head is applied
+        to its own CLS state of that pass, each result L2-normalised, and the normalised weighted mean of those is
+        returned. The official model was never trained with a fused head, so ``joint`` is a definition, not a
+        reproduction. ``weights``: modality -> weight (default 1 each).
+        """
+        from one_peace.models.encoding import encode_multimodal
+
+        return encode_multimodal(self, inputs, fuse, weights, batch_size, output)
 
     def prepare(self, modality: str, items: Any) -> dict[str, torch.Tensor]:
-        """Preprocess and collate raw inputs of ``modality`` into a batch on the model's device."""
-        if isinstance(items, str | bytes) or not isinstance(items, Sequence):
-            items = [items]
+        """Preprocess and collate raw inputs of ``modality`` into one batch on the model's device."""
+        from one_peace.models.encoding import as_item_list, preprocessor, to_device
+
+        items = as_item_list(items)
         if len(items) == 0:
             raise ValueError(f"no {modality} inputs given")
-        plugin = self.plugins[modality]
-        if modality not in self._preprocessors:
-            self._preprocessors[modality] = plugin.build_preprocessor(self.config, self.tokenizer)
-        batch = plugin.collate([self._preprocessors[modality](item) for item in items])
-        device = next(self.parameters()).device
-        dtype = next(self.parameters()).dtype
-        return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.items()}
+        prep = preprocessor(self, modality)
+        return to_device(self, self.plugins[modality].collate([prep(item) for item in items]))
 
     # ---------------------------------------------------------------------------------------------- packing
     def forward_packed(

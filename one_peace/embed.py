@@ -1,0 +1,495 @@
+"""``python -m one_peace.embed checkpoint=CK data=MANIFEST_OR_SHARDS modality=image out=DIR [key=value ...]``.
+
+Embeds one field of every row of a manifest (``.jsonl``/``.tsv``) or a folder of shards into an embedding folder
+(see :mod:`one_peace.retrieval.store`): float16 parts, parquet metadata in the same order, a FAISS index chosen
+for the memory budget and tuned to 10-recall@10 >= 0.95, ``info.json`` and ``bad.jsonl``. Rows are decoded on a
+thread pool by the modality's own preprocessor (no fairseq2); a row that cannot be decoded is skipped, listed in
+``bad.jsonl`` and counted. Work is saved part by part: ``mode=resume`` continues a killed run without redoing
+finished parts, ``mode=append`` adds new data to an existing folder (and index) without re-embedding the old.
+Under ``torchrun`` each rank embeds its own parts and rank 0 builds the index from all of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from one_peace.cli import parse
+from one_peace.data.manifest import MEDIA_MODALITIES, resolve_media
+from one_peace.data.shards import files_identity, iter_rows, source_files
+from one_peace.errors import DataError
+from one_peace.retrieval.store import EmbeddingStore
+
+logger = logging.getLogger(__name__)
+
+MODES = ("new", "resume", "append")
+#: called with the part number after each part is written (fault injection in tests)
+PART_DONE_HOOK: Callable[[int], None] | None = None
+
+
+@dataclass
+class EmbedConfig:
+    """Embed a manifest or shard folder into an embedding folder with a FAISS index.
+
+    Attributes:
+        checkpoint: Our checkpoint folder, a converted folder, or an official ``.pt`` (with ``bpe_dir``).
+        data: A manifest (``.jsonl``/``.tsv``) or a folder (or file) of ``.tar`` shards.
+        modality: The modality to embed (any modality of the model).
+        out: The embedding folder to write.
+        field: The row field holding the item (default: the modality's name).
+        id_field: The row field holding the item id (rows without it get their row number).
+        bpe_dir: Official GPT-2 BPE files (official ``.pt`` checkpoints).
+        batch_size: Items per forward.
+        workers: Decoding threads (0: decode in the main thread).
+        device: ``auto`` (``cuda:$LOCAL_RANK`` / ``cuda`` when present, else ``cpu``), or a device.
+        model_dtype: ``auto`` (float32 on CPU, bfloat16 on CUDA), ``float32``, ``bfloat16`` or ``float16``.
+        dtype: How vectors are stored: ``float16`` or ``float32``.
+        index: ``auto``, ``flat``, ``hnsw``, ``ivfpq`` or ``none``.
+        index_memory: Memory budget of the index (``4GB``, ``512MB``...).
+        mode: ``new`` (refuses a folder that holds parts), ``resume`` or ``append``.
+        part_size: Rows per part (the unit of saved work).
+        long_text: ``truncate`` or ``chunks`` (see ``OnePeaceModel.encode``).
+        progress: Show a progress bar.
+    """
+
+    checkpoint: str = "???"
+    data: str = "???"
+    modality: str = "???"
+    out: str = "???"
+    field: str | None = None
+    id_field: str = "id"
+    bpe_dir: str | None = None
+    batch_size: int = 64
+    workers: int = 4
+    device: str = "auto"
+    model_dtype: str = "auto"
+    dtype: str = "float16"
+    index: str = "auto"
+    index_memory: str = "4GB"
+    mode: str = "new"
+    part_size: int = 10_000
+    long_text: str = "truncate"
+    progress: bool = True
+
+
+def model_hash(model: Any) -> str:
+    """sha256 of the model's config, weights (names, dtypes, shapes, bytes) and tokenizer: its identity.
+
+    An official ``.pt`` and the folder converted from it hash alike, since the weights are the same.
+    """
+    h = hashlib.sha256()
+    config = dict(vars(model.config))
+    config.pop("attn_backend", None)  # a runtime choice, not part of what the model computes
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    inner = getattr(getattr(model, "tokenizer", None), "tokenizer", None)
+    if inner is not None and hasattr(inner, "to_str"):
+        h.update(inner.to_str().encode())
+    return h.hexdigest()[:32]
+
+
+def _check(cfg: EmbedConfig) -> None:
+    for key, value, allowed in (
+        ("mode", cfg.mode, MODES),
+        ("dtype", cfg.dtype, ("float16", "float32")),
+        ("model_dtype", cfg.model_dtype, ("auto", "float32", "bfloat16", "float16")),
+        ("index", cfg.index, ("auto", "flat", "hnsw", "ivfpq", "none")),
+        ("long_text", cfg.long_text, ("truncate", "chunks")),
+    ):
+        if value not in allowed:
+            raise ValueError(f"{key}: expected one of {list(allowed)}, got {value!r}")
+    for key, value in (("batch_size", cfg.batch_size), ("part_size", cfg.part_size)):
+        if value < 1:
+            raise ValueError(f"{key}: must be >= 1, got {value}")
+    if cfg.workers < 0:
+        raise ValueError(f"workers: must be >= 0, got {cfg.workers}")
+    if not Path(cfg.data).exists():
+        raise FileNotFoundError(f"data: {cfg.data} not found (a manifest or a folder of .tar shards)")
+    if cfg.index != "none":
+        from one_peace.retrieval.faiss_index import faiss, parse_memory
+
+        faiss()
+        parse_memory(cfg.index_memory)
+
+
+def _device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    return torch.device("cpu")
+
+
+def _model_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, ahead: int) -> Iterator[Any]:
+    """``map(fn, items)`` on a thread pool, in order, with at most ``ahead`` results pending (bounded memory)."""
+    if workers <= 0:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(workers, thread_name_prefix="one-peace-decode") as pool:
+        pending: deque[Any] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _source_of(value: Any, row: dict[str, Any], resolved: Any, media: bool) -> tuple[str | None, str]:
+    """Where an item came from, for the metadata: ``(source, kind)``."""
+    if "__shard__" in row:
+        return f"{row['__shard__']}#{row['__key__']}", "shard"
+    if isinstance(value, str) and value.startswith("data:"):
+        return value.split(",", 1)[0], "inline"
+    if media and isinstance(resolved, Path):
+        return str(resolved.resolve()), "file"
+    if media and isinstance(resolved, list):
+        return json.dumps([str(Path(p).resolve()) for p in resolved]), "files"
+    return None, "value"
+
+
+class _Embedder:
+    """One embed job on one rank (see :func:`embed`)."""
+
+    def __init__(self, cfg: EmbedConfig, model: Any, rank: int, world: int) -> None:
+        from one_peace.models.encoding import chunker, preprocessor
+
+        self.cfg, self.model, self.rank, self.world = cfg, model, rank, world
+        self.field = cfg.field or cfg.modality
+        self.media = cfg.modality in MEDIA_MODALITIES
+        self.base_dir = Path(cfg.data).parent if Path(cfg.data).is_file() else Path(cfg.data)
+        self.prep = preprocessor(model, cfg.modality)
+        self.split = chunker(model, cfg.modality) if cfg.long_text == "chunks" else None
+        self.store = EmbeddingStore(cfg.out)
+        self.truncated = 0
+
+    def decode(self, job: tuple[int, str, dict[str, Any]]) -> tuple[int, str, dict[str, Any], Any]:
+        pos, item_id, row = job
+        try:
+            if self.field not in row:
+                raise _Missing(f"missing field {self.field!r}")
+            if "__error__" in row:
+                raise _Missing(str(row["__error__"]))
+            value = row[self.field]
+            resolved = resolve_media(value, self.base_dir) if self.media or isinstance(value, bytes) else value
+            group = self.split(resolved) if self.split is not None else [self.prep(resolved)]
+            return pos, item_id, row, (group, _source_of(value, row, resolved, self.media))
+        except (DataError, _Missing) as exc:
+            return pos, item_id, row, exc
+
+    def embed_part(self, part: int, jobs: list[tuple[int, str, dict[str, Any]]], source: int) -> dict[str, Any]:
+        from one_peace.models.encoding import embed_samples
+
+        bad: list[dict[str, Any]] = []
+        meta: dict[int, dict[str, Any]] = {}
+        ahead = self.cfg.batch_size * 4
+
+        def samples() -> Iterator[tuple[int, list[dict[str, Any]]]]:
+            for pos, item_id, row, got in _ordered_map(self.decode, jobs, self.cfg.workers, ahead):
+                if isinstance(got, Exception):
+                    reason = getattr(got, "reason", "missing field")
+                    bad.append({"id": item_id, "row": pos, "reason": reason, "detail": f"{type(got).__name__}: {got}"})
+                    continue
+                group, (src, kind) = got
+                self.truncated += any(s.get("truncated") for s in group)
+                fields = {k: v for k, v in row.items() if not k.startswith("__") and not isinstance(v, bytes)}
+                if self.media:
+                    fields.pop(self.field, None)
+                meta[pos] = {"id": item_id, "row": pos, "source": src, "source_kind": kind, **fields}
+                yield pos, group
+
+        vectors, rows = [], []
+        for pos, emb in embed_samples(self.model, self.cfg.modality, samples(), self.cfg.batch_size):
+            vectors.append(emb.float().cpu().numpy())
+            rows.append(meta.pop(pos))
+        dim = self.model.config.embed_dim
+        arr = np.stack(vectors) if vectors else np.zeros((0, dim), dtype=np.float32)
+        arr = arr.astype(np.float16 if self.cfg.dtype == "float16" else np.float32)
+        first, last = jobs[0][0], jobs[-1][0] + 1
+        record = {"source": source, "rows": [first, last], "count": len(rows), "bad": bad, "model": self.model_id}
+        self.store.write_part(part, arr, rows, record)
+        if PART_DONE_HOOK is not None:
+            PART_DONE_HOOK(part)
+        return record
+
+    model_id = ""
+
+
+class _Missing(Exception):
+    """A row without the field (or a shard the reader could not read)."""
+
+    reason = "missing field"
+
+
+def _prepare_folder(cfg: EmbedConfig, store: EmbeddingStore, model: Any, digest: str) -> dict[str, Any]:
+    """Create or check ``info.json`` for ``mode``; returns the info with this run's source recorded."""
+    data_files = [str(p) for p in source_files(cfg.data)]
+    identity = files_identity(data_files)
+    key = str(Path(cfg.data).resolve())
+    info = store.info()
+    if cfg.mode == "new":
+        if store.has_parts() or info:
+            raise ValueError(
+                f"out: {cfg.out} already holds an embedding folder; mode=resume continues it, mode=append adds new "
+                "data to it, or choose another out"
+            )
+        plugin = model.plugins[cfg.modality]
+        info = {
+            "format": 1,
+            "model": {
+                "checkpoint": str(Path(cfg.checkpoint).resolve()),
+                "bpe_dir": str(Path(cfg.bpe_dir).resolve()) if cfg.bpe_dir else None,
+                "hash": digest,
+                "size": {"embed_dim": model.config.embed_dim, "layers": model.config.layers},
+            },
+            "modality": cfg.modality,
+            "field": cfg.field or cfg.modality,
+            "id_field": cfg.id_field,
+            "dim": model.config.embed_dim,
+            "dtype": cfg.dtype,
+            "metric": "inner_product",
+            "normalized": True,
+            "preprocessing": {"options": plugin.options(model.config), "long_text": cfg.long_text},
+            "part_size": cfg.part_size,
+            "sources": [],
+        }
+    else:
+        if not info:
+            raise ValueError(f"mode={cfg.mode}: {cfg.out} holds no embedding folder (info.json); use mode=new")
+        recorded = info.get("model", {}).get("hash")
+        if recorded != digest:
+            raise ValueError(
+                f"mode={cfg.mode}: {cfg.out} was embedded with another model (hash {recorded}, checkpoint "
+                f"{info.get('model', {}).get('checkpoint')}); this checkpoint hashes {digest}. Vectors of two models "
+                "do not mix: embed into a new folder"
+            )
+        for k in ("modality", "id_field"):
+            if info.get(k) != getattr(cfg, k):
+                raise ValueError(f"mode={cfg.mode}: {cfg.out} holds {k}={info.get(k)!r}, not {getattr(cfg, k)!r}")
+        if info.get("field") != (cfg.field or cfg.modality):
+            raise ValueError(f"mode={cfg.mode}: {cfg.out} holds field={info.get('field')!r}, not {cfg.field!r}")
+    sources = info["sources"]
+    known = [s for s in sources if s["data"] == key]
+    if cfg.mode == "resume":
+        if not known:
+            raise ValueError(f"mode=resume: {cfg.data} is not a source of {cfg.out} (mode=append adds it)")
+        if known[0]["identity"] != identity:
+            raise ValueError(f"mode=resume: {cfg.data} changed since it was embedded into {cfg.out} (size or content)")
+        if cfg.part_size != info["part_size"]:
+            raise ValueError(f"mode=resume: part_size must stay {info['part_size']} (got {cfg.part_size})")
+    else:
+        if known:
+            raise ValueError(f"mode={cfg.mode}: {cfg.data} is already a source of {cfg.out} (mode=resume finishes it)")
+        unfinished = [s["data"] for s in sources if not s.get("complete")]
+        if unfinished:
+            raise ValueError(f"mode=append: finish {unfinished[0]} first (mode=resume data={unfinished[0]})")
+        info["part_size"] = cfg.part_size
+        first_part = max((s["first_part"] + s["parts"] for s in sources), default=0)
+        offset = sum(s["rows"] for s in sources)
+        sources.append(
+            {"data": key, "identity": identity, "first_part": first_part, "row_offset": offset, "rows": None,
+             "parts": 0, "complete": False}  # fmt: skip
+        )
+    return info
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def embed(cfg: EmbedConfig, model: Any = None) -> dict[str, Any]:
+    """Run one embed job (every rank under ``torchrun``); returns ``info.json``'s content on rank 0."""
+    import one_peace
+
+    _check(cfg)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")  # only barriers cross ranks: files carry the work
+    device = _device(cfg.device)
+    if model is None:
+        model = one_peace.load(
+            cfg.checkpoint, bpe_dir=cfg.bpe_dir, device=device, dtype=_model_dtype(cfg.model_dtype, device)
+        )
+    model.eval()
+    if cfg.modality not in model.adapters:
+        raise ValueError(f"modality: {cfg.modality!r} is not in the model (it has {list(model.adapters)})")
+    digest = model_hash(model)
+    store = EmbeddingStore(cfg.out)
+    if rank == 0:
+        info = _prepare_folder(cfg, store, model, digest)
+        store.save_info(info)
+    _barrier(world)
+    info = store.info()
+    key = str(Path(cfg.data).resolve())
+    source_no, source = next((i, s) for i, s in enumerate(info["sources"]) if s["data"] == key)
+    job = _Embedder(cfg, model, rank, world)
+    job.model_id = digest
+    done = store.finished_parts()
+    t0 = time.perf_counter()
+    rows = _run_parts(cfg, job, source, source_no, done)
+    _barrier(world)
+    result: dict[str, Any] = {}
+    if rank == 0:
+        result = _finish(cfg, store, info, source_no, rows, job.truncated, time.perf_counter() - t0)
+    _barrier(world)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return result
+
+
+def _run_parts(
+    cfg: EmbedConfig, job: _Embedder, source: dict[str, Any], source_no: int, done: dict[int, dict[str, Any]]
+) -> int:
+    """Embed this rank's unfinished parts of ``source``; returns the source's row count."""
+    part_size = int(cfg.part_size)
+    first_part, offset = int(source["first_part"]), int(source["row_offset"])
+    bar = None
+    if cfg.progress and job.rank == 0:
+        from tqdm import tqdm
+
+        total = source.get("rows")
+        bar = tqdm(total=total, desc=f"embed {cfg.modality}", unit="item")
+    jobs: list[tuple[int, str, dict[str, Any]]] = []
+    current = -1
+    count = 0
+
+    def flush() -> None:
+        if jobs and current >= 0:
+            job.embed_part(first_part + current, list(jobs), source_no)
+
+    for pos, (_, row) in enumerate(iter_rows(cfg.data)):
+        count = pos + 1
+        part = pos // part_size
+        if part != current:
+            flush()
+            jobs.clear()
+            current = part
+        mine = (first_part + part) % job.world == job.rank and (first_part + part) not in done
+        if mine:
+            item_id = str(row[cfg.id_field]) if cfg.id_field in row else str(offset + pos)
+            jobs.append((pos, item_id, row))
+        if bar is not None:
+            bar.update(1)
+    flush()
+    if bar is not None:
+        bar.close()
+    return count
+
+
+def _finish(
+    cfg: EmbedConfig, store: EmbeddingStore, info: dict[str, Any], source_no: int, rows: int, truncated: int, secs: float
+) -> dict[str, Any]:
+    """Rank 0: check every part of the source is there, write ``bad.jsonl``, build or extend the index."""
+    source = info["sources"][source_no]
+    n_parts = math.ceil(rows / cfg.part_size)
+    done = store.finished_parts()
+    wanted = range(source["first_part"], source["first_part"] + n_parts)
+    missing = [p for p in wanted if p not in done]
+    if missing:
+        raise RuntimeError(f"parts {missing} of {cfg.data} were not written (a rank failed): run again with mode=resume")
+    source.update(rows=rows, parts=n_parts, complete=True)
+    bad = [b for p in sorted(done) for b in done[p]["bad"]]
+    lines = "".join(json.dumps(b) + "\n" for b in bad)
+    tmp = store.root / ".bad.jsonl.tmp"
+    tmp.write_text(lines)
+    os.replace(tmp, store.root / "bad.jsonl")
+    info["count"] = sum(done[p]["count"] for p in done)
+    info["bad"] = len(bad)
+    if truncated:
+        logger.warning("%d texts were truncated to the tokenizer's limit (long_text=chunks embeds them whole)", truncated)
+    if cfg.index != "none":
+        info["index"] = _index(cfg, store, info, [p for p in wanted])
+    store.save_info(info)
+    report = info.get("index") or {}
+    recall = report.get("recall_at_10")
+    print(
+        f"embedded {sum(done[p]['count'] for p in wanted)} {cfg.modality} items of {cfg.data} "
+        f"({sum(len(done[p]['bad']) for p in wanted)} bad, listed in {store.root / 'bad.jsonl'}) in {secs:.1f} s; "
+        f"{info['count']} in {store.root}"
+        + (
+            f"; index {report['factory']} {report.get('search_params') or ''}: 10-recall@10 {recall:.3f}, "
+            f"{report.get('latency_ms', 0):.3f} ms/query, {report.get('memory_bytes', 0) / 1e6:.1f} MB"
+            if report and recall is not None
+            else ""
+        )
+    )
+    return info
+
+
+def _index(cfg: EmbedConfig, store: EmbeddingStore, info: dict[str, Any], new_parts: Sequence[int]) -> dict[str, Any]:
+    """Build the index over every part, or (append) add the new parts to the existing index."""
+    from one_peace.retrieval.faiss_index import build_index, exact_top_k, load_index, recall_at_k, save_index
+
+    previous = info.get("index")
+    if cfg.mode == "append" and previous and store.index_path.is_file():
+        index = load_index(str(store.index_path), previous.get("search_params"))
+        index.add(store.vectors(new_parts))
+        everything = store.vectors()
+        rng = np.random.default_rng(0)
+        q = everything[rng.choice(len(everything), size=min(1000, len(everything)), replace=False)]
+        k = min(10, len(everything))
+        t0 = time.perf_counter()
+        found = index.search(q, k)[1]
+        latency = (time.perf_counter() - t0) * 1e3 / max(1, len(q))
+        save_index(index, str(store.index_path))
+        from one_peace.retrieval.faiss_index import faiss
+
+        return {
+            **previous,
+            "recall_at_10": recall_at_k(found, exact_top_k(everything, q, k)),
+            "recall_queries": len(q),
+            "latency_ms": latency,
+            "memory_bytes": int(faiss().serialize_index(index).nbytes),
+            "appended": previous.get("appended", 0) + 1,
+        }
+    index, report = build_index(store.vectors(), cfg.index, cfg.index_memory)
+    save_index(index, str(store.index_path))
+    return report.to_json()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = parse(EmbedConfig, argv, "python -m one_peace.embed")
+    from one_peace.extras import MissingExtraError
+
+    try:
+        embed(cfg)
+    except (ValueError, FileNotFoundError, RuntimeError, MissingExtraError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

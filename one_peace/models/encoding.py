@@ -1,0 +1,260 @@
+"""Batched inference behind :meth:`OnePeaceModel.encode` and :meth:`OnePeaceModel.encode_multimodal`.
+
+Raw items go through the plugin's preprocessor, are grouped by length inside a window of items (so a batch
+holds items of similar length and pads little), are collated and encoded under ``torch.inference_mode()`` in
+the model's dtype and device, and come back in input order. The same pieces stream a corpus for
+``python -m one_peace.embed`` (:func:`embed_samples`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from one_peace.errors import DataError
+
+if TYPE_CHECKING:
+    from one_peace.models.encoder import OnePeaceModel
+
+#: items preprocessed and sorted by length at a time, in batches (a bound on host memory for long inputs)
+WINDOW_BATCHES = 8
+LONG_TEXT_MODES = ("truncate", "chunks")
+OUTPUTS = ("torch", "numpy")
+FUSE_MODES = ("joint", "mean")
+
+
+def as_item_list(items: Any) -> list[Any]:
+    """``items`` as a list of items: one str/bytes/path/PIL image/array/``(waveform, rate)`` pair is one item.
+
+    A list or tuple of items stays a list (a video given as frames is one item: ``[[frame, frame, ...]]``).
+    """
+    single = (str, bytes, bytearray, memoryview, Path, np.ndarray, torch.Tensor)
+    if isinstance(items, single) or not isinstance(items, Sequence | Iterable):
+        return [items]
+    if isinstance(items, tuple) and len(items) == 2 and isinstance(items[1], int | np.integer):
+        return [items]  # an audio (waveform, sample_rate) pair
+    if _is_pil(items):
+        return [items]
+    return list(items)
+
+
+def _is_pil(item: Any) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - pillow is a core dependency
+        return False
+    return isinstance(item, Image.Image)
+
+
+def sample_length(sample: Mapping[str, Any]) -> int:
+    """A cost proxy of one preprocessed sample for batching by length: the elements of its tensors."""
+    return sum(v.numel() for v in sample.values() if isinstance(v, torch.Tensor))
+
+
+def preprocessor(model: OnePeaceModel, modality: str) -> Callable[[Any], dict[str, Any]]:
+    """The model's (cached) preprocessor of ``modality``."""
+    if modality not in model._preprocessors:
+        model._preprocessors[modality] = model.plugins[modality].build_preprocessor(model.config, model.tokenizer)
+    return model._preprocessors[modality]  # type: ignore[no-any-return]
+
+
+def chunker(model: OnePeaceModel, modality: str) -> Callable[[Any], list[dict[str, Any]]] | None:
+    """The plugin's splitter of over-long inputs into several samples, or ``None`` when it has none."""
+    key = f"{modality}:chunks"
+    if key not in model._preprocessors:
+        model._preprocessors[key] = model.plugins[modality].build_chunker(model.config, model.tokenizer)
+    return model._preprocessors[key]  # type: ignore[no-any-return]
+
+
+def to_device(model: OnePeaceModel, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A collated batch on the model's device, floating tensors in its dtype."""
+    p = next(model.parameters())
+    return {
+        k: (v.to(p.device, p.dtype) if v.is_floating_point() else v.to(p.device)) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+
+
+def project(model: OnePeaceModel, modality: str, hidden: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """The modality head on the CLS state of ``hidden (B, T, D)``; L2-normalised when ``normalize``."""
+    out = model.heads[model.groups[modality]](hidden[:, 0])
+    return F.normalize(out, dim=-1, eps=1e-12) if normalize else out
+
+
+def forward_batch(model: OnePeaceModel, modality: str, batch: Mapping[str, Any], normalize: bool) -> torch.Tensor:
+    """Embeddings of one ready batch (no mode or grad changes)."""
+    out = model.forward_features({modality: to_device(model, batch)})
+    return project(model, modality, out.hidden[modality], normalize)
+
+
+class _EvalMode:
+    """Inference mode and eval mode for the duration of a call; the caller's training flag is restored."""
+
+    def __init__(self, model: OnePeaceModel) -> None:
+        self.model = model
+        self.was_training = model.training
+        self.inference = torch.inference_mode()
+
+    def __enter__(self) -> None:
+        self.model.eval()
+        self.inference.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.inference.__exit__(*exc)
+        self.model.train(self.was_training)
+
+
+def embed_samples(
+    model: OnePeaceModel,
+    modality: str,
+    samples: Iterable[tuple[Any, list[dict[str, Any]]]],
+    batch_size: int = 64,
+    normalize: bool = True,
+) -> Iterator[tuple[Any, torch.Tensor]]:
+    """Stream ``(key, embedding)`` for ``(key, [sample, ...])`` pairs, batching by length inside windows.
+
+    Each key carries one or more preprocessed samples (several: the chunks of a long text); its embedding is the
+    L2-normalised mean of its samples' normalised embeddings (one sample: its embedding). Keys come out in the
+    order they went in. Runs under inference mode and eval mode.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    plugin = model.plugins[modality]
+    window = batch_size * WINDOW_BATCHES
+
+    def flush(pending: list[tuple[Any, list[dict[str, Any]]]]) -> Iterator[tuple[Any, torch.Tensor]]:
+        flat = [(i, s) for i, (_, group) in enumerate(pending) for s in group]
+        order = sorted(range(len(flat)), key=lambda j: sample_length(flat[j][1]))
+        parts: list[list[torch.Tensor]] = [[] for _ in pending]
+        for start in range(0, len(order), batch_size):
+            chosen = order[start : start + batch_size]
+            emb = forward_batch(model, modality, plugin.collate([flat[j][1] for j in chosen]), normalize)
+            for row, j in enumerate(chosen):
+                parts[flat[j][0]].append(emb[row])
+        for (key, _), got in zip(pending, parts):
+            if len(got) == 1:
+                yield key, got[0]
+            else:
+                mean = torch.stack([F.normalize(g, dim=-1, eps=1e-12) for g in got]).mean(0)
+                yield key, F.normalize(mean, dim=-1, eps=1e-12) if normalize else mean
+
+    with _EvalMode(model):
+        pending: list[tuple[Any, list[dict[str, Any]]]] = []
+        for key, group in samples:
+            pending.append((key, group))
+            if sum(len(g) for _, g in pending) >= window:
+                yield from flush(pending)
+                pending = []
+        if pending:
+            yield from flush(pending)
+
+
+def encode(
+    model: OnePeaceModel,
+    modality: str,
+    items: Any,
+    batch_size: int = 64,
+    normalize: bool = True,
+    output: str = "torch",
+    progress: bool = False,
+    long_text: str = "truncate",
+) -> Any:
+    """See :meth:`OnePeaceModel.encode`."""
+    if modality not in model.adapters:
+        raise KeyError(f"modality {modality!r} is not in this model (it has {list(model.adapters)})")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    if long_text not in LONG_TEXT_MODES:
+        raise ValueError(f"long_text must be one of {LONG_TEXT_MODES}, got {long_text!r}")
+    if isinstance(items, Mapping):  # a ready batch: one forward, as before
+        with _EvalMode(model):
+            emb = forward_batch(model, modality, items, normalize)
+        return emb.float().cpu().numpy() if output == "numpy" else emb
+    items = as_item_list(items)
+    if not items:
+        raise ValueError(f"no {modality} inputs given")
+    prep = preprocessor(model, modality)
+    split = chunker(model, modality) if long_text == "chunks" else None
+    truncated = 0
+
+    def samples() -> Iterator[tuple[int, list[dict[str, Any]]]]:
+        nonlocal truncated
+        for i, item in enumerate(items):
+            try:
+                group = split(item) if split is not None else [prep(item)]
+            except DataError as exc:
+                raise type(exc)(f"{modality} input {i}: {exc}") from exc
+            truncated += any(s.get("truncated") for s in group)
+            yield i, group
+
+    stream: Iterable[tuple[int, list[dict[str, Any]]]] = samples()
+    if progress:
+        from tqdm import tqdm
+
+        stream = tqdm(stream, total=len(items), desc=f"encode {modality}", unit="item")
+    rows = [emb for _, emb in embed_samples(model, modality, stream, batch_size, normalize)]
+    if truncated:
+        limit = getattr(model.tokenizer, "max_tokens", None)
+        warnings.warn(
+            f"{truncated} of {len(items)} {modality} inputs were longer than the model's limit"
+            + (f" ({limit} tokens)" if limit else "")
+            + " and were truncated; long_text='chunks' embeds them whole (mean of chunk embeddings)",
+            stacklevel=3,
+        )
+    out = torch.stack(rows)
+    return out.float().cpu().numpy() if output == "numpy" else out
+
+
+def encode_multimodal(
+    model: OnePeaceModel,
+    inputs: Mapping[str, Any],
+    fuse: str = "joint",
+    weights: Mapping[str, float] | None = None,
+    batch_size: int = 64,
+    output: str = "torch",
+) -> Any:
+    """See :meth:`OnePeaceModel.encode_multimodal`."""
+    if fuse not in FUSE_MODES:
+        raise ValueError(f"fuse must be one of {FUSE_MODES}, got {fuse!r}")
+    if not isinstance(inputs, Mapping) or not inputs:
+        raise ValueError("encode_multimodal expects a non-empty dict {modality: items}")
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(inputs))
+    if unknown:
+        raise KeyError(f"weights name modalities that are not in the query: {unknown} (query has {list(inputs)})")
+    lists = {m: as_item_list(v) for m, v in inputs.items()}
+    counts = {m: len(v) for m, v in lists.items()}
+    if len(set(counts.values())) != 1:
+        raise ValueError(f"every modality of a composed query needs the same number of items, got {counts}")
+    w = torch.tensor([float(weights.get(m, 1.0)) for m in lists])
+    if fuse == "mean":
+        embs = [encode(model, m, v, batch_size=batch_size) for m, v in lists.items()]
+    else:
+        for m in lists:
+            if m not in model.adapters:
+                raise KeyError(f"modality {m!r} is not in this model (it has {list(model.adapters)})")
+        n = next(iter(counts.values()))
+        embs_parts: list[list[torch.Tensor]] = [[] for _ in lists]
+        with _EvalMode(model):
+            for start in range(0, n, batch_size):
+                batch = {
+                    m: to_device(
+                        model, model.plugins[m].collate([preprocessor(model, m)(x) for x in v[start : start + batch_size]])
+                    )
+                    for m, v in lists.items()
+                }
+                out = model.forward_features(batch)
+                for k, m in enumerate(lists):
+                    embs_parts[k].append(project(model, m, out.hidden[m]))
+        embs = [torch.cat(p) for p in embs_parts]
+    stacked = torch.stack(embs)  # (M, B, D), each row normalised
+    fused = F.normalize((stacked * w.to(stacked)[:, None, None]).sum(0) / w.sum(), dim=-1, eps=1e-12)
+    return fused.float().cpu().numpy() if output == "numpy" else fused

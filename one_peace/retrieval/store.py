@@ -1,0 +1,296 @@
+"""Embedding folders (what ``python -m one_peace.embed`` writes) and searching them.
+
+A folder holds::
+
+    info.json                      model identity, preprocessing, modality, dim, count, index and its recall
+    embeddings/part-NNNNN.npy      L2-normalised vectors (float16 by default), one row per item
+    metadata/part-NNNNN.parquet    id, source (path / URI / shard#key) and the row's other fields, same order
+    parts/part-NNNNN.json          a finished part: its rows, count, bad items and model hash (written last)
+    index.faiss                    the FAISS index over all parts, in part order
+    bad.jsonl                      skipped items with the reason
+
+Position ``i`` of the index is row ``i`` of the parts taken in part order, so metadata always lines up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from one_peace.extras import require
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and a rename (readers never see half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _arrow_table(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """A pyarrow table of metadata rows: scalars stay typed, lists/dicts become JSON text, mixed columns text."""
+    require("retrieval", "pyarrow", feature="writing embedding metadata (parquet)")
+    import pyarrow as pa
+
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    columns = {}
+    for name in names:
+        values = [r.get(name) for r in rows]
+        values = [json.dumps(v) if isinstance(v, list | dict | tuple) else v for v in values]
+        values = [v.hex() if isinstance(v, bytes) else v for v in values]
+        try:
+            columns[name] = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            columns[name] = pa.array([None if v is None else str(v) for v in values], type=pa.string())
+    return pa.table(columns) if columns else pa.table({"id": pa.array([], type=pa.string())})
+
+
+@dataclass
+class Hit:
+    """One search result: the item's id, its score (inner product = cosine), and its metadata row."""
+
+    id: str
+    score: float
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"id", "score", "metadata"}``."""
+        return {"id": self.id, "score": self.score, "metadata": self.metadata}
+
+
+class EmbeddingStore:
+    """Read and write the files of an embedding folder (see the module docstring).
+
+    Args:
+        root: The folder.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self._table: Any = None
+
+    # ------------------------------------------------------------------------------------------------ layout
+    @property
+    def info_path(self) -> Path:
+        """``info.json``."""
+        return self.root / "info.json"
+
+    @property
+    def index_path(self) -> Path:
+        """``index.faiss``."""
+        return self.root / "index.faiss"
+
+    def part_name(self, part: int) -> str:
+        """``part-NNNNN``."""
+        return f"part-{part:05d}"
+
+    def info(self) -> dict[str, Any]:
+        """The folder's ``info.json`` (empty dict when absent)."""
+        if not self.info_path.is_file():
+            return {}
+        try:
+            return dict(json.loads(self.info_path.read_text()))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{self.info_path}: not valid JSON ({exc.msg})") from None
+
+    def save_info(self, info: Mapping[str, Any]) -> None:
+        """Write ``info.json`` atomically."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.info_path, dict(info))
+
+    def finished_parts(self) -> dict[int, dict[str, Any]]:
+        """Part number -> its record, for every part whose files were all written."""
+        out = {}
+        for marker in sorted((self.root / "parts").glob("part-*.json")):
+            record = json.loads(marker.read_text())
+            npy = self.root / "embeddings" / f"{marker.stem}.npy"
+            meta = self.root / "metadata" / f"{marker.stem}.parquet"
+            if npy.is_file() and meta.is_file():
+                out[int(record["part"])] = record
+        return out
+
+    def has_parts(self) -> bool:
+        """Whether any part (finished or not) is in the folder."""
+        return any((self.root / "embeddings").glob("part-*.npy")) or any((self.root / "parts").glob("part-*.json"))
+
+    def write_part(
+        self, part: int, vectors: np.ndarray, metadata: Sequence[Mapping[str, Any]], record: Mapping[str, Any]
+    ) -> None:
+        """Write a part's vectors and metadata, then its record (the record marks the part as finished)."""
+        require("retrieval", "pyarrow", feature="writing embedding metadata (parquet)")
+        import pyarrow.parquet as pq
+
+        if len(vectors) != len(metadata):
+            raise ValueError(f"part {part}: {len(vectors)} vectors but {len(metadata)} metadata rows")
+        name = self.part_name(part)
+        for sub in ("embeddings", "metadata", "parts"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        npy = self.root / "embeddings" / f"{name}.npy"
+        tmp = npy.with_name(f".{name}.npy.tmp")
+        with open(tmp, "wb") as fh:
+            np.save(fh, vectors)
+        os.replace(tmp, npy)
+        meta = self.root / "metadata" / f"{name}.parquet"
+        tmp = meta.with_name(f".{name}.parquet.tmp")
+        pq.write_table(_arrow_table(metadata), tmp)
+        os.replace(tmp, meta)
+        write_json_atomic(self.root / "parts" / f"{name}.json", {"part": part, **record})
+        self._table = None
+
+    # ----------------------------------------------------------------------------------------------- reading
+    def part_numbers(self) -> list[int]:
+        """Finished part numbers in index order."""
+        return sorted(self.finished_parts())
+
+    def vectors(self, parts: Sequence[int] | None = None) -> np.ndarray:
+        """``(N, D)`` float32 vectors of ``parts`` (default: all), in part order."""
+        chosen = self.part_numbers() if parts is None else list(parts)
+        arrays = [np.load(self.root / "embeddings" / f"{self.part_name(p)}.npy") for p in chosen]
+        if not arrays:
+            dim = int(self.info().get("dim", 0))
+            return np.zeros((0, dim), dtype=np.float32)
+        return np.ascontiguousarray(np.concatenate(arrays).astype(np.float32))
+
+    def metadata_table(self) -> Any:
+        """All metadata rows as one pyarrow table, in index order (cached)."""
+        if self._table is None:
+            require("retrieval", "pyarrow", feature="reading embedding metadata (parquet)")
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            tables = [pq.read_table(self.root / "metadata" / f"{self.part_name(p)}.parquet") for p in self.part_numbers()]
+            self._table = pa.concat_tables(tables, promote_options="permissive") if tables else _arrow_table([])
+        return self._table
+
+    def ids(self) -> list[str]:
+        """Item ids in index order."""
+        return [str(v) for v in self.metadata_table().column("id").to_pylist()]
+
+    def metadata(self, position: int) -> dict[str, Any]:
+        """The metadata row at index ``position``."""
+        row = self.metadata_table().slice(position, 1).to_pylist()
+        if not row:
+            raise IndexError(f"position {position} is not in {self.root} ({self.metadata_table().num_rows} items)")
+        return dict(row[0])
+
+    def bad(self) -> list[dict[str, Any]]:
+        """Skipped items (``bad.jsonl``)."""
+        path = self.root / "bad.jsonl"
+        if not path.is_file():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class RetrievalIndex:
+    """A searchable embedding folder: its FAISS index, its metadata, and (loaded on first use) its model.
+
+    Args:
+        root: An embedding folder written by ``python -m one_peace.embed``.
+        checkpoint: The model that embeds queries (default: the one recorded in ``info.json``).
+        bpe_dir: Official GPT-2 BPE files, for official ``.pt`` checkpoints.
+        device: Where the query model runs.
+    """
+
+    def __init__(
+        self, root: str | Path, checkpoint: str | None = None, bpe_dir: str | None = None, device: str = "cpu"
+    ) -> None:
+        from one_peace.retrieval.faiss_index import load_index
+
+        self.store = EmbeddingStore(root)
+        self.info = self.store.info()
+        if not self.info:
+            raise FileNotFoundError(f"{root}: no info.json (not an embedding folder from python -m one_peace.embed)")
+        if not self.store.index_path.is_file():
+            raise FileNotFoundError(f"{self.store.index_path} not found (the folder was embedded with index=none)")
+        report = self.info.get("index") or {}
+        self.index = load_index(str(self.store.index_path), report.get("search_params"))
+        self.modality = str(self.info["modality"])
+        model_info = self.info.get("model", {})
+        self.checkpoint = checkpoint or model_info.get("checkpoint")
+        self.bpe_dir = bpe_dir or model_info.get("bpe_dir")
+        self.device = device
+        self._model: Any = None
+        if self.index.ntotal != self.store.metadata_table().num_rows:
+            raise ValueError(
+                f"{root}: the index holds {self.index.ntotal} vectors but the metadata {self.store.metadata_table().num_rows} "
+                "rows (an interrupted embed: run it again with mode=resume)"
+            )
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def model(self) -> Any:
+        """The query model (loaded on first use)."""
+        if self._model is None:
+            import one_peace
+
+            if not self.checkpoint:
+                raise ValueError(f"{self.store.info_path} records no checkpoint: pass checkpoint=")
+            self._model = one_peace.load(self.checkpoint, bpe_dir=self.bpe_dir, device=self.device).eval()
+        return self._model
+
+    @model.setter
+    def model(self, model: Any) -> None:
+        self._model = model
+
+    def embed_query(
+        self, query: Mapping[str, Any], fuse: str = "joint", weights: Mapping[str, float] | None = None
+    ) -> np.ndarray:
+        """``(1, D)`` float32 embedding of a query ``{modality: item}`` (several modalities: a composed query)."""
+        items = {m: v for m, v in query.items() if v is not None}
+        if not items:
+            raise ValueError("empty query: give at least one of " + ", ".join(self.model.adapters))
+        if len(items) == 1:
+            (m, v), = items.items()
+            return np.asarray(self.model.encode(m, [v], output="numpy"), dtype=np.float32)
+        return np.asarray(
+            self.model.encode_multimodal({m: [v] for m, v in items.items()}, fuse=fuse, weights=weights, output="numpy"),
+            dtype=np.float32,
+        )
+
+    def search_vectors(self, vectors: np.ndarray, top_k: int = 10) -> list[list[Hit]]:
+        """The ``top_k`` nearest items of each row of ``vectors (Q, D)``."""
+        xq = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        if xq.shape[1] != self.index.d:
+            raise ValueError(f"query vectors have dimension {xq.shape[1]}, the index {self.index.d}")
+        scores, positions = self.index.search(xq, min(int(top_k), len(self)))
+        out = []
+        for row_scores, row_pos in zip(scores, positions):
+            hits = []
+            for s, p in zip(row_scores.tolist(), row_pos.tolist()):
+                if p < 0:
+                    continue
+                meta = self.store.metadata(p)
+                hits.append(Hit(str(meta.get("id")), float(s), meta))
+            out.append(hits)
+        return out
+
+    def search(
+        self,
+        query: Mapping[str, Any] | None = None,
+        top_k: int = 10,
+        fuse: str = "joint",
+        weights: Mapping[str, float] | None = None,
+        **items: Any,
+    ) -> list[Hit]:
+        """Search by ``text=``, ``image=``, ``audio=``, ``video=`` (or any modality of the model), or a dict.
+
+        Several modalities at once form a composed query (``fuse="joint"`` or ``"mean"``, see
+        :meth:`OnePeaceModel.encode_multimodal`).
+        """
+        merged = {**(query or {}), **items}
+        return self.search_vectors(self.embed_query(merged, fuse, weights), top_k)[0]
+
+
+def open_index(
+    root: str | Path, checkpoint: str | None = None, bpe_dir: str | None = None, device: str = "cpu"
+) -> RetrievalIndex:
+    """Open an embedding folder for search (see :class:`RetrievalIndex`)."""
+    return RetrievalIndex(root, checkpoint, bpe_dir, device)
