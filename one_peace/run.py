@@ -41,7 +41,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
     from one_peace.data.loader import MultimodalLoader
     from one_peace.extras import require
-    from one_peace.runner.evaluate import evaluate_all
+    from one_peace.runner.evaluate import check_eval_section, evaluate_all
     from one_peace.train.trainer import Trainer
 
     require("train", "fairseq2", feature="training with python -m one_peace.run")
@@ -49,6 +49,7 @@ def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
     needs = {name: build.task_needs(cfg, spec) for name, spec in specs.items()}
     modalities = list(dict.fromkeys(m for n in needs.values() for m in n["modalities"]))
     build.check_config(cfg, modalities)  # every value checked before any work
+    check_eval_section(cfg, specs, needs)
     tcfg = build.trainer_config(cfg)
 
     rank, world = init_distributed()
@@ -100,16 +101,24 @@ def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
         loader: Any = MultiLoader(loaders)
     else:
         task, loader = next(iter(tasks.values())), next(iter(loaders.values()))
-    trainer = Trainer(task, loader, tcfg, out)  # every RNG the task owns is saved with its checkpoints
-    ckpt = trainer.fit()
-    if trainer.sharded:  # evaluation calls submodules directly: gather the root's sharded parameters first
-        task.unshard()
-
     train_of = {
         name: ((spec.get("data") or {}).get("train") if multi else None) or train for name, spec in specs.items()
     }
-    all_results = evaluate_all(specs, needs, tasks, eval_loaders, train_of, say, multi)
-    results = all_results if multi else next(iter(all_results.values()))
+    valid_of = {
+        name: ((spec.get("data") or {}).get("valid") if multi else None) or valid for name, spec in specs.items()
+    }
+
+    def evaluate(step: int, limit: int | None = None) -> dict[str, Any]:
+        found = evaluate_all(cfg, specs, needs, tasks, eval_loaders, valid_of, train_of, say, multi, limit)
+        return found if multi else next(iter(found.values()), {})
+
+    trainer = Trainer(  # every RNG the task owns is saved with its checkpoints
+        task, loader, tcfg, out, evaluate=lambda step: evaluate(step, cfg.eval.max_samples)
+    )
+    ckpt = trainer.fit()
+    if trainer.sharded:  # evaluation calls submodules directly: gather the root's sharded parameters first
+        task.unshard()
+    results = evaluate(trainer.step)
     loader.close()
     for ev in eval_loaders.values():
         ev.close()

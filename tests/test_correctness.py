@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from one_peace.runner.evaluate import box_iou, evaluate_boxes, evaluate_seq2seq
+from one_peace.eval import BoxIoUEvaluator, EvalContext, TokenF1Evaluator, box_iou
 
 pytestmark = pytest.mark.core
 
@@ -27,7 +27,9 @@ class _Task:
 def test_most_frequent_caption_baseline_is_the_training_one():
     batch = {"raw": {"caption": ["a blue circle", "a blue circle"]}, "valid": torch.tensor([True, True])}
     train = ["a red square"] * 3 + ["a blue circle"]
-    res = evaluate_seq2seq(_Task(["a red square", "a blue circle"]), [batch], {}, "caption", None, train)
+    ctx = EvalContext(None, [], task=_Task(["a red square", "a blue circle"]), loader=[batch])
+    ctx.train_rows = [{"caption": c} for c in train]
+    res = TokenF1Evaluator("caption")(ctx)
     assert res["baseline_caption"] == "a red square"  # the validation split's own mode would be "a blue circle"
     assert res["baseline_token_f1"] == pytest.approx(2 * (1 / 3 * 1 / 3) / (2 / 3))  # "a" of 3 tokens each way
     assert res["token_f1"] == pytest.approx((res["baseline_token_f1"] + 1.0) / 2)
@@ -37,7 +39,9 @@ def test_mean_box_baseline_is_the_mean_training_box():
     refs = [[0.0, 0.0, 10.0, 10.0], [10.0, 10.0, 20.0, 20.0]]
     batch = {"valid": torch.tensor([True, True])}
     train_boxes = [[0.0, 0.0, 10.0, 10.0]] * 3
-    res = evaluate_boxes(_Task([(refs[0], refs[0]), (None, refs[1])]), [batch], {}, train_boxes)
+    ctx = EvalContext(None, [], task=_Task([(refs[0], refs[0]), (None, refs[1])]), loader=[batch])
+    ctx.train_rows = [{"box": b} for b in train_boxes]
+    res = BoxIoUEvaluator("box")(ctx)
     assert res["mean_iou"] == pytest.approx(0.5) and res["acc@0.5"] == pytest.approx(0.5)
     assert res["baseline_mean_iou"] == pytest.approx((1.0 + 0.0) / 2)  # the training mean is refs[0]'s box
     assert box_iou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7)

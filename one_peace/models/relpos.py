@@ -41,7 +41,8 @@ def _bucket_1d(length: int, bucket_size: int) -> torch.Tensor:
 
 def bucket_1d(length: int, bucket_size: int) -> torch.Tensor:
     """``(length, length)`` table-row indices of the 1-D bucketed rule (text and audio; CLS at 0)."""
-    return _bucket_1d(length, bucket_size)
+    with torch.inference_mode(False):  # a cache filled under encode()'s inference mode must serve training too
+        return _bucket_1d(length, bucket_size)
 
 
 @lru_cache(maxsize=32)
@@ -67,4 +68,5 @@ def bucket_2d(height: int, width: int, grid: int) -> torch.Tensor:
     Offsets beyond the table's range are clamped to its border (only when the run-time grid is larger
     than the one the table was built for).
     """
-    return _bucket_2d(height, width, grid)
+    with torch.inference_mode(False):  # see bucket_1d
+        return _bucket_2d(height, width, grid)

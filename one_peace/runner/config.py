@@ -134,6 +134,8 @@ class TrainerSection:
         grad_checkpointing: Recompute encoder layers in the backward pass.
         log_every: Steps between metric lines.
         save_every: Steps between checkpoints (and one at the end).
+        eval_every: Steps between evaluations of the ``eval`` section on the validation data, logged to
+            ``eval.jsonl`` (0: only after training).
         keep_last: Checkpoints kept.
         resume: Continue from the latest complete checkpoint in ``output_dir``.
         trainable: What trains: the model's parameter groups (``adapters.audio``, ``ffn.audio``, ``norm.audio``,
@@ -159,12 +161,44 @@ class TrainerSection:
     grad_checkpointing: bool = False
     log_every: int = 10
     save_every: int = 100
+    eval_every: int = 0
     keep_last: int = 2
     resume: bool = False
     trainable: List[str] = field(default_factory=list)  # noqa: UP006
     frozen: List[str] = field(default_factory=list)  # noqa: UP006
     distributed: str = "ddp"
     mixed_precision: Optional[str] = None  # noqa: UP045
+
+
+@dataclass
+class EvalSection:
+    """``eval``: what is measured on the validation data after training and every ``trainer.eval_every`` steps.
+
+    Attributes:
+        task: ``auto`` (retrieval over the contrastive pair for objective recipes; token F1, or box IoU for
+            grounding, for seq2seq ones), ``retrieval``, ``zero_shot``, ``token_f1``, ``iou`` or ``none``.
+        pair: ``retrieval``: the two modalities (default: the first objective's).
+        group_field: ``retrieval``: rows sharing this field are positives of each other (default: identical texts).
+        ks: ``retrieval``: the k of recall@k.
+        modality: ``zero_shot``: what is classified.
+        label_field: ``zero_shot``: the row field holding the class name.
+        classes: ``zero_shot``: class names or a file (default: the labels of the validation rows).
+        templates: ``zero_shot``: prompt templates with ``{}`` for the class name.
+        prompts: ``zero_shot``: a JSON file ``label -> [prompt, ...]``.
+        max_samples: Validation rows used by the evaluations during training (``null``: all; the final one
+            always uses all).
+    """
+
+    task: str = "auto"
+    pair: Optional[List[str]] = None  # noqa: UP006, UP045
+    group_field: Optional[str] = None  # noqa: UP045
+    ks: Optional[List[int]] = None  # noqa: UP006, UP045
+    modality: Optional[str] = None  # noqa: UP045
+    label_field: Optional[str] = None  # noqa: UP045
+    classes: Optional[List[str]] = None  # noqa: UP006, UP045
+    templates: Optional[List[str]] = None  # noqa: UP006, UP045
+    prompts: Optional[str] = None  # noqa: UP045
+    max_samples: Optional[int] = None  # noqa: UP045
 
 
 @dataclass
@@ -237,10 +271,12 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     task: TaskSection = field(default_factory=TaskSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
 
 SECTIONS = {"": RunConfig, "model": ModelSection, "data": DataSection, "trainer": TrainerSection}
 SECTIONS.update({"trainer.optimizer": OptimizerSection, "task": TaskSection, "task.tasks.<name>": SubTaskSection})
+SECTIONS["eval"] = EvalSection
 
 
 def register() -> None:
@@ -277,7 +313,7 @@ def reference_markdown() -> str:
     for prefix, cls in SECTIONS.items():
         docs = _key_docs(cls)
         for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(f.type) or (not prefix and f.name in ("model", "data", "trainer", "task")):
+            if dataclasses.is_dataclass(f.type) or (not prefix and f.name in ("model", "data", "trainer", "task", "eval")):
                 continue
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             shown = "(required)" if default == MISSING else repr(default).replace("None", "null")

@@ -1,161 +1,92 @@
-"""Evaluators run after training: retrieval recall, generated text (token F1), grounding boxes (IoU)."""
+"""The recipes' evaluation (the ``eval:`` section), after training and every ``trainer.eval_every`` steps.
+
+The evaluators live in :mod:`one_peace.eval`; this module picks one per task from the recipe (``eval.task=auto``:
+retrieval over the contrastive pair for objective recipes, token F1 or box IoU for seq2seq ones) and runs it
+on the task's validation data.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+from one_peace.eval import EvalContext, build_evaluator
+from one_peace.eval.base import Evaluator
+from one_peace.runner.config import to_container
 
 
-@torch.no_grad()
-def evaluate_contrastive(task: Any, loader: Any, pair: tuple[str, str]) -> dict[str, float]:
-    """Recall@k of retrieving side b from side a; items with identical text count as correct (demo captions repeat)."""
-    task.eval()
-    a, b = pair
-    ea, eb, keys = [], [], []
-    for batch in loader:
-        v = batch["valid"]
-        ea.append(task.model.encode(a, batch[a])[v])
-        eb.append(task.model.encode(b, batch[b])[v])
-        side = batch["text"]["tokens"][v] if "text" in (a, b) else torch.arange(int(v.sum()))[:, None]
-        keys += [tuple(t for t in row.tolist() if t != 1) for row in side]
-    sim = torch.cat(ea) @ torch.cat(eb).T
-    ids: dict[tuple[int, ...], int] = {}
-    key_ids = torch.tensor([ids.setdefault(k, len(ids)) for k in keys])
-    same = key_ids[:, None] == key_ids[None, :]
-    best_correct = sim.masked_fill(~same, float("-inf")).max(1).values
-    ranks = (sim.masked_fill(same, float("-inf")) > best_correct[:, None]).sum(1)
-    out = {f"{a}->{b}/R@{k}": float((ranks < k).float().mean()) for k in (1, 5)}
-    out["samples"] = float(len(keys))
-    out["chance/R@1"] = float(same.float().mean())
-    return out
-
-
-@torch.no_grad()
-def box_iou(a: list[float], b: list[float]) -> float:
-    """Intersection over union of two ``[x0, y0, x1, y1]`` boxes."""
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-@torch.no_grad()
-def evaluate_boxes(task: Any, loader: Any, spec: Any, train_boxes: list[list[float]] | None = None) -> dict[str, Any]:
-    """Grounding: IoU of generated boxes with the references, against predicting the mean *training* box
-    (``train_boxes``; the validation references' own mean only when no training boxes are given)."""
-    task.eval()
-    pairs = []
-    for batch in loader:
-        for (pred, ref), ok in zip(task.generate_boxes(batch, beam=spec.get("beam", 1)), batch["valid"].tolist()):
-            if ok:
-                pairs.append((pred, ref))
-    ious = [box_iou(p, r) if p is not None else 0.0 for p, r in pairs]
-    source = train_boxes if train_boxes else [r for _, r in pairs]
-    mean_box = [float(np.mean([r[i] for r in source])) for i in range(4)]
-    base = [box_iou(mean_box, r) for _, r in pairs]
-    return {
-        "mean_iou": float(np.mean(ious)),
-        "acc@0.5": float(np.mean([i >= 0.5 for i in ious])),
-        "baseline_mean_iou": float(np.mean(base)),
-        "baseline_acc@0.5": float(np.mean([i >= 0.5 for i in base])),
-        "samples": len(pairs),
-    }
-
-
-def evaluate_seq2seq(
-    task: Any,
-    loader: Any,
-    spec: Any,
-    target_field: str,
-    closed_set: list[str] | None = None,
-    train_refs: list[str] | None = None,
-) -> dict[str, Any]:
-    """Generated text vs the references: token F1 and exact match, against the most frequent training caption."""
-    task.eval()
-    preds, refs = [], []
-    for batch in loader:
-        gen = task.generate(batch, beam=spec.get("beam", 1), closed_set=closed_set)
-        for p, r, ok in zip(gen, batch["raw"][target_field], batch["valid"].tolist()):
-            if ok:
-                preds.append(p)
-                refs.append(str(r).lower())
-
-    def token_f1(p: str, r: str) -> float:
-        pt, rt = p.split(), r.split()
-        common = sum((Counter(pt) & Counter(rt)).values())
-        if not pt or not rt or not common:
-            return 0.0
-        prec, rec = common / len(pt), common / len(rt)
-        return 2 * prec * rec / (prec + rec)
-
-    baseline = Counter([r.lower() for r in train_refs] if train_refs else refs).most_common(1)[0][0]
-    return {
-        "token_f1": float(np.mean([token_f1(p, r) for p, r in zip(preds, refs)])),
-        "exact_match": float(np.mean([p == r for p, r in zip(preds, refs)])),
-        "baseline_token_f1": float(np.mean([token_f1(baseline, r) for r in refs])),
-        "baseline_caption": baseline,
-        "examples": [{"generated": p, "reference": r} for p, r in list(zip(preds, refs))[:8]],
-    }
-
-
-def _training_rows(source: Any) -> list[dict[str, Any]]:
-    """The training rows of a manifest (shards and in-memory sources: their rows as the loader reads them)."""
+def _rows(source: Any, limit: int | None = None) -> tuple[list[dict[str, Any]], Path]:
+    """Rows of a manifest / shard folder / in-memory list, and the folder their media paths are relative to."""
     if isinstance(source, list | tuple):
-        return [dict(r) for r in source if isinstance(r, dict)]
-    from one_peace.data.shards import iter_rows
+        rows = [dict(r) for r in source if isinstance(r, dict)]
+        return (rows[:limit] if limit is not None else rows), Path(".")
+    from one_peace.eval import read_rows
 
-    return [row for _, row in iter_rows(str(source))]
+    return read_rows(str(source), limit)
+
+
+def evaluator_for(cfg: Any, spec: Any, needs: dict[str, Any]) -> Evaluator | None:
+    """The evaluator of one task: the recipe's ``eval`` section, or (``task: auto``) the task's natural one."""
+    section = dict(to_container(cfg.eval) or {})
+    kind = section.pop("task", "auto")
+    section.pop("max_samples", None)
+    if kind == "none":
+        return None
+    if kind != "auto":
+        return build_evaluator({"task": kind, **{k: v for k, v in section.items() if v is not None}})
+    if needs["kind"] == "seq2seq":
+        if needs["target_field"] is None:  # BOX targets: grounding
+            return build_evaluator({"task": "iou", "box_field": needs.get("box_field"), "beam": spec.get("beam", 1)})
+        return build_evaluator(
+            {"task": "token_f1", "target_field": needs["target_field"], "closed_set": needs.get("closed_set"),
+             "beam": spec.get("beam", 1)}  # fmt: skip
+        )
+    pair = section.get("pair") or next(iter(spec.objectives.values())).get("modalities", list(needs["fields"]))
+    opts = {k: section[k] for k in ("group_field", "ks") if section.get(k) is not None}
+    return build_evaluator({"task": "retrieval", "pair": list(pair), **opts})
+
+
+def check_eval_section(cfg: Any, specs: dict[str, Any], needs: dict[str, Any]) -> None:
+    """Build every task's evaluator once, so that a bad ``eval`` section fails before training."""
+    for name, spec in specs.items():
+        evaluator_for(cfg, spec, needs[name])
 
 
 def evaluate_all(
+    cfg: Any,
     specs: dict[str, Any],
     needs: dict[str, Any],
     tasks: dict[str, Any],
     loaders: dict[str, Any],
+    valid: dict[str, Any],
     train: dict[str, Any],
-    say: Any,
+    say: Callable[[str], None],
     multi: bool,
+    limit: int | None = None,
 ) -> dict[str, Any]:
-    """Run each task's evaluator on its validation loader, print a summary line per task; results by task name.
+    """Run each task's evaluator on its validation data; prints one summary line per task; results by task.
 
-    ``train`` maps each task to its training data: baselines (most frequent caption, mean box) and closed sets
-    come from there, never from the validation split.
+    ``valid``/``train`` map each task to its validation/training data (baselines and closed sets come from the
+    training data, never from the validation split).
     """
     results: dict[str, Any] = {}
     for name, spec in specs.items():
-        n, sub_task, ev = needs[name], tasks[name], loaders[name]
-        prefix = f"[{name}] " if multi else ""
-        if n["kind"] == "seq2seq":
-            rows = _training_rows(train[name])
-            if n["target_field"] is None:  # BOX targets: grounding
-                box = n.get("box_field")
-                boxes = [[v * 1.0 for v in row[box]] for row in rows if box and isinstance(row.get(box), list | tuple)]
-                res = evaluate_boxes(sub_task, ev, spec, boxes)
-                say(
-                    f"{prefix}validation grounding: mean IoU {res['mean_iou']:.3f}, Acc@0.5 {res['acc@0.5']:.3f} "
-                    f"(predicting the mean training box: {res['baseline_mean_iou']:.3f} / "
-                    f"{res['baseline_acc@0.5']:.3f})"
-                )
-                results[name] = res
-                continue
-            closed = None
-            if n.get("closed_set"):
-                closed = sorted({str(row[n["closed_set"]]) for row in rows if n["closed_set"] in row})
-            refs = [str(row[n["target_field"]]) for row in rows if n["target_field"] in row]
-            res = evaluate_seq2seq(sub_task, ev, spec, n["target_field"], closed, refs)
-            say(
-                f"{prefix}validation: token F1 {res['token_f1']:.3f} (most-frequent-caption baseline "
-                f"{res['baseline_token_f1']:.3f}), exact match {res['exact_match']:.3f}"
-            )
+        evaluator = evaluator_for(cfg, spec, needs[name])
+        if evaluator is None:
+            continue
+        rows, base = _rows(valid[name], limit)
+        train_rows = _rows(train[name])[0] if evaluator.name in ("token_f1", "iou") else None
+        task = tasks[name]
+        ctx = EvalContext(
+            task.model, rows, base, task=task, loader=loaders[name], train_rows=train_rows, fields=needs[name]["fields"]
+        )
+        was_training = task.training
+        res = evaluator(ctx)
+        task.train(was_training)
+        say(("[" + name + "] " if multi else "") + evaluator.summary(res))
+        if evaluator.name == "token_f1":
             for ex in res["examples"][:4]:
                 say(f"  generated: {ex['generated']!r}  reference: {ex['reference']!r}")
-        else:
-            pair = next(iter(spec.objectives.values())).get("modalities", list(n["fields"]))
-            res = evaluate_contrastive(sub_task, ev, tuple(pair))
-            say(f"{prefix}validation retrieval: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items()))
         results[name] = res
     return results

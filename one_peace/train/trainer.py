@@ -47,6 +47,8 @@ class TrainerConfig:
         grad_checkpointing: Recompute encoder layers in the backward pass.
         log_every: Steps between metric lines.
         save_every: Steps between checkpoints (and one at the end).
+        eval_every: Steps between calls of the trainer's ``evaluate`` callback (0: never), logged to
+            ``eval.jsonl`` (rank 0; not with ``fsdp2``, whose parameters are sharded during training).
         keep_last: Checkpoints kept (older ones are deleted).
         seed: Seed of parameters' init, data order and masking.
         resume: Continue from the latest complete checkpoint in ``output_dir``.
@@ -74,6 +76,7 @@ class TrainerConfig:
     grad_checkpointing: bool = False
     log_every: int = 10
     save_every: int = 50
+    eval_every: int = 0
     keep_last: int = 2
     seed: int = 0
     resume: bool = False
@@ -88,7 +91,7 @@ class TrainerConfig:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"trainer.{key} must be an integer >= 1, got {value!r}")
-        for key in ("warmup_steps", "keep_last"):
+        for key in ("warmup_steps", "keep_last", "eval_every"):
             if getattr(self, key) < 0:
                 raise ValueError(f"trainer.{key} must be >= 0, got {getattr(self, key)!r}")
         for key in ("weight_decay", "grad_clip"):
@@ -102,6 +105,8 @@ class TrainerConfig:
             raise ValueError(f"trainer.layer_decay must be in (0, 1] or null, got {self.layer_decay!r}")
         if self.distributed not in ("ddp", "fsdp2"):
             raise ValueError(f"trainer.distributed must be 'ddp' or 'fsdp2', got {self.distributed!r}")
+        if self.eval_every and self.distributed == "fsdp2":
+            raise ValueError("trainer.eval_every is not supported with trainer.distributed=fsdp2 (sharded parameters)")
         if self.mixed_precision not in (None, "bf16", "fp32"):
             raise ValueError(f"trainer.mixed_precision must be 'bf16', 'fp32' or null, got {self.mixed_precision!r}")
 
@@ -164,6 +169,8 @@ class Trainer:
         config: Optimisation settings.
         output_dir: Where checkpoints, ``metrics.jsonl``, TensorBoard events and the loss plot go.
         extra_state: Callables saving/restoring additional resume state (e.g. the task's masking generator).
+        evaluate: Called with the step every ``config.eval_every`` steps on rank 0; returns JSON-ready results
+            (logged to ``eval.jsonl``, numbers also to TensorBoard as ``eval/<key>``).
     """
 
     def __init__(
@@ -173,8 +180,10 @@ class Trainer:
         config: TrainerConfig,
         output_dir: str | Path,
         extra_state: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
+        evaluate: Callable[[int], dict[str, Any]] | None = None,
     ) -> None:
         config.validate()
+        self.evaluate = evaluate
         self.task = task
         self.loader = loader
         self.cfg = config
@@ -253,6 +262,19 @@ class Trainer:
                 if k != "step":
                     self._tb.add_scalar(k, v, int(logs["step"]))
 
+    def _evaluate(self) -> None:
+        """Run the ``evaluate`` callback on rank 0 (the others wait at their next collective), log its results."""
+        if self.rank == 0:
+            assert self.evaluate is not None
+            results = self.evaluate(self.step)
+            self.task.train()
+            with open(self.out / "eval.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": self.step, **results}, default=str) + "\n")
+            if self._tb:
+                for k, v in results.items():
+                    if isinstance(v, int | float) and not isinstance(v, bool):
+                        self._tb.add_scalar(f"eval/{k}", v, self.step)
+
     @staticmethod
     def _fully_shard(task: nn.Module, config: TrainerConfig) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -323,6 +345,8 @@ class Trainer:
                 self._log(agg)
             bar.update(1)
             bar.set_postfix(loss=f"{agg['loss']:.3f}")
+            if self.evaluate is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                self._evaluate()
             if self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps:
                 last = self.save()
         bar.close()
