@@ -72,8 +72,8 @@ class IndexReport:
 
 
 def _nlist(n: int) -> int:
-    """IVF lists: about ``2 sqrt(n)``, a power of two, with at least 39 training points each."""
-    target = 2 * math.sqrt(max(n, 1))
+    """IVF lists: about ``4 sqrt(n)``, a power of two, with at least 39 training points each."""
+    target = 4 * math.sqrt(max(n, 1))
     nlist = 2 ** max(0, round(math.log2(target)))
     return int(max(1, min(nlist, n // 39)))
 
@@ -170,7 +170,8 @@ def build_index(
         index = fs.index_factory(d, factory, fs.METRIC_INNER_PRODUCT)
         if not index.is_trained:
             _quick_pq_training(index)
-            sample = xb[rng.choice(n, size=min(n, train_size), replace=False)]
+            lists = _nlist(n) if "IVF" in factory else 0
+            sample = xb[rng.choice(n, size=min(n, max(train_size, 39 * lists)), replace=False)]
             index.train(sample)
         index.add(xb)
         built_s = time.perf_counter() - t0
@@ -199,6 +200,8 @@ def build_index(
             best = (index, report)
         if reached:
             best = (index, report)
+            break
+        if "PQ" in factory:  # the remaining candidates are smaller PQ codes: they cannot do better
             break
     assert best is not None
     index, report = best
