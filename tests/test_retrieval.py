@@ -302,3 +302,58 @@ def test_auto_index_on_a_200k_corpus_fits_32mb_and_reaches_the_target_recall():
     assert report.recall_at_10 is not None and report.recall_at_10 >= 0.95
     assert report.recall_queries == 1000 and report.search_params.get("nprobe", 0) >= 1
     assert index.ntotal == n
+
+
+# --------------------------------------------------------------------------------- after a real training run
+@pytest.mark.skipif(not __import__("one_peace.extras").extras.available("fairseq2"), reason="needs the train extra")
+def test_vl_contrastive_then_eval_embed_and_search_by_text(tmp_path):
+    """#11 done-when: after vl_contrastive on the demo data, text->image R@1 >= 5x chance, text search finds the kind."""
+    from hydra import compose, initialize_config_module
+
+    from one_peace.eval.__main__ import EvalConfig, evaluate
+    from one_peace.retrieval import open_index
+    from one_peace.run import run
+
+    overrides = ["recipe=vl_contrastive", f"output_dir={tmp_path / 'run'}", "data.demo_train=192", "data.demo_valid=48",
+                 "data.image_size=32", "trainer.batch_size=16", "trainer.max_steps=150", "trainer.log_every=50",
+                 "data.vocab_size=300", "trainer.eval_every=75", "eval.max_samples=16"]  # fmt: skip
+    with initialize_config_module(config_module="one_peace.recipes", version_base=None):
+        results = run(compose(config_name="config", overrides=overrides))
+    during = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in during] == [75, 150] and all(d["samples"] == 16 for d in during)
+    assert results["samples"] == 48  # the final evaluation uses every validation row
+    valid = tmp_path / "run" / "demo_data" / "valid.jsonl"
+    res = evaluate(
+        EvalConfig(task="retrieval", checkpoint=results["checkpoint"], data=str(valid), pair=["text", "image"],
+                   fields={"text": "caption"}, out=str(tmp_path / "eval.json"))  # fmt: skip
+    )
+    assert res["text->image/R@1"] >= 5 * res["text->image/chance@1"], res
+    out = tmp_path / "emb"
+    _embed(Path(results["checkpoint"]), valid, out, batch_size=16)
+    index = open_index(out)
+    captions = sorted({index.store.metadata(i)["caption"] for i in range(len(index))})
+    first = [index.search(text=c, top_k=1)[0].metadata["caption"] == c for c in captions]
+    chance = np.mean([np.mean([index.store.metadata(i)["caption"] == c for i in range(len(index))]) for c in captions])
+    assert np.mean(first) >= 5 * chance, (np.mean(first), chance)
+
+
+def test_two_process_torchrun_embed_equals_one_process(checkpoint, tmp_path):
+    """Each rank embeds its own parts; rank 0 builds the index from all of them."""
+    import os
+
+    manifest = _corpus(tmp_path / "data", 11, corrupt=(6,))
+    single = tmp_path / "single"
+    _embed(checkpoint, manifest, single, part_size=3)
+    both = tmp_path / "both"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "one_peace.embed",
+           f"checkpoint={checkpoint}", f"data={manifest}", "modality=image", f"out={both}", "part_size=3",
+           "batch_size=4", "progress=false"]  # fmt: skip
+    got = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert got.returncode == 0, got.stderr[-3000:]
+    from one_peace.retrieval import EmbeddingStore
+
+    a, b = EmbeddingStore(single), EmbeddingStore(both)
+    records = b.finished_parts()
+    assert sorted(records) == [0, 1, 2, 3] and a.ids() == b.ids()
+    np.testing.assert_allclose(a.vectors(), b.vectors(), atol=2e-3, rtol=0)
+    assert [x["id"] for x in b.bad()] == ["item6"] and b.info()["index"]["recall_at_10"] == 1.0
