@@ -195,7 +195,7 @@ class EvalSection:
     ks: Optional[List[int]] = None  # noqa: UP006, UP045
     modality: Optional[str] = None  # noqa: UP045
     label_field: Optional[str] = None  # noqa: UP045
-    classes: Optional[List[str]] = None  # noqa: UP006, UP045
+    classes: Any = None
     templates: Optional[List[str]] = None  # noqa: UP006, UP045
     prompts: Optional[str] = None  # noqa: UP045
     max_samples: Optional[int] = None  # noqa: UP045
