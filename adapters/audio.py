@@ -234,7 +234,7 @@ def _load_with_av(item: Any) -> tuple[np.ndarray, int]:
     resampler = av.AudioResampler(format="fltp", layout="mono", rate=SAMPLE_RATE)
     chunks: list[np.ndarray] = []
     try:
-        with av.open(source) as container:
+        with av.open(source, mode="r") as container:
             if not container.streams.audio:
                 raise UndecodableMedia(f"{label} has no audio stream")
             for frame in container.decode(audio=0):

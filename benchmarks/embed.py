@@ -31,7 +31,23 @@ import torch
 import one_peace
 from benchmarks.common import PeakRSS, count_flops, machine, matmul_peak, time_call
 
-WORDS = "a red green blue circle square triangle on white black background moving slowly quickly dog".split()
+WORDS = [
+    "a",
+    "red",
+    "green",
+    "blue",
+    "circle",
+    "square",
+    "triangle",
+    "on",
+    "white",
+    "black",
+    "background",
+    "moving",
+    "slowly",
+    "quickly",
+    "dog",
+]
 
 
 def make_corpus(root: Path, modality: str, n: int, image_size: int, seconds: float, seed: int = 0) -> Path:
@@ -89,14 +105,24 @@ def bench_modality(
     with PeakRSS() as mem:
         for k in range(2):
             with tempfile.TemporaryDirectory() as tmp:
-                cfg = EmbedConfig(checkpoint=str(ckpt), data=str(manifest), modality=modality, out=f"{tmp}/o{k}",
-                                  batch_size=batch, workers=4, index="none", progress=False)  # fmt: skip
+                cfg = EmbedConfig(
+                    checkpoint=str(ckpt),
+                    data=str(manifest),
+                    modality=modality,
+                    out=f"{tmp}/o{k}",
+                    batch_size=batch,
+                    workers=4,
+                    index="none",
+                    progress=False,
+                )
                 t0 = time.perf_counter()
                 embed(cfg, model=model)
                 runs.append(time.perf_counter() - t0)
     out["pipeline"] = {"items_per_s": n / min(runs), "peak_rss_mb": mem.peak / 2**20}
     out["pipeline_vs_forward"] = out["pipeline"]["items_per_s"] / out["forward"]["items_per_s"]
-    out["flops_per_item"] = count_flops(lambda: model.encode(modality, batches[0])) / len(next(iter(batches[0].values())))
+    out["flops_per_item"] = count_flops(lambda: model.encode(modality, batches[0])) / len(
+        next(iter(batches[0].values()))
+    )
     return out
 
 
@@ -117,8 +143,12 @@ def bench_open_clip(batch: int, image_size: int, seconds: float, bf16: bool) -> 
             out[name] = "skipped: no native bf16 matmul on this CPU"
             continue
         m, xi = model.to(dtype), x.to(dtype)
+
+        def step(m: Any = m, xi: torch.Tensor = xi) -> None:
+            m(xi)
+
         with torch.inference_mode():
-            t = time_call(lambda: m(xi), seconds, warmup=1, min_iters=1)
+            t = time_call(step, seconds, warmup=1, min_iters=1)
         out[name] = {"items_per_s": batch / t}
     model.float()
     return out
@@ -135,8 +165,19 @@ def scaling(root: Path, batch: int, items: int) -> dict[str, Any]:
         manifest = make_corpus(root / f"scale{factor}", "image", items * factor, 64, 1.0, seed=factor)
         with PeakRSS() as mem:
             t0 = time.perf_counter()
-            embed(EmbedConfig(checkpoint=str(ckpt), data=str(manifest), modality="image", out=str(root / f"s{factor}"),
-                              batch_size=batch, index="flat", progress=False, part_size=max(64, items)), model=model)  # fmt: skip
+            embed(
+                EmbedConfig(
+                    checkpoint=str(ckpt),
+                    data=str(manifest),
+                    modality="image",
+                    out=str(root / f"s{factor}"),
+                    batch_size=batch,
+                    index="flat",
+                    progress=False,
+                    part_size=max(64, items),
+                ),
+                model=model,
+            )
             secs = time.perf_counter() - t0
         out[f"{factor}x"] = {"items": items * factor, "seconds": secs, "peak_rss_delta_mb": mem.delta / 2**20}
     out["time_ratio"] = out["10x"]["seconds"] / out["1x"]["seconds"]

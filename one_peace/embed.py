@@ -114,9 +114,9 @@ def _check(cfg: EmbedConfig) -> None:
     ):
         if value not in allowed:
             raise ValueError(f"{key}: expected one of {list(allowed)}, got {value!r}")
-    for key, value in (("batch_size", cfg.batch_size), ("part_size", cfg.part_size)):
-        if value < 1:
-            raise ValueError(f"{key}: must be >= 1, got {value}")
+    for key, number in (("batch_size", cfg.batch_size), ("part_size", cfg.part_size)):
+        if number < 1:
+            raise ValueError(f"{key}: must be >= 1, got {number}")
     if cfg.workers < 0:
         raise ValueError(f"workers: must be >= 0, got {cfg.workers}")
     if not Path(cfg.data).exists():
@@ -309,8 +309,15 @@ def _prepare_folder(cfg: EmbedConfig, store: EmbeddingStore, model: Any, digest:
         first_part = max((s["first_part"] + s["parts"] for s in sources), default=0)
         offset = sum(s["rows"] for s in sources)
         sources.append(
-            {"data": key, "identity": identity, "first_part": first_part, "row_offset": offset, "rows": None,
-             "parts": 0, "complete": False}  # fmt: skip
+            {
+                "data": key,
+                "identity": identity,
+                "first_part": first_part,
+                "row_offset": offset,
+                "rows": None,
+                "parts": 0,
+                "complete": False,
+            }
         )
     return info
 
@@ -408,7 +415,13 @@ def _run_parts(
 
 
 def _finish(
-    cfg: EmbedConfig, store: EmbeddingStore, info: dict[str, Any], source_no: int, rows: int, truncated: int, secs: float
+    cfg: EmbedConfig,
+    store: EmbeddingStore,
+    info: dict[str, Any],
+    source_no: int,
+    rows: int,
+    truncated: int,
+    secs: float,
 ) -> dict[str, Any]:
     """Rank 0: check every part of the source is there, write ``bad.jsonl``, build or extend the index."""
     source = info["sources"][source_no]
@@ -417,7 +430,9 @@ def _finish(
     wanted = range(source["first_part"], source["first_part"] + n_parts)
     missing = [p for p in wanted if p not in done]
     if missing:
-        raise RuntimeError(f"parts {missing} of {cfg.data} were not written (a rank failed): run again with mode=resume")
+        raise RuntimeError(
+            f"parts {missing} of {cfg.data} were not written (a rank failed): run again with mode=resume"
+        )
     source.update(rows=rows, parts=n_parts, complete=True)
     bad = [b for p in sorted(done) for b in done[p]["bad"]]
     lines = "".join(json.dumps(b) + "\n" for b in bad)
@@ -427,7 +442,9 @@ def _finish(
     info["count"] = sum(done[p]["count"] for p in done)
     info["bad"] = len(bad)
     if truncated:
-        logger.warning("%d texts were truncated to the tokenizer's limit (long_text=chunks embeds them whole)", truncated)
+        logger.warning(
+            "%d texts were truncated to the tokenizer's limit (long_text=chunks embeds them whole)", truncated
+        )
     if cfg.index != "none":
         info["index"] = _index(cfg, store, info, [p for p in wanted])
     store.save_info(info)

@@ -53,7 +53,7 @@ class RetrievalEvaluator:
         ea, eb = ea[both[ok_a]], eb[both[ok_b]]
         groups = [g for g, keep in zip(self.groups(ctx), both.tolist()) if keep]
         out: dict[str, Any] = {}
-        for (q, g, qn, gn) in ((ea, eb, a, b), (eb, ea, b, a)):
+        for q, g, qn, gn in ((ea, eb, a, b), (eb, ea, b, a)):
             res = recall_at_k(q, g, groups, groups, self.ks)
             for k in self.ks:
                 out[f"{qn}->{gn}/R@{k}"] = res[f"R@{k}"]
@@ -68,7 +68,8 @@ class RetrievalEvaluator:
         parts = []
         for q, g in ((a, b), (b, a)):
             parts.append(
-                f"{q}->{g} " + " ".join(f"R@{k} {result[f'{q}->{g}/R@{k}']:.3f}" for k in self.ks)
+                f"{q}->{g} "
+                + " ".join(f"R@{k} {result[f'{q}->{g}/R@{k}']:.3f}" for k in self.ks)
                 + f" (chance R@1 {result[f'{q}->{g}/chance@1']:.3f})"
             )
         return "retrieval: " + "; ".join(parts) + f"; {int(result['samples'])} pairs"

@@ -315,7 +315,8 @@ class OnePeaceModel(nn.Module):
             long_text: ``"truncate"`` (to the tokenizer's limit, 70 tokens for the official model; one warning per
                 call) or ``"chunks"``: the normalised mean of the embeddings of consecutive limit-sized chunks.
 
-        Runs under ``torch.inference_mode()`` in eval mode (the training flag is restored afterwards).
+        Raw items run under ``torch.inference_mode()`` in eval mode (the training flag is restored afterwards); a
+        ready batch dict is one plain forward in the caller's mode, with gradients when enabled (as before).
         """
         from one_peace.models.encoding import encode
 

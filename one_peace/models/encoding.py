@@ -172,9 +172,8 @@ def encode(
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
     if long_text not in LONG_TEXT_MODES:
         raise ValueError(f"long_text must be one of {LONG_TEXT_MODES}, got {long_text!r}")
-    if isinstance(items, Mapping):  # a ready batch: one forward, as before
-        with _EvalMode(model):
-            emb = forward_batch(model, modality, items, normalize)
+    if isinstance(items, Mapping):  # a ready batch: one forward as before (caller's mode and grad: trainable)
+        emb = forward_batch(model, modality, items, normalize)
         return emb.float().cpu().numpy() if output == "numpy" else emb
     items = as_item_list(items)
     if not items:
@@ -247,7 +246,8 @@ def encode_multimodal(
             for start in range(0, n, batch_size):
                 batch = {
                     m: to_device(
-                        model, model.plugins[m].collate([preprocessor(model, m)(x) for x in v[start : start + batch_size]])
+                        model,
+                        model.plugins[m].collate([preprocessor(model, m)(x) for x in v[start : start + batch_size]]),
                     )
                     for m, v in lists.items()
                 }

@@ -178,7 +178,7 @@ def build_index(
         report = IndexReport(factory, estimated_bytes=int(estimate), recall_queries=len(xq))
         report.memory_bytes = int(fs.serialize_index(index).nbytes)
         name = _param_name(factory)
-        values = NPROBES if name == "nprobe" else EF_SEARCH if name == "efSearch" else (0,)
+        values: tuple[int, ...] = NPROBES if name == "nprobe" else EF_SEARCH if name == "efSearch" else (0,)
         if name == "nprobe":
             values = tuple(v for v in values if v <= _ivf_lists(index)) or (1,)
         reached = False
@@ -192,8 +192,13 @@ def build_index(
                 reached = True
                 break
         tried.append(
-            {"factory": factory, "estimated_bytes": int(estimate), "recall_at_10": report.recall_at_10,
-             "search_params": report.search_params, "build_s": round(built_s, 2)}  # fmt: skip
+            {
+                "factory": factory,
+                "estimated_bytes": int(estimate),
+                "recall_at_10": report.recall_at_10,
+                "search_params": report.search_params,
+                "build_s": round(built_s, 2),
+            }
         )
         logger.info("index %s: 10-recall@10 %.3f with %s", factory, report.recall_at_10 or 0, report.search_params)
         if best is None or (report.recall_at_10 or 0) > (best[1].recall_at_10 or 0):
@@ -210,8 +215,11 @@ def build_index(
     if (report.recall_at_10 or 0) < target:
         logger.warning(
             "no index within %s reached 10-recall@10 %.2f; kept %s at %.3f (raise index_memory for more)",
-            memory, target, report.factory, report.recall_at_10 or 0,
-        )  # fmt: skip
+            memory,
+            target,
+            report.factory,
+            report.recall_at_10 or 0,
+        )
     return index, report
 
 

@@ -164,7 +164,9 @@ class EmbeddingStore:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            tables = [pq.read_table(self.root / "metadata" / f"{self.part_name(p)}.parquet") for p in self.part_numbers()]
+            tables = [
+                pq.read_table(self.root / "metadata" / f"{self.part_name(p)}.parquet") for p in self.part_numbers()
+            ]
             self._table = pa.concat_tables(tables, promote_options="permissive") if tables else _arrow_table([])
         return self._table
 
@@ -216,9 +218,10 @@ class RetrievalIndex:
         self.bpe_dir = bpe_dir or model_info.get("bpe_dir")
         self.device = device
         self._model: Any = None
-        if self.index.ntotal != self.store.metadata_table().num_rows:
+        rows = self.store.metadata_table().num_rows
+        if self.index.ntotal != rows:
             raise ValueError(
-                f"{root}: the index holds {self.index.ntotal} vectors but the metadata {self.store.metadata_table().num_rows} "
+                f"{root}: the index holds {self.index.ntotal} vectors but the metadata {rows} "
                 "rows (an interrupted embed: run it again with mode=resume)"
             )
 
@@ -248,10 +251,12 @@ class RetrievalIndex:
         if not items:
             raise ValueError("empty query: give at least one of " + ", ".join(self.model.adapters))
         if len(items) == 1:
-            (m, v), = items.items()
+            ((m, v),) = items.items()
             return np.asarray(self.model.encode(m, [v], output="numpy"), dtype=np.float32)
         return np.asarray(
-            self.model.encode_multimodal({m: [v] for m, v in items.items()}, fuse=fuse, weights=weights, output="numpy"),
+            self.model.encode_multimodal(
+                {m: [v] for m, v in items.items()}, fuse=fuse, weights=weights, output="numpy"
+            ),
             dtype=np.float32,
         )
 

@@ -313,7 +313,9 @@ def reference_markdown() -> str:
     for prefix, cls in SECTIONS.items():
         docs = _key_docs(cls)
         for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(f.type) or (not prefix and f.name in ("model", "data", "trainer", "task", "eval")):
+            if dataclasses.is_dataclass(f.type) or (
+                not prefix and f.name in ("model", "data", "trainer", "task", "eval")
+            ):
                 continue
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             shown = "(required)" if default == MISSING else repr(default).replace("None", "null")

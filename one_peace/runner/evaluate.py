@@ -39,8 +39,12 @@ def evaluator_for(cfg: Any, spec: Any, needs: dict[str, Any]) -> Evaluator | Non
         if needs["target_field"] is None:  # BOX targets: grounding
             return build_evaluator({"task": "iou", "box_field": needs.get("box_field"), "beam": spec.get("beam", 1)})
         return build_evaluator(
-            {"task": "token_f1", "target_field": needs["target_field"], "closed_set": needs.get("closed_set"),
-             "beam": spec.get("beam", 1)}  # fmt: skip
+            {
+                "task": "token_f1",
+                "target_field": needs["target_field"],
+                "closed_set": needs.get("closed_set"),
+                "beam": spec.get("beam", 1),
+            }
         )
     pair = section.get("pair") or next(iter(spec.objectives.values())).get("modalities", list(needs["fields"]))
     opts = {k: section[k] for k in ("group_field", "ks") if section.get(k) is not None}
