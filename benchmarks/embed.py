@@ -91,8 +91,9 @@ def bench_modality(
     batches = [model.prepare(modality, items[i : i + batch]) for i in range(0, n, batch)]
 
     def forward() -> None:
-        for b in batches:
-            model.encode(modality, b)
+        with torch.inference_mode():
+            for b in batches:
+                model.encode(modality, b)
 
     out: dict[str, Any] = {"items": n}
     with PeakRSS() as mem:
@@ -120,9 +121,9 @@ def bench_modality(
                 runs.append(time.perf_counter() - t0)
     out["pipeline"] = {"items_per_s": n / min(runs), "peak_rss_mb": mem.peak / 2**20}
     out["pipeline_vs_forward"] = out["pipeline"]["items_per_s"] / out["forward"]["items_per_s"]
-    out["flops_per_item"] = count_flops(lambda: model.encode(modality, batches[0])) / len(
-        next(iter(batches[0].values()))
-    )
+    with torch.inference_mode():
+        flops = count_flops(lambda: model.encode(modality, batches[0]))
+    out["flops_per_item"] = flops / len(next(iter(batches[0].values())))
     return out
 
 
@@ -158,7 +159,9 @@ def scaling(root: Path, batch: int, items: int) -> dict[str, Any]:
     """Tiny model, pipeline: 1x and 10x corpus, time and peak memory."""
     from one_peace.embed import EmbedConfig, embed
 
-    model = one_peace.build_model("tiny", modalities=("image",), image_size=64).eval()
+    cfg = one_peace.model_config("tiny", ("image",))
+    cfg.modality_options = {"image": {"image_size": 64}}
+    model = one_peace.build_model(cfg).eval()
     ckpt = one_peace.save(model, root / "tiny")
     out = {}
     for factor in (1, 10):
@@ -195,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--scale-items", type=int, default=256)
     p.add_argument("--modalities", nargs="+", default=["image", "audio", "text"])
+    p.add_argument("--out", default=None, help="also write the JSON here (the embed tool prints to stdout)")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     result: dict[str, Any] = {"machine": machine(), "size": args.size, "batch": args.batch_size}
@@ -208,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
 
         tok = TextTokenizer.train([" ".join(WORDS)] * 8, vocab_size=300)
         cfg = one_peace.model_config(args.size, tuple(args.modalities))
-        cfg.modality_options = {"image": {"image_size": args.image_size}, "text": {"vocab_size": tok.vocab_size}}
+        options = {"image": {"image_size": args.image_size}, "text": {"vocab_size": tok.vocab_size}}
+        cfg.modality_options = {m: o for m, o in options.items() if m in args.modalities}
         model = one_peace.build_model(cfg).eval()
         model.tokenizer = tok
         ckpt = one_peace.save(model, root / "model")
@@ -227,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
                 result["image_mfu_fp32"] = ours / peak32
                 result["open_clip_mfu_fp32"] = theirs / peak32
         result["scaling_tiny"] = scaling(root, args.batch_size, args.scale_items)
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
     return 0
 
 

@@ -415,3 +415,78 @@ def test_two_process_torchrun_embed_equals_one_process(checkpoint, tmp_path):
     assert sorted(records) == [0, 1, 2, 3] and a.ids() == b.ids()
     np.testing.assert_allclose(a.vectors(), b.vectors(), atol=2e-3, rtol=0)
     assert [x["id"] for x in b.bad()] == ["item6"] and b.info()["index"]["recall_at_10"] == 1.0
+
+
+def test_official_pt_and_its_converted_folder_embed_alike(official_tiny, parity, tmp_path):
+    """The embed tool takes an official .pt (bpe_dir=) and the converted folder: one model hash, the same vectors."""
+    from one_peace.convert import convert
+    from one_peace.retrieval import EmbeddingStore
+
+    converted = tmp_path / "converted"
+    convert(official_tiny, converted, bpe_dir=parity / "bpe")
+    data = tmp_path / "t.jsonl"
+    data.write_text("".join(json.dumps({"id": f"t{i}", "text": t}) + "\n" for i, t in enumerate(WORDS[:6])))
+    a, b = tmp_path / "a", tmp_path / "b"
+    ia = _embed(official_tiny, data, a, modality="text", bpe_dir=str(parity / "bpe"))
+    ib = _embed(converted, data, b, modality="text")
+    assert ia["model"]["hash"] == ib["model"]["hash"]
+    np.testing.assert_array_equal(EmbeddingStore(a).vectors(), EmbeddingStore(b).vectors())
+    # appending with the other form of the same model is allowed: it is the same model
+    more = tmp_path / "more.jsonl"
+    more.write_text(json.dumps({"id": "t9", "text": "a dog barking"}) + "\n")
+    assert _embed(converted, more, a, modality="text", mode="append")["count"] == 7
+
+
+@pytest.mark.skipif(not __import__("one_peace.extras").extras.available("av"), reason="needs the video extra")
+def test_the_sound_track_of_a_video_file_is_accepted_as_audio(model, tmp_path):
+    import av
+
+    from one_peace.adapters.audio import load_audio
+    from one_peace.errors import UndecodableMedia
+
+    path = tmp_path / "clip.mp4"
+    rate, tone = 44100, np.sin(2 * np.pi * 440 * np.arange(44100) / 44100).astype(np.float32)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("aac", rate=rate)
+        stream.layout = "mono"
+        for start in range(0, len(tone), 1024):
+            frame = av.AudioFrame.from_ndarray(tone[None, start : start + 1024], format="fltp", layout="mono")
+            frame.sample_rate = rate
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+    wave, sr = load_audio(path)
+    assert sr == 16000 and abs(len(wave) - 16000) < 2048
+    spectrum = np.abs(np.fft.rfft(wave[2000:14000]))
+    assert abs(np.argmax(spectrum) * 16000 / 12000 - 440) < 5  # the tone survived decoding and resampling
+    assert model.encode("audio", [path]).shape == (1, 64)
+    silent = tmp_path / "silent.mp4"
+    with av.open(str(silent), "w") as out:
+        v = out.add_stream("mpeg4", rate=4)
+        v.width = v.height = 16
+        v.pix_fmt = "yuv420p"
+        for packet in v.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")):
+            out.mux(packet)
+        for packet in v.encode(None):
+            out.mux(packet)
+    with pytest.raises(UndecodableMedia, match="no audio stream"):
+        load_audio(silent)
+
+
+def test_embed_reads_shards_and_names_each_member_as_the_source(checkpoint, tmp_path):
+    from one_peace.data.shards import write_shards
+    from one_peace.retrieval import EmbeddingStore
+
+    manifest = _corpus(tmp_path / "data", 5, corrupt=(1,))
+    shards = tmp_path / "shards"
+    write_shards(manifest, shards, shard_size=2)
+    out = tmp_path / "emb"
+    _embed(checkpoint, shards, out)
+    store = EmbeddingStore(out)
+    assert store.ids() == ["item0", "item2", "item3", "item4"] and [b["id"] for b in store.bad()] == ["item1"]
+    meta = store.metadata(1)
+    assert meta["source"] == f"{shards / 'shard-000001.tar'}#item2" and meta["source_kind"] == "shard"
+    plain = tmp_path / "plain"
+    _embed(checkpoint, manifest, plain)
+    np.testing.assert_array_equal(store.vectors(), EmbeddingStore(plain).vectors())
