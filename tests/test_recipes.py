@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
@@ -452,3 +453,42 @@ def test_a_run_that_fails_releases_its_output_dir_lock(tmp_path):
     fh = lock_output_dir(out)  # would raise OutputDirInUse if the failed run still held it
     fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
     fh.close()
+
+
+def test_two_process_torchrun_embed_equals_one_process(tmp_path):
+    """Each rank embeds its own parts; rank 0 builds the index from all of them (full environment only: torch 2.14
+    with gloo sometimes aborts at process exit after the work is done, see test_trainer's 2-process worker)."""
+    from test_retrieval import _corpus, _embed
+
+    import one_peace
+
+    checkpoint = one_peace.save(one_peace.build_model("tiny", modalities=("image",)), tmp_path / "ck")
+
+    manifest = _corpus(tmp_path / "data", 11, corrupt=(6,))
+    single = tmp_path / "single"
+    _embed(checkpoint, manifest, single, part_size=3)
+    both = tmp_path / "both"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "-m",
+        "one_peace.embed",
+        f"checkpoint={checkpoint}",
+        f"data={manifest}",
+        "modality=image",
+        f"out={both}",
+        "part_size=3",
+        "batch_size=4",
+        "progress=false",
+    ]
+    got = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert got.returncode == 0, got.stderr[-3000:]
+    from one_peace.retrieval import EmbeddingStore
+
+    a, b = EmbeddingStore(single), EmbeddingStore(both)
+    records = b.finished_parts()
+    assert sorted(records) == [0, 1, 2, 3] and a.ids() == b.ids()
+    np.testing.assert_allclose(a.vectors(), b.vectors(), atol=2e-3, rtol=0)
+    assert [x["id"] for x in b.bad()] == ["item6"] and b.info()["index"]["recall_at_10"] == 1.0

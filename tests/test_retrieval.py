@@ -383,40 +383,6 @@ def test_vl_contrastive_then_eval_embed_and_search_by_text(tmp_path):
     assert np.mean(first) >= 5 * chance, (np.mean(first), chance)
 
 
-def test_two_process_torchrun_embed_equals_one_process(checkpoint, tmp_path):
-    """Each rank embeds its own parts; rank 0 builds the index from all of them."""
-    import os
-
-    manifest = _corpus(tmp_path / "data", 11, corrupt=(6,))
-    single = tmp_path / "single"
-    _embed(checkpoint, manifest, single, part_size=3)
-    both = tmp_path / "both"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "-m",
-        "one_peace.embed",
-        f"checkpoint={checkpoint}",
-        f"data={manifest}",
-        "modality=image",
-        f"out={both}",
-        "part_size=3",
-        "batch_size=4",
-        "progress=false",
-    ]
-    got = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert got.returncode == 0, got.stderr[-3000:]
-    from one_peace.retrieval import EmbeddingStore
-
-    a, b = EmbeddingStore(single), EmbeddingStore(both)
-    records = b.finished_parts()
-    assert sorted(records) == [0, 1, 2, 3] and a.ids() == b.ids()
-    np.testing.assert_allclose(a.vectors(), b.vectors(), atol=2e-3, rtol=0)
-    assert [x["id"] for x in b.bad()] == ["item6"] and b.info()["index"]["recall_at_10"] == 1.0
-
-
 def test_official_pt_and_its_converted_folder_embed_alike(official_tiny, parity, tmp_path):
     """The embed tool takes an official .pt (bpe_dir=) and the converted folder: one model hash, the same vectors."""
     from one_peace.convert import convert
@@ -440,8 +406,8 @@ def test_official_pt_and_its_converted_folder_embed_alike(official_tiny, parity,
 @pytest.mark.skipif(not __import__("one_peace.extras").extras.available("av"), reason="needs the video extra")
 def test_the_sound_track_of_a_video_file_is_accepted_as_audio(model, tmp_path):
     import av
-
     from one_peace.adapters.audio import load_audio
+
     from one_peace.errors import UndecodableMedia
 
     path = tmp_path / "clip.mp4"
