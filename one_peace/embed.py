@@ -441,6 +441,12 @@ def _finish(
     os.replace(tmp, store.root / "bad.jsonl")
     info["count"] = sum(done[p]["count"] for p in done)
     info["bad"] = len(bad)
+    if info["count"] == 0:
+        store.save_info(info)
+        raise ValueError(
+            f"no item of {cfg.data} could be embedded ({rows} rows, {len(bad)} skipped: see {store.root / 'bad.jsonl'}"
+            f"; field {cfg.field or cfg.modality!r})"
+        )
     if truncated:
         logger.warning(
             "%d texts were truncated to the tokenizer's limit (long_text=chunks embeds them whole)", truncated

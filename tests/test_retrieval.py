@@ -204,7 +204,7 @@ def test_embed_skips_corrupt_files_and_each_clean_item_finds_itself(checkpoint, 
     assert sorted(b["id"] for b in bad) == ["item3", "item8"]
     assert {b["reason"] for b in bad} == {"undecodable", "missing file"}
     assert info["count"] == 10 and info["index"]["factory"] == "Flat" and info["index"]["recall_at_10"] == 1.0
-    from one_peace.retrieval import open_index
+    from one_peace.retrieval import EmbeddingStore, open_index
 
     index = open_index(out)
     vecs = index.store.vectors()
@@ -220,6 +220,9 @@ def test_embed_skips_corrupt_files_and_each_clean_item_finds_itself(checkpoint, 
     np.testing.assert_allclose(vecs[ids.index("item5")], direct[0], atol=2e-3)  # float16 storage
     with pytest.raises(ValueError, match="already holds an embedding folder"):
         _embed(checkpoint, manifest, out)
+    with pytest.raises(ValueError, match=r"no item of .* could be embedded .*field 'photo'"):
+        _embed(checkpoint, manifest, tmp_path / "none", field="photo")
+    assert len(EmbeddingStore(tmp_path / "none").bad()) == 12
 
 
 def test_killed_embed_resumes_without_redoing_parts_and_matches_one_run(checkpoint, model, tmp_path, monkeypatch):
