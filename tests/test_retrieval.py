@@ -459,3 +459,43 @@ def test_embed_reads_shards_and_names_each_member_as_the_source(checkpoint, tmp_
     plain = tmp_path / "plain"
     _embed(checkpoint, manifest, plain)
     np.testing.assert_array_equal(store.vectors(), EmbeddingStore(plain).vectors())
+
+
+def test_zero_shot_cli_reads_a_class_file_and_draws_the_confusion_matrix(checkpoint, tmp_path):
+    from one_peace.eval.__main__ import EvalConfig, evaluate
+
+    (tmp_path / "img").mkdir()
+    rows = []
+    for i in range(4):
+        (tmp_path / "img" / f"{i}.png").write_bytes(_png(i))
+        rows.append({"id": i, "image": f"img/{i}.png", "label": ["dog", "cat"][i % 2]})
+    data = tmp_path / "z.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "classes.txt").write_text("dog\ncat\n")
+    out = tmp_path / "zs.json"
+    res = evaluate(
+        EvalConfig(
+            task="zero_shot",
+            checkpoint=str(checkpoint),
+            data=str(data),
+            classes=str(tmp_path / "classes.txt"),
+            templates=["a {}"],
+            out=str(out),
+        )
+    )
+    assert (
+        res["classes"] == ["dog", "cat"] and res["samples"] == 4 and json.loads(out.read_text())["top1"] == res["top1"]
+    )
+    png = res["confusion_png"]
+    assert (png is not None and Path(png).is_file()) == __import__("one_peace.extras").extras.available("matplotlib")
+    (tmp_path / "classes.txt").write_text("dog\n")
+    with pytest.raises(ValueError, match=r"labels \['cat'\]"):
+        evaluate(
+            EvalConfig(
+                task="zero_shot",
+                checkpoint=str(checkpoint),
+                data=str(data),
+                classes=str(tmp_path / "classes.txt"),
+                out=str(out),
+            )
+        )
