@@ -173,10 +173,10 @@ def _source_of(value: Any, row: dict[str, Any], resolved: Any, media: bool) -> t
 class _Embedder:
     """One embed job on one rank (see :func:`embed`)."""
 
-    def __init__(self, cfg: EmbedConfig, model: Any, rank: int, world: int) -> None:
+    def __init__(self, cfg: EmbedConfig, model: Any, rank: int, world: int, model_id: str) -> None:
         from one_peace.models.encoding import chunker, preprocessor
 
-        self.cfg, self.model, self.rank, self.world = cfg, model, rank, world
+        self.cfg, self.model, self.rank, self.world, self.model_id = cfg, model, rank, world, model_id
         self.field = cfg.field or cfg.modality
         self.media = cfg.modality in MEDIA_MODALITIES
         self.base_dir = Path(cfg.data).parent if Path(cfg.data).is_file() else Path(cfg.data)
@@ -233,8 +233,6 @@ class _Embedder:
         if PART_DONE_HOOK is not None:
             PART_DONE_HOOK(part)
         return record
-
-    model_id = ""
 
 
 class _Missing(Exception):
@@ -358,8 +356,7 @@ def embed(cfg: EmbedConfig, model: Any = None) -> dict[str, Any]:
     info = store.info()
     key = str(Path(cfg.data).resolve())
     source_no, source = next((i, s) for i, s in enumerate(info["sources"]) if s["data"] == key)
-    job = _Embedder(cfg, model, rank, world)
-    job.model_id = digest
+    job = _Embedder(cfg, model, rank, world, digest)
     done = store.finished_parts()
     t0 = time.perf_counter()
     rows = _run_parts(cfg, job, source, source_no, done)
