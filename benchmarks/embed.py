@@ -221,6 +221,20 @@ def main(argv: list[str] | None = None) -> int:
             n = args.items * (8 if m == "text" else 1)
             manifest = make_corpus(root / m, m, n, args.image_size, args.audio_seconds)
             result[m] = bench_modality(model, m, manifest, ckpt, args.batch_size, args.seconds)
+            if m == "image" and native_bf16:  # pure bf16 forward of the same ready batches
+                half = one_peace.build_model(cfg).eval().to(torch.bfloat16)
+                half.load_state_dict(model.state_dict())
+                items = _items(manifest, m)
+                ready = [half.prepare(m, items[i : i + args.batch_size]) for i in range(0, len(items), args.batch_size)]
+
+                def bf16_forward(h: Any = half, batches: list[Any] = ready, name: str = m) -> None:
+                    with torch.inference_mode():
+                        for b in batches:
+                            h.encode(name, b)
+
+                t = time_call(bf16_forward, args.seconds, warmup=1, min_iters=1)
+                result[m]["forward_bf16"] = {"items_per_s": len(items) / t}
+                del half
             print(f"{m}: {json.dumps(result[m])}", file=sys.stderr)
         if "image" in args.modalities:
             oc = bench_open_clip(args.batch_size, args.image_size, args.seconds, native_bf16)
@@ -231,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
                 result["image_flops_throughput_vs_open_clip"] = ours / theirs
                 result["image_mfu_fp32"] = ours / peak32
                 result["open_clip_mfu_fp32"] = theirs / peak32
+            if "forward_bf16" in result.get("image", {}) and isinstance(oc.get("bf16"), dict):
+                result["image_bf16_vs_open_clip_bf16_per_flop"] = (
+                    result["image"]["forward_bf16"]["items_per_s"] * result["image"]["flops_per_item"]
+                ) / (oc["bf16"]["items_per_s"] * oc["flops_per_item"])
         result["scaling_tiny"] = scaling(root, args.batch_size, args.scale_items)
     text = json.dumps(result, indent=2)
     print(text)
