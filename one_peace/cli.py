@@ -18,7 +18,8 @@ from omegaconf.errors import OmegaConfBaseException
 T = TypeVar("T")
 
 
-def _key_docs(cls: type) -> dict[str, str]:
+def key_docs(cls: type) -> dict[str, str]:
+    """``Attributes:`` of a dataclass docstring, key -> text (also the recipes' key reference)."""
     docs: dict[str, str] = {}
     key = None
     for line in (cls.__doc__ or "").split("Attributes:")[-1].splitlines():
@@ -35,7 +36,7 @@ def _key_docs(cls: type) -> dict[str, str]:
 def usage(prog: str, schema: type) -> str:
     """``prog key=value ...`` and one line per key: default and meaning."""
     lines = [f"usage: {prog} key=value ...", "", (schema.__doc__ or "").split("\n\n")[0].strip(), "", "keys:"]
-    docs = _key_docs(schema)
+    docs = key_docs(schema)
     for f in dataclasses.fields(schema):  # type: ignore[arg-type]
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = "(required)" if default == "???" else repr(default)

@@ -11,14 +11,13 @@ Under ``torchrun`` each rank embeds its own parts and rank 0 builds the index fr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,9 @@ import torch
 
 from one_peace.cli import parse
 from one_peace.data.manifest import MEDIA_MODALITIES, resolve_media
-from one_peace.data.shards import files_identity, iter_rows, source_files
+from one_peace.data.shards import iter_rows
 from one_peace.errors import DataError
+from one_peace.retrieval.folder import model_hash, prepare_folder, update_index
 from one_peace.retrieval.store import EmbeddingStore
 
 logger = logging.getLogger(__name__)
@@ -83,25 +83,6 @@ class EmbedConfig:
     part_size: int = 10_000
     long_text: str = "truncate"
     progress: bool = True
-
-
-def model_hash(model: Any) -> str:
-    """sha256 of the model's config, weights (names, dtypes, shapes, bytes) and tokenizer: its identity.
-
-    An official ``.pt`` and the folder converted from it hash alike, since the weights are the same.
-    """
-    h = hashlib.sha256()
-    config = dict(vars(model.config))
-    config.pop("attn_backend", None)  # a runtime choice, not part of what the model computes
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    inner = getattr(getattr(model, "tokenizer", None), "tokenizer", None)
-    if inner is not None and hasattr(inner, "to_str"):
-        h.update(inner.to_str().encode())
-    return h.hexdigest()[:32]
 
 
 def _check(cfg: EmbedConfig) -> None:
@@ -241,85 +222,6 @@ class _Missing(Exception):
     reason = "missing field"
 
 
-def _prepare_folder(cfg: EmbedConfig, store: EmbeddingStore, model: Any, digest: str) -> dict[str, Any]:
-    """Create or check ``info.json`` for ``mode``; returns the info with this run's source recorded."""
-    data_files = [str(p) for p in source_files(cfg.data)]
-    identity = files_identity(data_files)
-    key = str(Path(cfg.data).resolve())
-    info = store.info()
-    if cfg.mode == "new":
-        if store.has_parts() or info:
-            raise ValueError(
-                f"out: {cfg.out} already holds an embedding folder; mode=resume continues it, mode=append adds new "
-                "data to it, or choose another out"
-            )
-        plugin = model.plugins[cfg.modality]
-        info = {
-            "format": 1,
-            "model": {
-                "checkpoint": str(Path(cfg.checkpoint).resolve()),
-                "bpe_dir": str(Path(cfg.bpe_dir).resolve()) if cfg.bpe_dir else None,
-                "hash": digest,
-                "size": {"embed_dim": model.config.embed_dim, "layers": model.config.layers},
-            },
-            "modality": cfg.modality,
-            "field": cfg.field or cfg.modality,
-            "id_field": cfg.id_field,
-            "dim": model.config.embed_dim,
-            "dtype": cfg.dtype,
-            "metric": "inner_product",
-            "normalized": True,
-            "preprocessing": {"options": plugin.options(model.config), "long_text": cfg.long_text},
-            "part_size": cfg.part_size,
-            "sources": [],
-        }
-    else:
-        if not info:
-            raise ValueError(f"mode={cfg.mode}: {cfg.out} holds no embedding folder (info.json); use mode=new")
-        recorded = info.get("model", {}).get("hash")
-        if recorded != digest:
-            raise ValueError(
-                f"mode={cfg.mode}: {cfg.out} was embedded with another model (hash {recorded}, checkpoint "
-                f"{info.get('model', {}).get('checkpoint')}); this checkpoint hashes {digest}. Vectors of two models "
-                "do not mix: embed into a new folder"
-            )
-        for k in ("modality", "id_field"):
-            if info.get(k) != getattr(cfg, k):
-                raise ValueError(f"mode={cfg.mode}: {cfg.out} holds {k}={info.get(k)!r}, not {getattr(cfg, k)!r}")
-        if info.get("field") != (cfg.field or cfg.modality):
-            raise ValueError(f"mode={cfg.mode}: {cfg.out} holds field={info.get('field')!r}, not {cfg.field!r}")
-    sources = info["sources"]
-    known = [s for s in sources if s["data"] == key]
-    if cfg.mode == "resume":
-        if not known:
-            raise ValueError(f"mode=resume: {cfg.data} is not a source of {cfg.out} (mode=append adds it)")
-        if known[0]["identity"] != identity:
-            raise ValueError(f"mode=resume: {cfg.data} changed since it was embedded into {cfg.out} (size or content)")
-        if cfg.part_size != info["part_size"]:
-            raise ValueError(f"mode=resume: part_size must stay {info['part_size']} (got {cfg.part_size})")
-    else:
-        if known:
-            raise ValueError(f"mode={cfg.mode}: {cfg.data} is already a source of {cfg.out} (mode=resume finishes it)")
-        unfinished = [s["data"] for s in sources if not s.get("complete")]
-        if unfinished:
-            raise ValueError(f"mode=append: finish {unfinished[0]} first (mode=resume data={unfinished[0]})")
-        info["part_size"] = cfg.part_size
-        first_part = max((s["first_part"] + s["parts"] for s in sources), default=0)
-        offset = sum(s["rows"] for s in sources)
-        sources.append(
-            {
-                "data": key,
-                "identity": identity,
-                "first_part": first_part,
-                "row_offset": offset,
-                "rows": None,
-                "parts": 0,
-                "complete": False,
-            }
-        )
-    return info
-
-
 def _barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
@@ -350,7 +252,7 @@ def embed(cfg: EmbedConfig, model: Any = None) -> dict[str, Any]:
     digest = model_hash(model)
     store = EmbeddingStore(cfg.out)
     if rank == 0:
-        info = _prepare_folder(cfg, store, model, digest)
+        info = prepare_folder(cfg, store, model, digest)
         store.save_info(info)
     _barrier(world)
     info = store.info()
@@ -449,7 +351,7 @@ def _finish(
             "%d texts were truncated to the tokenizer's limit (long_text=chunks embeds them whole)", truncated
         )
     if cfg.index != "none":
-        info["index"] = _index(cfg, store, info, [p for p in wanted])
+        info["index"] = update_index(cfg, store, info, list(wanted))
     store.save_info(info)
     report = info.get("index") or {}
     recall = report.get("recall_at_10")
@@ -465,37 +367,6 @@ def _finish(
         )
     )
     return info
-
-
-def _index(cfg: EmbedConfig, store: EmbeddingStore, info: dict[str, Any], new_parts: Sequence[int]) -> dict[str, Any]:
-    """Build the index over every part, or (append) add the new parts to the existing index."""
-    from one_peace.retrieval.faiss_index import build_index, exact_top_k, load_index, recall_at_k, save_index
-
-    previous = info.get("index")
-    if cfg.mode == "append" and previous and store.index_path.is_file():
-        index = load_index(str(store.index_path), previous.get("search_params"))
-        index.add(store.vectors(new_parts))
-        everything = store.vectors()
-        rng = np.random.default_rng(0)
-        q = everything[rng.choice(len(everything), size=min(1000, len(everything)), replace=False)]
-        k = min(10, len(everything))
-        t0 = time.perf_counter()
-        found = index.search(q, k)[1]
-        latency = (time.perf_counter() - t0) * 1e3 / max(1, len(q))
-        save_index(index, str(store.index_path))
-        from one_peace.retrieval.faiss_index import faiss
-
-        return {
-            **previous,
-            "recall_at_10": recall_at_k(found, exact_top_k(everything, q, k)),
-            "recall_queries": len(q),
-            "latency_ms": latency,
-            "memory_bytes": int(faiss().serialize_index(index).nbytes),
-            "appended": previous.get("appended", 0) + 1,
-        }
-    index, report = build_index(store.vectors(), cfg.index, cfg.index_memory)
-    save_index(index, str(store.index_path))
-    return report.to_json()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -300,23 +300,11 @@ class OnePeaceModel(nn.Module):
         progress: bool = False,
         long_text: str = "truncate",
     ) -> Any:
-        """``(N, D)`` embeddings of one modality, in input order, L2-normalised unless ``normalize=False``.
+        """``(N, D)`` embeddings of one modality in input order, L2-normalised unless ``normalize=False``.
 
-        Args:
-            modality: A modality of this model.
-            items: A list of raw inputs (or one): strings, paths, bytes, PIL images, numpy/torch arrays,
-                ``(waveform, sample_rate)`` pairs (a bare 1-D array is taken as 16 kHz), a video path or a
-                video as a list of frames (``[[frame, ...]]``), a video file as ``audio`` (its sound track); or a
-                ready batch dict (one forward, as the plugin's collator makes it).
-            batch_size: Items per forward; items are grouped by length within windows of 8 batches.
-            normalize: L2-normalise (the default); ``False`` gives the raw head output.
-            output: ``"torch"`` (on the model's device) or ``"numpy"`` (float32).
-            progress: Show a progress bar.
-            long_text: ``"truncate"`` (to the tokenizer's limit, 70 tokens for the official model; one warning per
-                call) or ``"chunks"``: the normalised mean of the embeddings of consecutive limit-sized chunks.
-
-        Raw items run under ``torch.inference_mode()`` in eval mode (the training flag is restored afterwards); a
-        ready batch dict is one plain forward in the caller's mode, with gradients when enabled (as before).
+        ``items``: raw inputs (paths, bytes, PIL images, arrays, ``(waveform, rate)`` pairs, videos...) batched by
+        length under inference mode, or a ready batch dict (one plain forward). Every option is described in
+        :func:`one_peace.models.encoding.encode`.
         """
         from one_peace.models.encoding import encode
 
@@ -332,11 +320,8 @@ class OnePeaceModel(nn.Module):
     ) -> Any:
         """One ``(N, D)`` embedding per composed query, e.g. ``{"image": [img], "text": ["in the snow"]}``.
 
-        ``fuse="mean"``: the normalised weighted mean of the single-modality embeddings. ``fuse="joint"``: one
-        fused forward over the modalities together (each attends to the others); each modality's head is applied
-        to its own CLS state of that pass, each result L2-normalised, and the normalised weighted mean of those is
-        returned. The official model was never trained with a fused head, so ``joint`` is a definition, not a
-        reproduction. ``weights``: modality -> weight (default 1 each).
+        ``fuse="mean"`` or ``"joint"`` (one fused forward), as :func:`one_peace.models.encoding.encode_multimodal`
+        defines them.
         """
         from one_peace.models.encoding import encode_multimodal
 

@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional  # noqa: UP035 - OmegaConf needs ty
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from one_peace.cli import key_docs
+
 SCHEMA_NAME = "one_peace_schema"
 
 
@@ -291,27 +293,11 @@ def register() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=node)
 
 
-def _key_docs(cls: type) -> dict[str, str]:
-    """``Attributes:`` of a section's docstring, key -> text."""
-    docs: dict[str, str] = {}
-    lines = (cls.__doc__ or "").split("Attributes:")[-1].splitlines()
-    key = None
-    for line in lines:
-        stripped = line.strip()
-        head, sep, rest = stripped.partition(": ")
-        if sep and head.isidentifier() and line.startswith(" " * 8) and not line.startswith(" " * 12):
-            key = head
-            docs[key] = rest
-        elif key and stripped:
-            docs[key] += " " + stripped
-    return docs
-
-
 def reference_markdown() -> str:
     """Every key with its type, default and meaning, as the Markdown table ``docs/TRAINING.md`` holds."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for prefix, cls in SECTIONS.items():
-        docs = _key_docs(cls)
+        docs = key_docs(cls)
         for f in dataclasses.fields(cls):
             if dataclasses.is_dataclass(f.type) or (
                 not prefix and f.name in ("model", "data", "trainer", "task", "eval")
