@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ from one_peace.config import ModelConfig
 from one_peace.errors import EmptyMedia, NonFiniteData, UndecodableMedia
 from one_peace.models.adapter import Adapter, AdapterOutput, check_keep_ids, init_rel_table, require
 from one_peace.models.relpos import bucket_1d, bucket_1d_rows
-from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
+from one_peace.registry import MaskingPolicy, ModalityPlugin, PluginOptions, register_modality
 
 SAMPLE_RATE = 16000
 CONV_SPEC: tuple[tuple[int, int], ...] = ((10, 5),) + ((3, 2),) * 4 + ((2, 2),) * 2
@@ -323,21 +324,37 @@ def preprocess_audio(
     return {"waveform": wave, "padding_mask": torch.zeros(t + 1, dtype=torch.bool)}
 
 
+@dataclass
+class AudioOptions(PluginOptions):
+    """Options of the audio plugin.
+
+    Attributes:
+        feature_dim: Channels of the front end's features.
+        bucket_size: Relative-position buckets.
+        pos_depth: Convolutional positional-embedding layers.
+        pos_width: Total kernel width of the positional convolutions.
+        pos_groups: Groups of the positional convolutions.
+        max_seconds: Clips are cut at this length.
+        frontend: ``"waveform"`` (official conv feature extractor) or ``"fbank"`` (log-mel filterbank, cheaper).
+        n_mels: Mel bands of the fbank front end.
+    """
+
+    feature_dim: int = 512
+    bucket_size: int = 512
+    pos_depth: int = 5
+    pos_width: int = 95
+    pos_groups: int = 16
+    max_seconds: float = 15.0
+    frontend: str = "waveform"
+    n_mels: int = 80
+
+
 @register_modality
 class AudioModality(ModalityPlugin):
     """Audio plugin (official ONE-PEACE audio adapter)."""
 
     name = "audio"
-    defaults: ClassVar[dict[str, Any]] = {
-        "feature_dim": 512,
-        "bucket_size": 512,
-        "pos_depth": 5,
-        "pos_width": 95,
-        "pos_groups": 16,
-        "max_seconds": 15.0,
-        "frontend": "waveform",
-        "n_mels": 80,
-    }
+    Options = AudioOptions
     masking = MaskingPolicy(kind="span", ratio=0.55, span=5)
 
     def build_adapter(self, config: ModelConfig, siblings: dict[str, nn.Module]) -> nn.Module:
@@ -362,6 +379,19 @@ class AudioModality(ModalityPlugin):
         o = self.options(config)
         spec = FRONTENDS.get(o["frontend"], CONV_SPEC)
         return lambda item: preprocess_audio(item, o["max_seconds"], spec=spec)
+
+    def estimate_length(self, value: Any, config: ModelConfig, preprocess: Callable[[Any], dict[str, Any]]) -> int:
+        """Frames from the file's header (what decoding keeps: clips are cut at ``max_seconds``)."""
+        import soundfile as sf
+
+        o = self.options(config)
+        info = sf.info(io.BytesIO(value) if isinstance(value, bytes) else str(value))
+        seconds = min(info.frames / info.samplerate, float(o["max_seconds"]))
+        return max(1, int(num_frames(int(seconds * SAMPLE_RATE), FRONTENDS.get(o["frontend"], CONV_SPEC))))
+
+    def decoder_positions(self) -> int:
+        """The official decoder's 1026 rows."""
+        return 1026
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Right-pad waveforms with 0.0 and frame masks with True."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from one_peace.config import ModelConfig
 from one_peace.errors import InvalidValue, UndecodableMedia
 from one_peace.models.adapter import Adapter, AdapterOutput, init_rel_table, require
 from one_peace.models.relpos import bucket_2d, bucket_2d_rows
-from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
+from one_peace.registry import MaskingPolicy, ModalityPlugin, PluginOptions, register_modality
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -175,25 +176,49 @@ def preprocess_image(item: Any, size: int = 256) -> torch.Tensor:
     return TF.normalize(TF.to_tensor(img), CLIP_MEAN, CLIP_STD)
 
 
+@dataclass
+class ImageOptions(PluginOptions):
+    """Options of the image plugin.
+
+    Attributes:
+        image_size: Side of the (square) input images in pixels.
+        bucket_size: Grid side of the absolute position table.
+        rel_bucket_size: Grid side of the relative table (default: ``image_size // 16``).
+    """
+
+    image_size: int = 256
+    bucket_size: int = 16
+    rel_bucket_size: int | None = None
+
+
 @register_modality
 class ImageModality(ModalityPlugin):
     """Image plugin (official ONE-PEACE vision adapter)."""
 
     name = "image"
-    defaults: ClassVar[dict[str, Any]] = {"image_size": 256, "bucket_size": 16}
-    masking = MaskingPolicy(kind="random", ratio=0.75)
+    Options = ImageOptions
+    masking = MaskingPolicy(kind="random", ratio=0.75, paired_ratio=0.6875)
 
     def build_adapter(self, config: ModelConfig, siblings: dict[str, nn.Module]) -> nn.Module:
         """Build an :class:`ImageAdapter` whose relative grid matches ``image_size``."""
         o = self.options(config)
-        return ImageAdapter(
-            config.embed_dim, config.heads, o["bucket_size"], o.get("rel_bucket_size", o["image_size"] // PATCH)
-        )
+        return ImageAdapter(config.embed_dim, config.heads, o["bucket_size"], o["rel_bucket_size"] or o["image_size"] // PATCH)
 
     def build_preprocessor(self, config: ModelConfig, tokenizer: Any = None) -> Any:
         """Return ``path/bytes/PIL/array -> {"pixels": (3, S, S)}``."""
         size = self.options(config)["image_size"]
         return lambda item: {"pixels": preprocess_image(item, size)}
+
+    def decoder_positions(self) -> int:
+        """The official decoder's 257 rows (a 16 x 16 grid + CLS), resized to other grids at run time."""
+        return 257
+
+    def decoder_position_embed(self, table: torch.Tensor, length: int) -> torch.Tensor:
+        """The table's grid resized to the sequence's (square) grid."""
+        if length == table.shape[0]:
+            return table
+        grid = round((length - 1) ** 0.5)
+        return resize_pos_embed(table, (grid, grid))
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Stack images (all of one size)."""

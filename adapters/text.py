@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from one_peace.config import ModelConfig
 from one_peace.errors import InvalidValue
 from one_peace.models.adapter import Adapter, AdapterOutput, init_rel_table, require
 from one_peace.models.relpos import bucket_1d, bucket_1d_rows
-from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
+from one_peace.registry import MaskingPolicy, ModalityPlugin, PluginOptions, register_modality
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 1, 0, 2, 3
 BPE_FILES = ("encoder.json", "vocab.bpe", "dict.txt")
@@ -33,6 +34,8 @@ class TextTokenizer:
         max_tokens: Tokens kept before EOS (official: 70).
         source: Where the files came from (for messages and for :meth:`save`).
     """
+
+    pad_id, bos_id, eos_id = PAD_ID, BOS_ID, EOS_ID
 
     def __init__(self, tokenizer: Any, id_map: dict[int, int] | None, max_tokens: int = 70, source: Path | None = None):
         self.tokenizer = tokenizer
@@ -209,19 +212,34 @@ class TextAdapter(Adapter):
         return AdapterOutput(x, mask, index, self.rel_pos_table)
 
 
+@dataclass
+class TextOptions(PluginOptions):
+    """Options of the text plugin.
+
+    Attributes:
+        vocab_size: Embedding rows (the tokenizer's id space).
+        max_positions: Absolute position rows (official: 514).
+        bucket_size: Relative-position buckets.
+        pad_id: Padding id.
+        max_tokens: Tokens kept before EOS.
+    """
+
+    vocab_size: int = 50264
+    max_positions: int = 514
+    bucket_size: int = 256
+    pad_id: int = PAD_ID
+    max_tokens: int = 70
+
+
 @register_modality
 class TextModality(ModalityPlugin):
     """Text plugin: GPT-2 byte-level BPE tokens (official files or a trained ``tokenizers`` BPE)."""
 
     name = "text"
-    defaults: ClassVar[dict[str, Any]] = {
-        "vocab_size": 50264,
-        "max_positions": 514,
-        "bucket_size": 256,
-        "pad_id": PAD_ID,
-        "max_tokens": 70,
-    }
-    masking = MaskingPolicy(kind="whole_word", ratio=0.15)
+    Options = TextOptions
+    masking = MaskingPolicy(kind="whole_word", ratio=0.15, paired_ratio=0.4, paired_from_visible=True)
+    media = False
+    needs_tokenizer = True
 
     def build_adapter(self, config: ModelConfig, siblings: dict[str, nn.Module]) -> nn.Module:
         """Build a :class:`TextAdapter`."""
@@ -263,6 +281,58 @@ class TextModality(ModalityPlugin):
             return [{"tokens": torch.tensor(c, dtype=torch.long)} for c in tokenizer.chunks(text)]
 
         return split
+
+    def check_value(self, value: Any) -> None:
+        """Text values are strings of encodable text (no lone surrogates)."""
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string (text), got {type(value).__name__}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(
+                f"character {exc.start} is a lone surrogate ({value[exc.start]!r}), not text; "
+                "fix the escape sequence (JSON \\ud800-\\udfff need a pair)"
+            ) from None
+
+    def estimate_length(self, value: Any, config: ModelConfig, preprocess: Callable[[Any], dict[str, Any]]) -> int:
+        """The token count (tokenising is cheap)."""
+        return len(preprocess(value)["tokens"])
+
+    def padding(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """Positions holding the pad id."""
+        return batch["tokens"].eq(PAD_ID)  # type: ignore[no-any-return]
+
+    def token_lengths(self, batch: Mapping[str, Any]) -> list[int]:
+        """Tokens up to EOS, plus the CLS the adapter adds."""
+        return [int(n) + 1 for n in batch["tokens"].ne(PAD_ID).sum(1)]
+
+    def word_starts(self, batch: Mapping[str, Any], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Word starts from the tokenizer's table (every token without one); EOS protected. CLS comes first."""
+        tokens = batch["tokens"]
+        eos = torch.cat([torch.zeros_like(tokens[:, :1], dtype=torch.bool), tokens.eq(EOS_ID)], dim=1)
+        if tokenizer is not None and hasattr(tokenizer, "word_start_table"):
+            table = tokenizer.word_start_table().to(tokens.device)
+            starts = torch.cat([torch.ones_like(eos[:, :1]), table[tokens]], dim=1)
+        else:
+            starts = torch.ones_like(eos)
+        return starts, eos
+
+    def decoder_positions(self) -> int:
+        """The official decoder's 514 rows."""
+        return 514
+
+    def train_tokenizer(self, texts: Sequence[str], vocab_size: int) -> TextTokenizer:
+        """A byte-level BPE trained on ``texts``."""
+        return TextTokenizer.train(texts, vocab_size=vocab_size)
+
+    def load_tokenizer(self, path: str | Path, entry: Mapping[str, Any] | None = None) -> TextTokenizer:
+        """A saved tokenizer (folder + entry), a ``tokenizer.json`` file, or a folder of the official BPE files."""
+        path = Path(path)
+        if entry is not None:
+            return TextTokenizer.from_config(path, dict(entry))
+        if path.is_file():
+            return TextTokenizer.from_file(path)
+        return TextTokenizer.from_bpe_dir(path)
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Right-pad token sequences with the pad id (1)."""

@@ -8,9 +8,10 @@ Zero-initialised, the temporal embedding makes a one-frame video encode exactly 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +20,7 @@ from one_peace.config import ModelConfig
 from one_peace.errors import EmptyMedia, UndecodableMedia
 from one_peace.models.adapter import Adapter, AdapterOutput, require
 from one_peace.models.relpos import bucket_2d
-from one_peace.registry import MaskingPolicy, ModalityPlugin, register_modality
+from one_peace.registry import MaskingPolicy, ModalityPlugin, PluginOptions, register_modality
 
 from .image import ImageAdapter, preprocess_image, resize_pos_embed
 
@@ -97,6 +98,19 @@ def load_video_frames(item: Any, num_frames: int) -> list[Any]:
     return [frames[i] for i in sample_frame_indices(len(frames), num_frames)]
 
 
+@dataclass
+class VideoOptions(PluginOptions):
+    """Options of the video plugin.
+
+    Attributes:
+        num_frames: Frames sampled uniformly from a clip.
+        max_frames: Rows of the temporal embedding.
+    """
+
+    num_frames: int = 8
+    max_frames: int = 64
+
+
 @register_modality
 class VideoModality(ModalityPlugin):
     """Video plugin: uniform frame sampling, image stem/FFNs/head, learned temporal embedding."""
@@ -104,8 +118,9 @@ class VideoModality(ModalityPlugin):
     name = "video"
     shares = "image"
     requires = ("image",)
-    defaults: ClassVar[dict[str, Any]] = {"num_frames": 8, "max_frames": 64}
+    Options = VideoOptions
     masking = MaskingPolicy(kind="random", ratio=0.75)
+    decoder = False  # no branch of its own in the pretraining decoder (it shares image's)
 
     def build_adapter(self, config: ModelConfig, siblings: dict[str, nn.Module]) -> nn.Module:
         """Build a :class:`VideoAdapter` over the already built image adapter."""
@@ -123,6 +138,11 @@ class VideoModality(ModalityPlugin):
             return {"frames": torch.stack([preprocess_image(f, size) for f in load_video_frames(item, n)])}
 
         return preprocess
+
+    def padding(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """Padded frames."""
+        mask = batch.get("frame_mask")
+        return mask if isinstance(mask, torch.Tensor) else None
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad frame sequences (zeros) and mark padded frames in ``frame_mask``."""

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from one_peace.config import SIZES, ModelConfig, model_config
+from one_peace.config import OFFICIAL_MODALITIES, SIZES, ModelConfig, model_config
 from one_peace.models.encoder import EncoderOutput, OnePeaceModel, build_model, count_parameters
 from one_peace.registry import (
     MaskingPolicy,
@@ -29,7 +29,7 @@ __version__ = "0.1.0"
 
 
 def example_inputs(
-    modalities: Sequence[str] = ("text", "image", "audio"),
+    modalities: Sequence[str] = OFFICIAL_MODALITIES,
     batch_size: int = 2,
     config: ModelConfig | None = None,
     seed: int = 0,

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 CONFIG_FORMAT_VERSION = 1
+#: The modalities of the official ONE-PEACE 4B model: the default of ``build_model`` and of the decoder.
+OFFICIAL_MODALITIES: tuple[str, ...] = ("text", "image", "audio")
 
 
 @dataclass(kw_only=True)
@@ -32,7 +34,7 @@ class ModelConfig:
     layers: int
     heads: int
     ffn_dim: int
-    modalities: tuple[str, ...] = ("text", "image", "audio")
+    modalities: tuple[str, ...] = OFFICIAL_MODALITIES
     modality_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     layer_scale_init: float = 1e-6
     drop_path_rate: float = 0.0
@@ -61,6 +63,10 @@ class ModelConfig:
             raise ValueError(
                 f"model config field 'modality_options' names modalities not in the model: {sorted(unknown)}"
             )
+        from one_peace.registry import get_plugin
+
+        for modality, opts in self.modality_options.items():  # unknown keys and wrong types name the plugin
+            get_plugin(modality).parse_options(opts)
 
     @property
     def head_dim(self) -> int:
@@ -109,7 +115,7 @@ SIZES: dict[str, dict[str, int]] = _load_sizes()
 
 
 def model_config(
-    size: str, modalities: tuple[str, ...] | list[str] = ("text", "image", "audio"), **overrides: Any
+    size: str, modalities: tuple[str, ...] | list[str] = OFFICIAL_MODALITIES, **overrides: Any
 ) -> ModelConfig:
     """Return the config of a named size (``tiny``, ``base``, ``large``, ``one_peace_4b``) with overrides."""
     if size not in SIZES:

@@ -73,7 +73,8 @@ def convert(
     """
     from safetensors.torch import save_file
 
-    from one_peace.adapters.text import TextTokenizer
+    from one_peace.checkpoint import tokenizer_modality
+    from one_peace.tokenizer import load_tokenizer
 
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
@@ -120,7 +121,7 @@ def convert(
         if pretrain:
             save_file({k: v.contiguous() for k, v in pretrain.items()}, str(tmp / PRETRAIN))
             report.pretrain = sorted(pretrain)
-        tokenizer = TextTokenizer.from_bpe_dir(bpe_dir) if bpe_dir is not None else None
+        tokenizer = load_tokenizer(bpe_dir, modality=tokenizer_modality(config)) if bpe_dir is not None else None
         write_config(tmp, config, tokenizer, converted_from=str(src.name), ignored_keys=sorted(IGNORED))
         _replace_dir(tmp, dst)
     except BaseException:

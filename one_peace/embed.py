@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from one_peace.cli import parse
-from one_peace.data.manifest import MEDIA_MODALITIES, resolve_media
 from one_peace.data.shards import iter_rows
 from one_peace.errors import DataError
+from one_peace.registry import get_plugin
 from one_peace.retrieval.folder import model_hash, prepare_folder, update_index
 from one_peace.retrieval.store import EmbeddingStore
 
@@ -159,7 +159,8 @@ class _Embedder:
 
         self.cfg, self.model, self.rank, self.world, self.model_id = cfg, model, rank, world, model_id
         self.field = cfg.field or cfg.modality
-        self.media = cfg.modality in MEDIA_MODALITIES
+        self.plugin = get_plugin(cfg.modality)
+        self.media = self.plugin.media
         self.base_dir = Path(cfg.data).parent if Path(cfg.data).is_file() else Path(cfg.data)
         self.prep = preprocessor(model, cfg.modality)
         self.split = chunker(model, cfg.modality) if cfg.long_text == "chunks" else None
@@ -174,7 +175,7 @@ class _Embedder:
             if "__error__" in row:
                 raise _Missing(str(row["__error__"]))
             value = row[self.field]
-            resolved = resolve_media(value, self.base_dir) if self.media or isinstance(value, bytes) else value
+            resolved = self.plugin.resolve(value, self.base_dir)
             group = self.split(resolved) if self.split is not None else [self.prep(resolved)]
             return pos, item_id, row, (group, _source_of(value, row, resolved, self.media))
         except (DataError, _Missing) as exc:

@@ -10,12 +10,18 @@ Run ``python -m one_peace.modalities`` to list what is registered and where it c
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import importlib
 import importlib.metadata
 import logging
 import threading
-from collections.abc import Callable, Sequence
+import types
+import typing
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 if TYPE_CHECKING:
@@ -23,6 +29,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from one_peace.config import ModelConfig
+    from one_peace.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -44,47 +51,162 @@ class MaskingPolicy:
     """Default token-masking policy of a modality for denoising objectives.
 
     Attributes:
-        kind: ``"random"`` (independent tokens), ``"span"`` (contiguous spans) or ``"whole_word"``.
+        kind: A masking kind registered in :data:`one_peace.train.masking.MASKING` (built in: ``"random"``,
+            ``"span"``, ``"whole_word"``); checked when the plugin registers. ``"whole_word"`` needs the plugin's
+            :meth:`ModalityPlugin.word_starts`.
         ratio: Fraction of (non-CLS, non-padding) tokens that are masked.
         span: Span length for ``kind="span"``.
+        paired_ratio: Fraction masked in a view paired with another modality (ONE-PEACE: text 0.4, image 0.6875).
+        paired_from_visible: The paired view masks tokens the single view left visible (text) instead of keeping
+            a subset of those it masked (image, audio).
     """
 
     kind: str = "random"
     ratio: float = 0.75
     span: int = 1
+    paired_ratio: float = 0.5
+    paired_from_visible: bool = False
+
+
+class PluginOptionError(ValueError):
+    """A plugin option that does not exist or has a value of the wrong type; the message names both."""
+
+
+@dataclass
+class PluginOptions:
+    """Base of a plugin's typed options: subclass it as a dataclass whose fields are the options.
+
+    Instances also read like the dict they replace (``options["image_size"]``, ``options.get(...)``).
+    """
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """The option ``key``, or ``default`` when there is no such option."""
+        return getattr(self, key) if key in self.keys() else default
+
+    def keys(self) -> list[str]:
+        """The option names."""
+        return [f.name for f in dataclasses.fields(self)]
+
+    def as_dict(self) -> dict[str, Any]:
+        """The options as a plain (JSON-friendly) dict."""
+        return dataclasses.asdict(self)
+
+
+def _type_ok(value: Any, hint: Any, default: Any) -> bool:
+    """Whether ``value`` fits the option's annotation (ints count as floats; bools are not ints)."""
+    if hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, h, default) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is not None:  # list[int], dict[str, Any], tuple[int, ...], Literal[...]
+        if origin is typing.Literal:
+            return value in typing.get_args(hint)
+        return isinstance(value, (list, tuple) if origin in (list, tuple) else origin)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint) if isinstance(hint, type) else True
 
 
 class ModalityPlugin:
-    """Base class of a modality plugin.
+    """Base class of a modality plugin: everything modality-specific the library asks of a modality.
 
     Subclasses set :attr:`name` and implement the required pieces: :meth:`build_adapter`,
-    :meth:`build_preprocessor`, :meth:`collate` and :meth:`example_batch`. :meth:`build_ffn` and
-    :attr:`masking` have defaults (GeGLU with sub-LN; random 75 % masking).
+    :meth:`build_preprocessor`, :meth:`collate` and :meth:`example_batch`. Everything else has a default that
+    built-in and outside plugins share (docs/PLUGINS.md lists them all).
 
     Attributes:
         name: Registry name, also the key of the modality's batch in ``forward_features``.
+        Options: The typed options (a :class:`PluginOptions` dataclass); overridable per model config
+            (``ModelConfig.modality_options[name]``). An unknown key or a wrong type is an error naming the plugin.
+        defaults: The options' defaults as a dict (derived from :attr:`Options`; a plugin may instead give only
+            ``defaults`` and the dataclass is derived from it).
         shares: Name of another modality whose FFNs, final LayerNorm and projection head this one uses
             (video uses image's); ``None`` for its own.
         requires: Modalities that must be built alongside (video needs image's stem).
-        defaults: Default adapter/preprocessing options, overridable per model config.
-        masking: Default masking policy for denoising.
+        masking: Default masking policy for denoising (and its paired-view ratio).
+        media: Manifest values are media: paths relative to the manifest's folder, ``data:`` URIs, or bytes (in
+            shards: members, by the field map). ``False`` (text) passes values to the preprocessor as they are.
+        needs_tokenizer: The preprocessor needs the model's tokenizer (text).
+        decoder: The modality has a branch in the pretraining (denoising) decoder; ``False`` for modalities that
+            share another's (video).
     """
 
     name: ClassVar[str] = ""
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+    defaults: ClassVar[dict[str, Any]] = {}
     shares: ClassVar[str | None] = None
     requires: ClassVar[tuple[str, ...]] = ()
-    defaults: ClassVar[dict[str, Any]] = {}
     masking: ClassVar[MaskingPolicy] = MaskingPolicy()
+    media: ClassVar[bool] = True
+    needs_tokenizer: ClassVar[bool] = False
+    decoder: ClassVar[bool] = True
     REQUIRED: ClassVar[tuple[str, ...]] = ("build_adapter", "build_preprocessor", "collate", "example_batch")
 
     source: str = "unknown"
 
-    def options(self, config: ModelConfig) -> dict[str, Any]:
-        """The plugin's defaults updated with the model config's options for this modality."""
-        merged = dict(self.defaults)
-        merged.update(config.modality_options.get(self.name, {}))
-        return merged
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        if "Options" in own:
+            if not (dataclasses.is_dataclass(cls.Options) and issubclass(cls.Options, PluginOptions)):
+                raise PluginError(f"modality plugin {cls.__name__}: `Options` must be a PluginOptions dataclass")
+            try:
+                cls.defaults = cls.Options().as_dict()
+            except TypeError as exc:
+                raise PluginError(f"modality plugin {cls.__name__}: every option needs a default ({exc})") from None
+        elif "defaults" in own:  # options given as a plain dict: derive the dataclass (types from the defaults)
+            spec: list[tuple[str, Any, Any]] = [
+                (
+                    k,
+                    type(v) if v is not None else Any,
+                    dataclasses.field(default_factory=functools.partial(copy.deepcopy, v)),
+                )
+                for k, v in cls.defaults.items()
+            ]
+            cls.Options = dataclasses.make_dataclass(f"{cls.__name__}Options", spec, bases=(PluginOptions,))
 
+    # ----------------------------------------------------------------------------------------------- options
+    def parse_options(self, values: Mapping[str, Any] | None, where: str | None = None) -> PluginOptions:
+        """The typed options: the defaults updated with ``values``.
+
+        Raises:
+            PluginOptionError: ``values`` has a key that is not an option, or a value of another type than the
+                option's annotation; the message names ``where`` (default ``modality_options.<name>``), the key,
+                the plugin and where the plugin came from.
+        """
+        where = where or f"modality_options.{self.name}"
+        fields = {f.name: f for f in dataclasses.fields(self.Options)}
+        hints = typing.get_type_hints(self.Options)
+        given = dict(values or {})
+        for key, value in given.items():
+            if key not in fields:
+                raise PluginOptionError(
+                    f"{where}.{key}: the {self.name!r} plugin has no option {key!r} (plugin: {self.source}); "
+                    f"its options: {sorted(fields)}"
+                )
+            default = self.defaults.get(key)
+            if not _type_ok(value, hints.get(key, Any), default):
+                raise PluginOptionError(
+                    f"{where}.{key}: expected {getattr(hints.get(key), '__name__', hints.get(key))} "
+                    f"(default {default!r}), got {value!r}"
+                )
+        return self.Options(**given)
+
+    def options(self, config: ModelConfig) -> PluginOptions:
+        """The plugin's typed options for ``config`` (its defaults updated with ``config.modality_options``)."""
+        return self.parse_options(config.modality_options.get(self.name, {}))
+
+    # -------------------------------------------------------------------------------------- required pieces
     def build_adapter(self, config: ModelConfig, siblings: dict[str, nn.Module]) -> nn.Module:
         """Build the adapter module (raw tensors -> tokens). ``siblings`` holds adapters already built."""
         raise NotImplementedError
@@ -116,8 +238,99 @@ class ModalityPlugin:
         """A small random ready batch for docs, tests and benchmarks."""
         raise NotImplementedError
 
+    # ----------------------------------------------------------------------------- data: manifests, lengths
+    def check_value(self, value: Any) -> None:
+        """Check one manifest value's kind up front (before any decoding).
+
+        Raises:
+            ValueError: saying what was expected (the manifest check adds the file, line and field).
+        """
+        if self.media and not isinstance(value, str | list | bytes):
+            raise ValueError(f"must be a path or data URI, got {type(value).__name__}")
+
+    def resolve(self, value: Any, base_dir: Path) -> Any:
+        """A manifest value -> what the preprocessor reads.
+
+        Media (the default): paths relative to ``base_dir`` (the manifest's folder) or absolute, ``data:`` URIs
+        and bytes become a ``Path`` or bytes (lists element-wise). Non-media values pass through unchanged.
+
+        Raises:
+            one_peace.errors.MissingMedia: a path that does not exist.
+            one_peace.errors.InvalidValue: a malformed data URI or an unsupported value.
+        """
+        if not self.media:
+            return bytes(value) if isinstance(value, bytearray | memoryview) else value
+        from one_peace.data.manifest import resolve_media
+
+        return resolve_media(value, base_dir)
+
+    def estimate_length(self, value: Any, config: ModelConfig, preprocess: Callable[[Any], dict[str, Any]]) -> int:
+        """A cheap token-count estimate of one resolved value, for length bucketing (no media decoding).
+
+        The default says nothing (1): rows of such a modality all fall in the first bucket; a variable-length
+        media modality should read its header (audio: frames from the file's header).
+        """
+        return 1
+
+    def padding(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """The ``(B, T)`` bool mask of padded positions of a collated batch (``None``: no padding).
+
+        Used for the loader's padding accounting and (via :meth:`token_lengths`) packing. Default: the batch's
+        ``padding_mask``.
+        """
+        pad = batch.get("padding_mask")
+        return pad if isinstance(pad, torch_tensor_type()) else None  # type: ignore[return-value]
+
+    def token_lengths(self, batch: Mapping[str, Any]) -> list[int]:
+        """The real (unpadded) token count of every sample of a collated batch, CLS included (for packing).
+
+        Raises:
+            ValueError: the modality has no variable length (no :meth:`padding`).
+        """
+        pad = self.padding(batch)
+        if pad is None:
+            raise ValueError(f"cannot pack {self.name!r}: its batches have no padding (a fixed length)")
+        return [int(n) for n in (~pad).sum(1)]
+
+    def word_starts(self, batch: Mapping[str, Any], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """For whole-word masking: ``(starts, protect)``, two ``(B, T)`` bool masks over the adapter's positions
+        (CLS at 0): where a word begins, and positions never masked (EOS). ``None``: no notion of words."""
+        return None
+
+    # --------------------------------------------------------------------------------- pretraining decoder
+    def decoder_positions(self) -> int:
+        """Rows of this modality's absolute position table in the pretraining decoder (CLS included)."""
+        return 1025
+
+    def decoder_position_embed(self, table: torch.Tensor, length: int) -> torch.Tensor:
+        """The decoder's ``(length, D)`` positions from its ``(rows, D)`` table (default: the first ``length``).
+
+        Raises:
+            ValueError: the sequence is longer than the table.
+        """
+        if length > table.shape[0]:
+            raise ValueError(f"decoder: {self.name} sequence of {length} exceeds its {table.shape[0]} positions")
+        return table[:length]
+
+    # --------------------------------------------------------------------------------------------- tokenizer
+    def train_tokenizer(self, texts: Sequence[str], vocab_size: int) -> Tokenizer:
+        """A tokenizer trained on ``texts`` (plugins with :attr:`needs_tokenizer`)."""
+        raise NotImplementedError(f"the {self.name!r} plugin has no tokenizer")
+
+    def load_tokenizer(self, path: str | Path, entry: Mapping[str, Any] | None = None) -> Tokenizer:
+        """The tokenizer at ``path``: a folder plus the ``entry`` its ``save`` returned, a tokenizer file, or a
+        folder of official files (``entry`` ``None``). Raises ``FileNotFoundError`` naming a missing file."""
+        raise NotImplementedError(f"the {self.name!r} plugin has no tokenizer")
+
     def __repr__(self) -> str:
         return f"<modality {self.name!r} from {self.source}>"
+
+
+def torch_tensor_type() -> type:
+    """``torch.Tensor`` (imported lazily: the registry itself stays importable without torch)."""
+    import torch
+
+    return torch.Tensor
 
 
 @dataclass
@@ -142,8 +355,26 @@ def _validate(plugin_cls: type[ModalityPlugin], where: str) -> None:
         raise PluginError(
             f"modality plugin {plugin_cls.name!r} ({where}) is missing required piece(s): {', '.join(missing)}"
         )
-    if not isinstance(plugin_cls.masking, MaskingPolicy):
+    policy = plugin_cls.masking
+    if not isinstance(policy, MaskingPolicy):
         raise PluginError(f"modality plugin {plugin_cls.name!r} ({where}): `masking` must be a MaskingPolicy")
+    from one_peace.train.masking import MASKING
+
+    if policy.kind not in MASKING:
+        raise PluginError(
+            f"modality plugin {plugin_cls.name!r} ({where}): unknown masking kind {policy.kind!r}; "
+            f"registered kinds: {sorted(MASKING)}"
+        )
+    if policy.kind == "whole_word" and plugin_cls.word_starts is ModalityPlugin.word_starts:
+        raise PluginError(
+            f"modality plugin {plugin_cls.name!r} ({where}): masking kind 'whole_word' needs the plugin's "
+            "word_starts() (where words begin)"
+        )
+    if not 0.0 <= policy.ratio < 1.0 or not 0.0 <= policy.paired_ratio < 1.0 or policy.span < 1:
+        raise PluginError(
+            f"modality plugin {plugin_cls.name!r} ({where}): masking ratios must be in [0, 1) and span >= 1, "
+            f"got {policy}"
+        )
 
 
 def _add(plugin_cls: type[ModalityPlugin], source: str) -> ModalityPlugin:

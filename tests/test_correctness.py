@@ -165,7 +165,9 @@ def test_whole_word_masking_masks_every_piece_of_a_word_together(parity):
     )
     model.tokenizer = tok
     task = Task(model, {"t": (DenoiseObjective("text"), 1.0)}, seed=3)
-    assert task.word_start is not None and task.word_start.shape == (tok.vocab_size,)
+    assert task.tokenizer is tok, "whole-word masking asks the text plugin for word starts with the model's tokenizer"
+    table = tok.word_start_table()
+    assert table.shape == (tok.vocab_size,)
     sentences = [
         "antidisestablishmentarianism is an extraordinarily long word",
         "the photosynthesising chloroplasts outperformed expectations",
@@ -173,7 +175,7 @@ def test_whole_word_masking_masks_every_piece_of_a_word_together(parity):
     ] * 4
     batch = model.prepare("text", sentences)
     tokens = batch["tokens"]
-    starts = task.word_start[tokens]
+    starts = table[tokens]
     assert (~starts & tokens.gt(3)).sum() >= 10, "the sentences must hold multi-piece words"
     valid = tokens.ne(1)
     valid = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)  # the CLS position comes first

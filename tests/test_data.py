@@ -154,7 +154,7 @@ def test_bad_fraction_limit_stops_the_run_with_a_report(tmp_path):
         (
             '{"id": 1, "image": "a.png", "caption": 5}',
             {"image": "image", "text": "caption"},
-            r"m\.jsonl:3: field 'caption' must be a string",
+            r"m\.jsonl:3: field 'caption': must be a string",
         ),
         ('{"id": 1, "image": "a.png"}', {"smell": "image"}, r"unknown modality 'smell'"),
     ],

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import one_peace
-from one_peace.models.decoder import decoder_from_official_state
+from one_peace.checkpoint.pretrain import decoder_from_official_state
 
 pytestmark = pytest.mark.core
 

@@ -242,7 +242,7 @@ def test_torchrun_fsdp2_matches_single_process_and_resumes_bitwise(tmp_path):
 
 def test_pretrain_vl_starts_from_an_official_pretraining_checkpoint(tmp_path, parity):
     """model.pretrained: official encoder weights and the official decoder keys are loaded into the recipe."""
-    from one_peace.models.decoder import decoder_from_official_state
+    from one_peace.checkpoint.pretrain import decoder_from_official_state
 
     state = load_file(str(parity / "one_peace_tiny_state.safetensors"))
     extra = load_file(str(parity / "one_peace_tiny_pretrain_extra_state.safetensors"))

@@ -31,6 +31,7 @@ from one_peace.checkpoint.official import (
 from one_peace.checkpoint.safe_pickle import CheckpointError, safe_torch_load
 from one_peace.config import CONFIG_FORMAT_VERSION, ModelConfig
 from one_peace.models.encoder import OnePeaceModel
+from one_peace.registry import get_plugin
 
 __all__ = [
     "IGNORED",
@@ -83,9 +84,19 @@ def save(
     return folder
 
 
+def tokenizer_modality(config: ModelConfig) -> str:
+    """The model's modality whose preprocessor needs the tokenizer (the language modality by default)."""
+    from one_peace.registry import get_plugin
+    from one_peace.tokenizer import LANGUAGE
+
+    return next((m for m in config.modalities if get_plugin(m).needs_tokenizer), LANGUAGE)
+
+
 def write_config(folder: Path, config: ModelConfig, tokenizer: Any, **extra: Any) -> None:
     """Write ``config.json`` (and the tokenizer files) into ``folder``."""
-    entry = tokenizer.save(folder) if tokenizer is not None else None
+    entry = dict(tokenizer.save(folder)) if tokenizer is not None else None
+    if entry is not None:  # which plugin reads it back
+        entry.setdefault("modality", tokenizer_modality(config))
     doc = {
         "format_version": CONFIG_FORMAT_VERSION,
         "library": "one-peace",
@@ -156,7 +167,7 @@ def _load_folder(
     official_padding: bool | None,
     bpe_dir: str | Path | None,
 ) -> OnePeaceModel:
-    from one_peace.adapters.text import TextTokenizer
+    from one_peace.tokenizer import load_tokenizer
 
     doc = _read_folder_config(folder)
     try:
@@ -172,9 +183,10 @@ def _load_folder(
                 f"{folder}: config.json names tokenizer files that are missing: {missing} "
                 "(copy them back, or pass bpe_dir=... for the official BPE files)"
             )
-        model.tokenizer = TextTokenizer.from_config(folder, doc["tokenizer"])
+        entry = doc["tokenizer"]
+        model.tokenizer = load_tokenizer(folder, entry, modality=entry.get("modality", tokenizer_modality(config)))
     if bpe_dir is not None:
-        model.tokenizer = TextTokenizer.from_bpe_dir(bpe_dir)
+        model.tokenizer = load_tokenizer(bpe_dir, modality=tokenizer_modality(config))
     if official_padding is not None:
         model.official_padding = official_padding
     return model.eval()
@@ -279,7 +291,7 @@ def load_official(
     """
     import warnings
 
-    from one_peace.adapters.text import TextTokenizer
+    from one_peace.tokenizer import load_tokenizer
 
     state, config, extra = read_official_config(path, image_size)
     model = _build_meta(config)
@@ -291,9 +303,9 @@ def load_official(
             raise CheckpointError(msg)
         warnings.warn(msg, stacklevel=2)
     if bpe_dir is not None:
-        model.tokenizer = TextTokenizer.from_bpe_dir(
-            bpe_dir, config.modality_options.get("text", {}).get("max_tokens", 70)
-        )
+        language = tokenizer_modality(config)
+        model.tokenizer = load_tokenizer(bpe_dir, modality=language)
+        model.tokenizer.max_tokens = int(get_plugin(language).options(config).get("max_tokens", 70))
     if official_padding is not None:
         model.official_padding = official_padding
     return model.eval()

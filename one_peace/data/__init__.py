@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from one_peace.data.manifest import ManifestError, iter_manifest, validate_manifest
+from one_peace.tokenizer import LANGUAGE
 
 if TYPE_CHECKING:
     from one_peace.data.loader import EpochStats, LoaderConfig, MultimodalLoader, TooManyBadSamples
@@ -26,12 +27,12 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'one_peace.data' has no attribute {name!r}")
 
 
-def train_tokenizer(manifest: str, field: str = "text", vocab_size: int = 8000) -> Any:
-    """Train a byte-level BPE (``tokenizers``) on the text field of a manifest, streaming (runs from scratch)."""
-    from one_peace.adapters.text import TextTokenizer
+def train_tokenizer(manifest: str, field: str = LANGUAGE, vocab_size: int = 8000, modality: str = LANGUAGE) -> Any:
+    """Train ``modality``'s tokenizer (text: a byte-level BPE) on the string field ``field`` of a manifest."""
+    from one_peace.tokenizer import train_tokenizer as _train
 
     texts = (row[field] for _, row in iter_manifest(manifest) if isinstance(row.get(field), str))
-    return TextTokenizer.train(list(texts), vocab_size=vocab_size)
+    return _train(list(texts), vocab_size, modality=modality)
 
 
 __all__ = [

@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import gc
-import io
 import logging
 import math
 import threading
@@ -27,9 +26,9 @@ import torch
 
 from one_peace.config import ModelConfig
 from one_peace.data._fairseq2 import data_pipeline
-from one_peace.data.manifest import MEDIA_MODALITIES, ManifestReader, default_fields, resolve_media, validate_manifest
+from one_peace.data.manifest import ManifestReader, default_fields, validate_manifest
 from one_peace.errors import DataError, InvalidValue, MissingField, NonFiniteData
-from one_peace.registry import get_plugin, list_modalities
+from one_peace.registry import ModalityPlugin, get_plugin, list_modalities
 
 logger = logging.getLogger(__name__)
 
@@ -136,15 +135,6 @@ class _Bad:
     detail: str
 
 
-def _token_lengths(modality: str, batch: Mapping[str, torch.Tensor]) -> list[int]:
-    """Real (unpadded) token counts per sample, CLS included."""
-    if modality == "text":
-        return [int(n) + 1 for n in batch["tokens"].ne(1).sum(1)]
-    if "padding_mask" in batch:
-        return [int(n) for n in (~batch["padding_mask"]).sum(1)]
-    raise ValueError(f"cannot pack {modality!r}: only text and audio batches have variable lengths")
-
-
 def _stats_from_dict(d: Mapping[str, Any]) -> EpochStats:
     st = EpochStats(**{k: v for k, v in d.items() if k != "bad"})
     st.bad = Counter(d.get("bad", {}))
@@ -166,7 +156,7 @@ class MultimodalLoader:
             list of ``.tar`` shards written by ``python -m one_peace.data.shard``.
         fields: Modality -> field (``data.fields``); default: fields named after the modalities.
         model_config: Options (image size, audio length ...) for the modality preprocessors.
-        tokenizer: Text tokenizer (needed when text is loaded).
+        tokenizer: The tokenizer (needed by a modality whose plugin has ``needs_tokenizer``: text).
         config: Batching options.
         rank: This process's rank.
         world_size: Number of ranks.
@@ -225,11 +215,15 @@ class MultimodalLoader:
             self.num_rows = len(self.rows) if self.rows is not None else ShardReader(self.shards or []).count()
         cfg = model_config or _cfg("tiny", tuple(self.fields))
         self.model_config = cfg
+        self.plugins = {m: get_plugin(m) for m in self.fields}
         self.preprocessors = {}
-        for m in self.fields:
-            if m == "text" and tokenizer is None:
-                raise ValueError("loading text needs a tokenizer (TextTokenizer.from_bpe_dir / from_file / train)")
-            self.preprocessors[m] = get_plugin(m).build_preprocessor(cfg, tokenizer)
+        for m, plugin in self.plugins.items():
+            if plugin.needs_tokenizer and tokenizer is None:
+                raise ValueError(
+                    f"loading {m} needs a tokenizer (one_peace.tokenizer.load_tokenizer / train_tokenizer, or the "
+                    "model's own: model.tokenizer)"
+                )
+            self.preprocessors[m] = plugin.build_preprocessor(cfg, tokenizer)
         self.epoch = 0
         self._pipeline: Any = None
         self._restored: dict[str, Any] | None = None
@@ -315,30 +309,22 @@ class MultimodalLoader:
         return builder.map(self._decode_batch).and_return()
 
     def _bucket_modality(self) -> str:
-        by = self.config.bucket_by or next((m for m in self.fields if m not in ("image",)), next(iter(self.fields)))
+        """``data.bucket_by``, else the first loaded modality whose plugin estimates lengths (else the first)."""
+        default = ModalityPlugin.estimate_length
+        estimating = [m for m, p in self.plugins.items() if type(p).estimate_length is not default]
+        by = self.config.bucket_by or next(iter(estimating), next(iter(self.fields)))
         if by not in self.fields:
             raise ValueError(f"data.bucket_by: {by!r} is not one of the loaded modalities {list(self.fields)}")
         return by
 
     def _with_length(self, item: Any) -> dict[str, Any]:
-        """Attach a cheap length estimate (tokens) for length bucketing, without decoding media."""
+        """Attach a cheap length estimate (tokens, from the plugin) for length bucketing, without decoding media."""
         _, row = self._row(item)
         by = self._bucket_modality()
-        length = 1
+        plugin = self.plugins[by]
         try:
-            value = row[self.fields[by]]
-            if by == "text":
-                length = len(self.preprocessors["text"](value)["tokens"])
-            elif by == "audio":
-                import soundfile as sf
-
-                src = resolve_media(value, self.base_dir)
-                info = sf.info(io.BytesIO(src) if isinstance(src, bytes) else str(src))
-                cap = float(get_plugin("audio").options(self.model_config)["max_seconds"])
-                seconds = min(info.frames / info.samplerate, cap)
-                length = max(1, int(seconds * 16000) // 320)  # what decoding keeps (clips are cut at max_seconds)
-            elif by == "video":
-                length = 1
+            value = plugin.resolve(row[self.fields[by]], self.base_dir)
+            length = max(1, int(plugin.estimate_length(value, self.model_config, self.preprocessors[by])))
         except Exception:  # a bad sample: decoding will skip and count it
             length = 1
         # never longer than the largest bucket: bucket_by_length would drop such rows without a word; the bounds
@@ -372,9 +358,7 @@ class MultimodalLoader:
             for modality, fld in self.fields.items():
                 if fld not in row:
                     raise MissingField(f"missing field {fld!r}")
-                value = row[fld]
-                if modality in MEDIA_MODALITIES or isinstance(value, bytes):
-                    value = resolve_media(value, self.base_dir)
+                value = self.plugins[modality].resolve(row[fld], self.base_dir)
                 out = self.preprocessors[modality](value)
                 for k, v in out.items():
                     if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
@@ -418,14 +402,14 @@ class MultimodalLoader:
         filled = samples + [samples[0]] * (target - len(samples))
         batch: dict[str, Any] = {"ids": [s["id"] for s in filled], "valid": torch.tensor(valid)}
         for m in self.fields:
-            batch[m] = get_plugin(m).collate([s[m] for s in filled])
+            batch[m] = self.plugins[m].collate([s[m] for s in filled])
         if self.passthrough:
             batch["raw"] = {f: [s["raw"][f] for s in filled] for f in self.passthrough}
         if self.config.pack_length:
             from one_peace.models.packing import plan_packing
 
             by = self._bucket_modality()
-            lengths = _token_lengths(by, batch[by])
+            lengths = self.plugins[by].token_lengths(batch[by])
             batch["pack"] = {
                 "modality": by,
                 "row_length": self.config.pack_length,
@@ -439,15 +423,8 @@ class MultimodalLoader:
         st.slots += len(batch["valid"])
         st.samples += int(batch["valid"].sum())
         st.padded_samples += int((~batch["valid"]).sum())
-        for m in self.fields:
-            b = batch[m]
-            pad = None
-            if m == "text":
-                pad = b["tokens"].eq(1)
-            elif "padding_mask" in b:
-                pad = b["padding_mask"]
-            elif "frame_mask" in b:
-                pad = b["frame_mask"]
+        for m, plugin in self.plugins.items():
+            pad = plugin.padding(batch[m])
             if pad is not None:
                 acc = st.padding.setdefault(m, [0, 0])
                 acc[0] += int(pad.sum())

@@ -1,7 +1,8 @@
 """Manifests: JSONL (one object per sample) or TSV with a header, read as a stream with exact resume state.
 
-Media fields hold a path (relative to the manifest's folder, or absolute), a base64 data URI
-(``data:<mime>;base64,<payload>``) or, for in-memory rows and shards, raw bytes.
+Media fields (of a modality whose plugin has ``media = True``) hold a path (relative to the manifest's folder, or
+absolute), a base64 data URI (``data:<mime>;base64,<payload>``) or, for in-memory rows and shards, raw bytes. What
+each value must be is asked of its modality's plugin (``ModalityPlugin.check_value`` / ``resolve``).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from one_peace.errors import InvalidValue, MissingMedia
-
-MEDIA_MODALITIES = ("image", "audio", "video")
 
 
 class ManifestError(ValueError):
@@ -152,8 +151,9 @@ def default_fields(modalities: Sequence[str]) -> dict[str, str]:
 def validate_manifest(path: str | Path, fields: Mapping[str, str], known_modalities: Sequence[str]) -> int:
     """Check a manifest's structure up front, streaming; return its number of rows.
 
-    Checks: every line parses, every mapped field is present, text values are strings, media values are
-    strings (path or data URI), and every modality in ``fields`` is registered.
+    Checks: every line parses, every mapped field is present, every value is what its modality's plugin expects
+    (``check_value``: text values are strings, media values paths or data URIs), and every modality in ``fields``
+    is registered.
 
     Raises:
         ManifestError: naming the file, the line and the field.
@@ -166,6 +166,9 @@ def validate_manifest(path: str | Path, fields: Mapping[str, str], known_modalit
             raise ManifestError(
                 f"{path}: unknown modality {modality!r} in the field map; registered: {sorted(known_modalities)}"
             )
+    from one_peace.registry import get_plugin
+
+    plugins = {m: get_plugin(m) for m in fields}
     rows = 0
     for line_no, row in iter_manifest(path):
         rows += 1
@@ -174,17 +177,10 @@ def validate_manifest(path: str | Path, fields: Mapping[str, str], known_modalit
                 raise ManifestError(
                     f"{path}:{line_no}: missing field {field!r} (needed for {modality}); the row has {sorted(row)}"
                 )
-            value = row[field]
-            if modality == "text" and not isinstance(value, str):
-                raise ManifestError(
-                    f"{path}:{line_no}: field {field!r} must be a string (text), got {type(value).__name__}"
-                )
-            if modality == "text":
-                check_text(value, f"{path}:{line_no}: field {field!r}")
-            if modality in MEDIA_MODALITIES and not isinstance(value, str | list):
-                raise ManifestError(
-                    f"{path}:{line_no}: field {field!r} must be a path or data URI, got {type(value).__name__}"
-                )
+            try:
+                plugins[modality].check_value(row[field])
+            except ValueError as exc:
+                raise ManifestError(f"{path}:{line_no}: field {field!r}: {exc}") from None
     if rows == 0:
         raise ManifestError(f"{path}: the manifest has no rows")
     return rows

@@ -15,7 +15,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from one_peace.data.manifest import MEDIA_MODALITIES, ManifestError, iter_manifest, resolve_media
+from one_peace.data.manifest import ManifestError, iter_manifest, resolve_media
+from one_peace.registry import get_plugin, list_modalities
 
 INDEX = "shards.json"
 
@@ -155,7 +156,7 @@ def write_shards(
     """Write WebDataset tar shards of ``shard_size`` samples from a manifest (streaming); returns their paths.
 
     Media are stored as members: the fields the field map ``fields`` (``modality -> field``) gives to a media
-    modality, fields named after one (``image``, ``audio``, ``video``), and any ``data:`` URI.
+    modality (its plugin's ``media``), the fields named after a registered media modality, and any ``data:`` URI.
     """
     from tqdm import tqdm
 
@@ -165,7 +166,9 @@ def write_shards(
     counts: dict[str, int] = {}
     tar: tarfile.TarFile | None = None
     in_shard = 0
-    media_fields = set(MEDIA_MODALITIES) | {f for m, f in (fields or {}).items() if m in MEDIA_MODALITIES}
+    field_map = {m: m for m in list_modalities()} | dict(fields or {})
+    media_fields = {m for m in list_modalities() if get_plugin(m).media}
+    media_fields |= {f for m, f in field_map.items() if get_plugin(m).media}
 
     def add(name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)

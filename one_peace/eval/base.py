@@ -9,8 +9,8 @@ from typing import Any, Protocol
 
 import torch
 
-from one_peace.data.manifest import MEDIA_MODALITIES, resolve_media
 from one_peace.errors import DataError
+from one_peace.registry import get_plugin
 
 
 @dataclass
@@ -80,6 +80,7 @@ def embed_rows(
 
     model = ctx.model
     prep: Callable[[Any], dict[str, Any]] = preprocessor(model, modality)
+    plugin = get_plugin(modality)
     fld = ctx.field_of(modality)
     items = list(values) if values is not None else [r.get(fld) for r in ctx.rows]
     ok = torch.zeros(len(items), dtype=torch.bool)
@@ -90,8 +91,7 @@ def embed_rows(
             try:
                 if value is None:
                     raise DataError(f"missing field {fld!r}")
-                if modality in MEDIA_MODALITIES or isinstance(value, bytes):
-                    value = resolve_media(value, ctx.base_dir)
+                value = plugin.resolve(value, ctx.base_dir)
                 sample = prep(value)
             except DataError as exc:
                 row_id = ctx.rows[i].get("id", i) if values is None and i < len(ctx.rows) else i

@@ -8,6 +8,7 @@ from typing import Any
 
 from one_peace.eval.base import EvalContext, embed_rows
 from one_peace.eval.metrics import recall_at_k
+from one_peace.registry import get_plugin
 
 
 def _text_key(value: Any) -> Any:
@@ -39,9 +40,9 @@ class RetrievalEvaluator:
             if missing:
                 raise ValueError(f"eval.group_field: rows {missing[:5]} have no field {self.group_field!r}")
             return [r[self.group_field] for r in ctx.rows]
-        for m in self.pair:
-            if m == "text":
-                return [_text_key(r.get(ctx.field_of("text"))) for r in ctx.rows]
+        for m in self.pair:  # rows with the same text (a non-media value) are one group
+            if not get_plugin(m).media:
+                return [_text_key(r.get(ctx.field_of(m))) for r in ctx.rows]
         return [("row", i) for i in range(len(ctx.rows))]
 
     def __call__(self, ctx: EvalContext) -> dict[str, Any]:

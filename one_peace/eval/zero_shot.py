@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from one_peace.eval.base import EvalContext, embed_rows
 from one_peace.eval.metrics import classification
+from one_peace.tokenizer import LANGUAGE
 
 
 def load_classes(classes: str | Sequence[str]) -> list[str]:
@@ -45,7 +46,7 @@ def load_prompts(prompts: str | Mapping[str, Sequence[str]]) -> dict[str, list[s
 def class_embeddings(model: Any, prompts: Mapping[str, Sequence[str]], batch_size: int = 64) -> torch.Tensor:
     """``(C, D)``: each class's normalised mean of its normalised prompt embeddings (open_clip's way)."""
     flat = [p for ps in prompts.values() for p in ps]
-    emb = model.encode("text", flat, batch_size=batch_size).float().cpu()
+    emb = model.encode(LANGUAGE, flat, batch_size=batch_size).float().cpu()
     out, start = [], 0
     for ps in prompts.values():
         out.append(F.normalize(emb[start : start + len(ps)].mean(0), dim=-1))

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from one_peace.config import OFFICIAL_MODALITIES
 from one_peace.models.layers import GeGLUFFN, SharedLayer
+from one_peace.registry import get_plugin
 
 
 @dataclass(kw_only=True)
@@ -29,8 +31,9 @@ class DecoderConfig:
         layers: Decoder layers.
         heads: Attention heads.
         ffn_dim: GeGLU inner width.
-        modalities: Modalities with a decoder branch.
-        positions: Absolute position rows per modality (text 514, image 257 = 16x16+1, audio 1026).
+        modalities: Modalities with a decoder branch (default: the official model's).
+        positions: Absolute position rows per modality; a modality not given gets its plugin's
+            ``decoder_positions()`` (official: text 514, image 257 = 16x16+1, audio 1026).
     """
 
     encoder_dim: int
@@ -38,8 +41,8 @@ class DecoderConfig:
     layers: int = 2
     heads: int = 12
     ffn_dim: int = 2048
-    modalities: tuple[str, ...] = ("text", "image", "audio")
-    positions: dict[str, int] = field(default_factory=lambda: {"text": 514, "image": 257, "audio": 1026})
+    modalities: tuple[str, ...] = OFFICIAL_MODALITIES
+    positions: dict[str, int] = field(default_factory=dict)
 
 
 class DenoiseDecoder(nn.Module):
@@ -48,6 +51,8 @@ class DenoiseDecoder(nn.Module):
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
         self.config = config
+        for m in config.modalities:
+            config.positions.setdefault(m, get_plugin(m).decoder_positions())
         d = config.embed_dim
         self.embed = nn.ModuleDict({m: nn.Linear(config.encoder_dim, d) for m in config.modalities})
         self.mask_tokens = nn.ParameterDict({m: nn.Parameter(torch.zeros(1, d)) for m in config.modalities})
@@ -65,15 +70,7 @@ class DenoiseDecoder(nn.Module):
         self.official_padding = False
 
     def _positions(self, modality: str, length: int) -> torch.Tensor:
-        pos = self.positions[modality]
-        if modality == "image" and length != pos.shape[0]:
-            from one_peace.adapters.image import resize_pos_embed
-
-            grid = round((length - 1) ** 0.5)
-            return resize_pos_embed(pos, (grid, grid))
-        if length > pos.shape[0]:
-            raise ValueError(f"decoder: {modality} sequence of {length} exceeds its {pos.shape[0]} positions")
-        return pos[:length]
+        return get_plugin(modality).decoder_position_embed(self.positions[modality], length)
 
     def forward(
         self,
@@ -125,67 +122,3 @@ class DenoiseDecoder(nn.Module):
             out[m] = self.heads[m](self.final_norms[m](x[:, start : start + s]))
             start += s
         return out
-
-
-def decoder_from_official_state(
-    state: Mapping[str, torch.Tensor], encoder_dim: int, heads: int | None = None, source: str = "checkpoint"
-) -> DenoiseDecoder:
-    """Build a :class:`DenoiseDecoder` from official pretraining keys (as carried by the converter).
-
-    Sizes are inferred from the tensors; the head count cannot be (the decoder has no relative tables): pass
-    ``heads`` (official: 12 for the 768-wide decoder), otherwise 64-wide heads are assumed.
-
-    Raises:
-        ValueError: naming ``source`` and the key, for unknown keys, wrong shapes or missing weights.
-    """
-    from one_peace.checkpoint.official import DECODER_IGNORED, is_pretrain_key, map_decoder_key
-
-    keys = [k for k in state if is_pretrain_key(k)]
-    mods = tuple(m for m in ("text", "image", "audio") if f"{m}_mask_token" in state)
-    if not mods:
-        raise ValueError(f"{source}: no pretraining decoder keys (*_mask_token) found")
-    d = state[f"{mods[0]}_mask_token"].shape[-1]
-    layer_ids = {int(k.split(".")[3]) for k in keys if k.startswith("decoder_wrapper.fusion_model.layers.")}
-    ffn = state[f"decoder_wrapper.fusion_model.layers.0.{mods[0]}_ffn.0.wi_0.weight"].shape[0]
-    positions = {}
-    for m in mods:
-        key = (
-            "decoder_wrapper.image_adapter.pos_embed"
-            if m == "image"
-            else f"decoder_wrapper.{m}_adapter.embed_positions.weight"
-        )
-        positions[m] = state[key].shape[0]
-    if heads is None:
-        if d % 64:
-            raise ValueError(f"{source}: cannot infer the decoder's head count for width {d}; pass heads=")
-        heads = d // 64
-    config = DecoderConfig(
-        encoder_dim=encoder_dim,
-        embed_dim=d,
-        layers=max(layer_ids) + 1,
-        heads=heads,
-        ffn_dim=ffn,
-        modalities=mods,
-        positions=positions,
-    )
-    decoder = DenoiseDecoder(config)
-    params = dict(decoder.named_parameters())
-    seen = set()
-    with torch.no_grad():
-        for k in keys:
-            if DECODER_IGNORED.match(k):
-                continue
-            name = map_decoder_key(k)
-            if name is None or name not in params:
-                raise ValueError(f"{source}: unknown pretraining key {k!r}")
-            value = state[k]
-            if tuple(value.shape) != tuple(params[name].shape):
-                raise ValueError(
-                    f"{source}: key {k!r} has shape {tuple(value.shape)}, expected {tuple(params[name].shape)}"
-                )
-            params[name].copy_(value.float())
-            seen.add(name)
-    missing = sorted(set(params) - seen)
-    if missing:
-        raise ValueError(f"{source}: no weights for decoder parameter(s) {missing[:6]}")
-    return decoder

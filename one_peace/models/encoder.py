@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from one_peace.config import ModelConfig
+from one_peace.config import OFFICIAL_MODALITIES, ModelConfig
 from one_peace.models.adapter import AdapterOutput
 from one_peace.models.layers import SharedLayer
 from one_peace.registry import ModalityPlugin, get_plugin
@@ -392,7 +392,7 @@ class OnePeaceModel(nn.Module):
 
 def build_model(
     size: str | ModelConfig = "tiny",
-    modalities: Sequence[str] = ("text", "image", "audio"),
+    modalities: Sequence[str] = OFFICIAL_MODALITIES,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     **overrides: Any,

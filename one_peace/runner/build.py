@@ -17,6 +17,7 @@ from one_peace.config import ModelConfig
 from one_peace.models.encoder import OnePeaceModel
 from one_peace.registry import get_plugin, list_modalities
 from one_peace.runner.config import to_container
+from one_peace.tokenizer import LANGUAGE
 
 DEFAULT_IMAGE_SIZE = 64  # models built from scratch (the demo data is rendered at this size)
 MODEL_DIMS = ("embed_dim", "layers", "heads", "ffn_dim")
@@ -38,7 +39,7 @@ def data_fields(cfg: DictConfig) -> dict[str, str]:
     """``modality -> field``: ``data.fields``, else ``{<modality>: data.modality_field, text: data.text_field}``."""
     fields = {str(k): str(v) for k, v in (cfg.data.fields or {}).items()}
     if not fields and cfg.data.get("modality_field") and cfg.get("modality"):
-        fields = {str(cfg.modality): str(cfg.data.modality_field), "text": str(cfg.data.text_field or "text")}
+        fields = {str(cfg.modality): str(cfg.data.modality_field), LANGUAGE: str(cfg.data.text_field or LANGUAGE)}
     return fields
 
 
@@ -65,11 +66,11 @@ def loader_config(cfg: DictConfig, batch_size: int, train: bool) -> Any:
 
 def build_tokenizer(cfg: DictConfig, train: str, text_fields: list[str], out: Path, extra: list[str]) -> Any:
     """The BPE of this run: ``out/tokenizer.json`` if present, else trained on the training text (and saved)."""
-    from one_peace.adapters.text import TextTokenizer
+    from one_peace.tokenizer import load_tokenizer, train_tokenizer
 
     path = out / "tokenizer.json"
     if path.is_file():
-        return TextTokenizer.from_file(path)
+        return load_tokenizer(path)
     from one_peace.data.manifest import check_text
     from one_peace.data.shards import iter_rows
 
@@ -79,8 +80,8 @@ def build_tokenizer(cfg: DictConfig, train: str, text_fields: list[str], out: Pa
             if f in row:
                 check_text(str(row[f]), f"{train}:{line_no}: field {f!r}")
                 texts.append(str(row[f]))
-    tok = TextTokenizer.train(texts, vocab_size=cfg.data.vocab_size)
-    tok.tokenizer.save(str(path))
+    tok = train_tokenizer(texts, vocab_size=cfg.data.vocab_size)
+    tok.save(out)  # out/tokenizer.json
     return tok
 
 
@@ -95,7 +96,7 @@ def task_needs(cfg: DictConfig, spec: Any) -> dict[str, Any]:
             raise ValueError("task.instruction: a seq2seq task needs an instruction")
         instruction = Instruction(spec.instruction)
         media = {
-            s.kind: s.field for t in instruction.templates for s in t.source_slots if s.kind not in ("text", "box")
+            s.kind: s.field for t in instruction.templates for s in t.source_slots if s.kind not in (LANGUAGE, "box")
         }
         passthrough = sorted(instruction.fields() - set(media.values()))
         return {
@@ -103,10 +104,10 @@ def task_needs(cfg: DictConfig, spec: Any) -> dict[str, Any]:
             "instruction": instruction,
             "fields": media,
             "passthrough": passthrough,
-            "modalities": [*media, "text"],
+            "modalities": [*media, LANGUAGE],
             "text_fields": passthrough,
             "plain": [p for t in instruction.templates for p in t.source if isinstance(p, str)],
-            "target_field": next((s.field for s in instruction.templates[0].target_slots if s.kind == "text"), None),
+            "target_field": next((s.field for s in instruction.templates[0].target_slots if s.kind == LANGUAGE), None),
             "box_field": next((s.field for s in instruction.templates[0].target_slots if s.kind == "box"), None),
             "closed_set": next(
                 (s.field for t in instruction.templates for s in t.target_slots if "closed_set" in s.attrs), None
@@ -121,7 +122,7 @@ def task_needs(cfg: DictConfig, spec: Any) -> dict[str, Any]:
         "fields": fields,
         "passthrough": [],
         "modalities": list(fields),
-        "text_fields": [f for m, f in fields.items() if m == "text"],
+        "text_fields": [f for m, f in fields.items() if get_plugin(m).needs_tokenizer],
         "plain": [],
     }
 
@@ -163,7 +164,7 @@ def objectives_task(cfg: DictConfig, spec: Any, model: OnePeaceModel) -> Any:
     if spec.get("decoder") is not None:
         from one_peace.checkpoint.pretrain import decoder_from_official_state, pretrained_decoder_state
 
-        mods = tuple(m for m in model.config.modalities if m != "video")
+        mods = tuple(m for m in model.config.modalities if get_plugin(m).decoder)
         state = pretrained_decoder_state(cfg.model.get("pretrained"))
         dec = dict(to_container(spec.decoder))
         if state is not None:  # the official pretraining decoder of the checkpoint
@@ -193,31 +194,23 @@ def modality_options(cfg: DictConfig, modalities: list[str], vocab_size: int | N
     type than the plugin's default is an error naming ``model.modality_options.<modality>.<option>``).
     """
     options: dict[str, dict[str, Any]] = {}
-    if "image" in modalities:
-        options["image"] = {"image_size": int(cfg.data.image_size or DEFAULT_IMAGE_SIZE)}
-    if "text" in modalities and vocab_size is not None:
-        options["text"] = {"vocab_size": int(vocab_size)}
+    for modality in modalities:  # the recipe's defaults: data.image_size, and the run's tokenizer's vocabulary
+        plugin = get_plugin(modality)
+        names = plugin.Options().keys()
+        if "image_size" in names:
+            options.setdefault(modality, {})["image_size"] = int(cfg.data.image_size or DEFAULT_IMAGE_SIZE)
+        if plugin.needs_tokenizer and vocab_size is not None and "vocab_size" in names:
+            options.setdefault(modality, {})["vocab_size"] = int(vocab_size)
     user = to_container(cfg.model.modality_options) or {}
     for modality, opts in user.items():
-        key = f"model.modality_options.{modality}"
+        where = f"model.modality_options.{modality}"
         if modality not in modalities:
             known = ", ".join(sorted(list_modalities()))
             raise ValueError(
-                f"{key}: {modality!r} is not a modality of this recipe ({modalities}; registered: {known})"
+                f"{where}: {modality!r} is not a modality of this recipe ({modalities}; registered: {known})"
             )
-        defaults = get_plugin(modality).defaults
-        for name, value in (opts or {}).items():
-            if name not in defaults:
-                raise ValueError(
-                    f"{key}.{name}: the {modality!r} plugin has no option {name!r}; its options: {sorted(defaults)}"
-                )
-            default = defaults[name]
-            ok = isinstance(value, type(default)) or (isinstance(default, float) and isinstance(value, int))
-            if (default is not None and not ok) or isinstance(value, bool) != isinstance(default, bool):
-                raise ValueError(
-                    f"{key}.{name}: expected {type(default).__name__} (default {default!r}), got {value!r}"
-                )
-            options.setdefault(modality, {})[name] = value
+        options.setdefault(modality, {}).update(opts or {})
+        get_plugin(modality).parse_options(options[modality], where=where)  # unknown keys, wrong types
     return options
 
 
@@ -304,7 +297,7 @@ def load_pretrained(cfg: DictConfig, modalities: list[str], say: Any = print) ->
         raise ValueError(
             f"model.pretrained={path}: the checkpoint has no {missing} modality (it has {list(model.adapters)})"
         )
-    if "text" in modalities and model.tokenizer is None:
+    if any(get_plugin(m).needs_tokenizer for m in modalities) and model.tokenizer is None:
         raise ValueError(
             f"model.pretrained={path}: no tokenizer in the checkpoint; pass model.bpe_dir=<folder with the BPE files>"
         )

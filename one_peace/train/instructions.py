@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from dataclasses import field as dc_field
 from typing import Any
 
+from one_peace.tokenizer import LANGUAGE
+
 ATTRS = {"no_loss", "closed_set", "mask_ratio"}
 NUM_BINS = 1000
 _SLOT = re.compile(r"\[([A-Za-z_]\w*):([^\],=\s]*)((?:,[^\]]*)?)\]")
@@ -126,7 +128,7 @@ def parse_template(template: str, modalities: Sequence[str]) -> Template:
     if not any(isinstance(p, Slot) for p in target):
         raise _err(template, arrow + 2, "the target needs at least one slot")
     for p in target:
-        if isinstance(p, Slot) and p.kind not in ("text", "box"):
+        if isinstance(p, Slot) and p.kind not in (LANGUAGE, "box"):
             raise _err(template, p.pos, f"target slots must be TEXT or BOX, got {p.kind.upper()}")
     return Template(template, source, target)
 
@@ -184,7 +186,7 @@ class Instruction:
         for p in t.source:
             if isinstance(p, str):
                 prompt.append(p)
-            elif p.kind == "text":
+            elif p.kind == LANGUAGE:
                 prompt.append(str(row[p.field]))
             elif p.kind == "box":
                 prompt.append(quantize_box(row[p.field], image_size))

@@ -3,11 +3,76 @@
 All functions work on positions of the adapter sequence (CLS = 0, always kept) and return ``keep_ids``
 ``(B, K)``: ascending kept positions, right-padded with -1. ``valid`` is the ``(B, T)`` mask of real
 (non-padding) positions.
+
+Masking kinds are registered in :data:`MASKING` (``random``, ``span``, ``whole_word``; add one with
+:func:`register_masking`). A plugin's :class:`~one_peace.registry.MaskingPolicy` names its kind, checked when the
+plugin registers; :func:`mask_for` draws a modality's mask from its policy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
 import torch
+
+if TYPE_CHECKING:
+    from one_peace.registry import MaskingPolicy, ModalityPlugin
+
+
+@dataclass
+class MaskRequest:
+    """What a masking kind gets: the valid positions, the policy, the generator and (whole-word) word starts.
+
+    Attributes:
+        valid: ``(B, T)`` real (non-padding) positions of the adapter sequence (CLS at 0).
+        policy: The modality's masking policy.
+        generator: The task's masking generator.
+        word_starts: ``(starts, protect)`` from the plugin's ``word_starts`` (``None`` when it has none).
+    """
+
+    valid: torch.Tensor
+    policy: MaskingPolicy
+    generator: torch.Generator | None
+    word_starts: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+MaskFn = Callable[[MaskRequest], torch.Tensor]
+#: Masking kind -> function returning the ``(B, T)`` bool mask of masked positions.
+MASKING: dict[str, MaskFn] = {}
+
+
+def register_masking(kind: str) -> Callable[[MaskFn], MaskFn]:
+    """Register a masking kind (a function of a :class:`MaskRequest` returning the masked positions)."""
+
+    def add(fn: MaskFn) -> MaskFn:
+        if kind in MASKING and MASKING[kind] is not fn:
+            raise ValueError(f"masking kind {kind!r} is registered twice")
+        MASKING[kind] = fn
+        return fn
+
+    return add
+
+
+def mask_for(
+    plugin: ModalityPlugin,
+    valid: torch.Tensor,
+    batch: Mapping[str, Any],
+    tokenizer: Any = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The single-modality view's mask of ``plugin``'s modality, drawn by its policy's kind.
+
+    Raises:
+        ValueError: the kind is not registered, or whole-word masking for a batch the plugin gives no words for.
+    """
+    policy = plugin.masking
+    fn = MASKING.get(policy.kind)
+    if fn is None:
+        raise ValueError(f"{plugin.name}: unknown masking kind {policy.kind!r}; registered: {sorted(MASKING)}")
+    starts = plugin.word_starts(batch, tokenizer) if policy.kind == "whole_word" else None
+    return fn(MaskRequest(valid, policy, generator, starts))
 
 
 def keep_ids_from_mask(masked: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -128,3 +193,21 @@ def _protect(valid: torch.Tensor, protect: torch.Tensor | None) -> torch.Tensor:
     out = torch.zeros_like(valid) if protect is None else protect.clone()
     out[:, 0] = True
     return out
+
+
+@register_masking("random")
+def _random(req: MaskRequest) -> torch.Tensor:
+    return random_mask(req.valid, req.policy.ratio, req.generator)
+
+
+@register_masking("span")
+def _span(req: MaskRequest) -> torch.Tensor:
+    return span_mask(req.valid, req.policy.ratio, req.policy.span, req.generator)
+
+
+@register_masking("whole_word")
+def _whole_word(req: MaskRequest) -> torch.Tensor:
+    if req.word_starts is None:
+        raise ValueError("whole-word masking needs word starts: the plugin's word_starts() returned None")
+    starts, protect = req.word_starts
+    return whole_word_mask(req.valid, starts, req.policy.ratio, req.generator, protect=protect)

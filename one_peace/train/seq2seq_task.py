@@ -9,9 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from one_peace.adapters.text import EOS_ID, PAD_ID
 from one_peace.models.encoder import OnePeaceModel
+from one_peace.models.seq2seq import EOS as EOS_ID
+from one_peace.models.seq2seq import PAD as PAD_ID
 from one_peace.models.seq2seq import Seq2SeqConfig, TextDecoder, Trie, generate, seq2seq_loss, shift_right
+from one_peace.tokenizer import LANGUAGE
 from one_peace.train.instructions import NUM_BINS, Instruction
 
 
@@ -41,8 +43,11 @@ class Seq2SeqTask(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+        ids = {k: getattr(tokenizer, k, v) for k, v in (("pad_id", PAD_ID), ("eos_id", EOS_ID))}
+        if ids != {"pad_id": PAD_ID, "eos_id": EOS_ID}:
+            raise ValueError(f"the seq2seq decoder needs pad id {PAD_ID} and EOS id {EOS_ID}; the tokenizer has {ids}")
         self.instruction = instruction
-        mods = {tuple(s.kind for s in t.source_slots if s.kind not in ("text", "box")) for t in instruction.templates}
+        mods = {tuple(s.kind for s in t.source_slots if s.kind not in (LANGUAGE, "box")) for t in instruction.templates}
         if len(mods) != 1:
             raise ValueError(f"all templates of an instruction must feed the same modalities, got {sorted(mods)}")
         self.modalities = next(iter(mods))
@@ -67,7 +72,7 @@ class Seq2SeqTask(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         prompts = [torch.tensor(self._ids(r["prompt"])) for r in rendered]
         inputs = {m: batch[m] for m in self.modalities}
-        inputs["text"] = {"tokens": nn.utils.rnn.pad_sequence(prompts, batch_first=True, padding_value=PAD_ID)}
+        inputs[LANGUAGE] = {"tokens": nn.utils.rnn.pad_sequence(prompts, batch_first=True, padding_value=PAD_ID)}
         keep = self._mask_ratio_keep_ids(inputs, rendered) if self.training else {}
         out = self.model.forward_features(inputs, keep_ids=keep)
         memory = torch.cat([out.hidden[m] for m in inputs], dim=1)

@@ -11,18 +11,9 @@ from torch import nn
 
 from one_peace.models.decoder import DenoiseDecoder
 from one_peace.models.encoder import OnePeaceModel
-from one_peace.registry import MaskingPolicy, get_plugin
-from one_peace.train.masking import (
-    complementary_mask,
-    keep_ids_from_mask,
-    random_mask,
-    span_mask,
-    whole_word_mask,
-)
+from one_peace.registry import get_plugin
+from one_peace.train.masking import complementary_mask, keep_ids_from_mask, mask_for
 from one_peace.train.objectives import Objective, View
-
-#: ONE-PEACE's paired-view ratios: 40 % of text from the text-only view's visible tokens; 68.75 % of image.
-PAIRED_RATIOS = {"text": 0.4, "image": 0.6875}
 
 
 @dataclass
@@ -43,9 +34,12 @@ class Task(nn.Module):
         model: The encoder.
         objectives: Name -> ``(objective, weight)``.
         decoder: The denoising decoder (needed by ``denoise`` objectives).
-        word_start: ``(vocab,)`` bool table of token ids that begin a word (whole-word text masking);
-            without it every token is its own word.
+        tokenizer: The tokenizer whole-word masking asks the plugins for word starts with (default: the
+            model's own).
         seed: Seed of the masking generator.
+
+    Each modality is masked by its plugin's :class:`~one_peace.registry.MaskingPolicy` (kind, ratio, paired
+    ratio), through the masking registry of :mod:`one_peace.train.masking`.
     """
 
     def __init__(
@@ -53,7 +47,7 @@ class Task(nn.Module):
         model: OnePeaceModel,
         objectives: Mapping[str, tuple[Objective, float]],
         decoder: DenoiseDecoder | None = None,
-        word_start: torch.Tensor | None = None,
+        tokenizer: Any = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -61,9 +55,7 @@ class Task(nn.Module):
         self.objectives = nn.ModuleDict({k: o for k, (o, _) in objectives.items()})
         self.weights = {k: float(w) for k, (_, w) in objectives.items()}
         self.decoder = decoder
-        if word_start is None and hasattr(getattr(model, "tokenizer", None), "word_start_table"):
-            word_start = model.tokenizer.word_start_table()  # whole-word masking from the model's own tokenizer
-        self.word_start = word_start
+        self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.generator = torch.Generator().manual_seed(seed)
 
     def views(self) -> dict[str, View]:
@@ -76,18 +68,7 @@ class Task(nn.Module):
         return dict(sorted(views.items(), key=lambda kv: (bool(kv[1].masked), len(kv[1].modalities))))
 
     def _single_mask(self, modality: str, valid: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
-        policy: MaskingPolicy = get_plugin(modality).masking
-        if policy.kind == "span":
-            return span_mask(valid, policy.ratio, policy.span, self.generator)
-        if policy.kind == "whole_word" and modality == "text":
-            tokens = batch[modality]["tokens"]
-            eos = torch.cat([torch.zeros_like(tokens[:, :1], dtype=torch.bool), tokens.eq(2)], dim=1)
-            if self.word_start is not None:
-                starts = torch.cat([torch.ones_like(eos[:, :1]), self.word_start[tokens]], dim=1)
-            else:
-                starts = torch.ones_like(eos)
-            return whole_word_mask(valid, starts, policy.ratio, self.generator, protect=eos)
-        return random_mask(valid, policy.ratio, self.generator)
+        return mask_for(get_plugin(modality), valid, batch[modality], self.tokenizer, self.generator)
 
     def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """Total weighted loss and logs (``<objective>/loss`` and each objective's own metrics)."""
@@ -115,8 +96,9 @@ class Task(nn.Module):
                     if base is None:
                         base = self._single_mask(m, valid, batch)
                         single_masks[m] = base
+                    policy = get_plugin(m).masking
                     mk = complementary_mask(
-                        base, valid, PAIRED_RATIOS.get(m, 0.5), self.generator, from_visible=(m == "text")
+                        base, valid, policy.paired_ratio, self.generator, from_visible=policy.paired_from_visible
                     )
                 masked[m] = mk
                 keep[m] = keep_ids_from_mask(mk, valid)
