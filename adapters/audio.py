@@ -404,13 +404,17 @@ class AudioModality(ModalityPlugin):
             mask[i, : s["padding_mask"].numel()] = s["padding_mask"]
         return {"waveform": wave, "padding_mask": mask}
 
-    def example_batch(self, config: ModelConfig, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
-        """Random clips of 0.5-1 s at 16 kHz, padded."""
+    def example_samples(self, config: ModelConfig, n: int, generator: torch.Generator) -> list[dict[str, Any]]:
+        """Random clips of 0.5-1 s at 16 kHz."""
         rows = []
         spec = FRONTENDS.get(self.options(config)["frontend"], CONV_SPEC)
-        for i in range(batch_size):
-            n = 16000 - (i % 3) * 4000
-            wave = torch.randn(n, generator=generator)
-            mask = torch.zeros(int(num_frames(n, spec)) + 1, dtype=torch.bool)
+        for i in range(n):
+            length = 16000 - (i % 3) * 4000
+            wave = torch.randn(length, generator=generator)
+            mask = torch.zeros(int(num_frames(length, spec)) + 1, dtype=torch.bool)
             rows.append({"waveform": wave, "padding_mask": mask})
-        return self.collate(rows)
+        return rows
+
+    def example_batch(self, config: ModelConfig, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
+        """Random clips of 0.5-1 s at 16 kHz, padded."""
+        return self.collate(self.example_samples(config, batch_size, generator))

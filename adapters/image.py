@@ -202,7 +202,9 @@ class ImageModality(ModalityPlugin):
     def build_adapter(self, config: ModelConfig, siblings: dict[str, nn.Module]) -> nn.Module:
         """Build an :class:`ImageAdapter` whose relative grid matches ``image_size``."""
         o = self.options(config)
-        return ImageAdapter(config.embed_dim, config.heads, o["bucket_size"], o["rel_bucket_size"] or o["image_size"] // PATCH)
+        return ImageAdapter(
+            config.embed_dim, config.heads, o["bucket_size"], o["rel_bucket_size"] or o["image_size"] // PATCH
+        )
 
     def build_preprocessor(self, config: ModelConfig, tokenizer: Any = None) -> Any:
         """Return ``path/bytes/PIL/array -> {"pixels": (3, S, S)}``."""
@@ -228,3 +230,8 @@ class ImageModality(ModalityPlugin):
         """Random normalised pixels at the configured size."""
         size = self.options(config)["image_size"]
         return {"pixels": torch.randn(batch_size, 3, size, size, generator=generator)}
+
+    def example_samples(self, config: ModelConfig, n: int, generator: torch.Generator) -> list[dict[str, Any]]:
+        """Random normalised images (all of the configured size: images do not pad)."""
+        size = self.options(config)["image_size"]
+        return [{"pixels": torch.randn(3, size, size, generator=generator)} for _ in range(n)]

@@ -343,14 +343,17 @@ class TextModality(ModalityPlugin):
             out[i, : len(s)] = s
         return {"tokens": out}
 
-    def example_batch(self, config: ModelConfig, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
-        """Random token rows of different lengths (EOS-terminated, right-padded)."""
-        o = self.options(config)
-        vocab = o["vocab_size"]
+    def example_samples(self, config: ModelConfig, n: int, generator: torch.Generator) -> list[dict[str, Any]]:
+        """Random EOS-terminated token rows of different lengths."""
+        vocab = self.options(config)["vocab_size"]
         longest = 12
         rows = []
-        for i in range(batch_size):
-            n = max(2, longest - (i % 4) * 3)
-            ids = torch.randint(4, vocab, (n - 1,), generator=generator)
+        for i in range(n):
+            length = max(2, longest - (i % 4) * 3)
+            ids = torch.randint(4, vocab, (length - 1,), generator=generator)
             rows.append({"tokens": torch.cat([ids, torch.tensor([EOS_ID])])})
-        return self.collate(rows)
+        return rows
+
+    def example_batch(self, config: ModelConfig, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
+        """Random token rows of different lengths (EOS-terminated, right-padded)."""
+        return self.collate(self.example_samples(config, batch_size, generator))

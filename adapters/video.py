@@ -155,6 +155,11 @@ class VideoModality(ModalityPlugin):
             mask[i, : s["frames"].shape[0]] = False
         return {"frames": frames, "frame_mask": mask}
 
+    def example_samples(self, config: ModelConfig, n: int, generator: torch.Generator) -> list[dict[str, Any]]:
+        """Random clips of 1-3 frames at the image size."""
+        size = config.modality_options.get("image", {}).get("image_size", 256)
+        return [{"frames": torch.randn(1 + i % 3, 3, size, size, generator=generator)} for i in range(n)]
+
     def example_batch(self, config: ModelConfig, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
         """Random 2-frame clips at the image size."""
         size = config.modality_options.get("image", {}).get("image_size", 256)

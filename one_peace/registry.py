@@ -238,6 +238,11 @@ class ModalityPlugin:
         """A small random ready batch for docs, tests and benchmarks."""
         raise NotImplementedError
 
+    def example_samples(self, config: ModelConfig, n: int, generator: torch.Generator) -> list[dict[str, Any]] | None:
+        """Optional: ``n`` preprocessed samples of *different lengths* (what the preprocessor returns), so that the
+        conformance suite can check collation and padding invariance. ``None`` (the default) skips those checks."""
+        return None
+
     # ----------------------------------------------------------------------------- data: manifests, lengths
     def check_value(self, value: Any) -> None:
         """Check one manifest value's kind up front (before any decoding).
