@@ -350,7 +350,7 @@ def _check_compile(plugin: ModalityPlugin, state: dict[str, Any], batch_size: in
     model = state["model"].eval()
     batch = _batch(plugin, state["config"], batch_size, seed)
     eager = _embeddings(model, plugin.name, batch)
-    compiled = torch.compile(model)
+    compiled: Any = torch.compile(model)
     with torch.no_grad():
         got = compiled.embed(plugin.name, compiled.forward_features({plugin.name: batch}).hidden[plugin.name])
     torch.testing.assert_close(got, eager, atol=1e-4, rtol=1e-4, msg="compiled output differs from eager")

@@ -1,0 +1,160 @@
+"""one-peace-motion end to end: conformance, the demo data, alignment to text with a frozen backbone, denoising,
+shards, and embedding + search, all through one-peace's public commands and APIs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from safetensors.torch import load_file
+
+import one_peace
+from one_peace.errors import InvalidValue, NonFiniteData, UndecodableMedia
+from one_peace.testing import check_modality
+
+
+def _run(out: Path, *overrides: str) -> dict:
+    from one_peace.run import run
+
+    with initialize_config_module(config_module="one_peace.recipes", version_base=None):
+        return run(compose(config_name="config", overrides=[f"output_dir={out}", *overrides]))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("motion-demo")
+    subprocess.run([sys.executable, "-m", "one_peace_motion.demo", str(out)], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def aligned(demo, tmp_path_factory) -> tuple[Path, dict]:
+    """The README's command: add_modality with its default steps (200) on the demo data."""
+    out = tmp_path_factory.mktemp("motion-run")
+    results = _run(
+        out,
+        "recipe=add_modality",
+        "modality=motion",
+        f"data.train={demo / 'train.jsonl'}",
+        f"data.valid={demo / 'valid.jsonl'}",
+        "data.text_field=text",
+    )
+    return out, results
+
+
+def test_it_is_registered_from_its_package():
+    out = subprocess.run([sys.executable, "-m", "one_peace.modalities"], capture_output=True, text=True, check=True)
+    assert "motion" in out.stdout and "one-peace-motion" in out.stdout
+
+
+def test_conformance():
+    report = check_modality("motion")
+    assert report.ok and report.results["padding"] == "ok", str(report)
+
+
+def test_preprocessing_accepts_files_arrays_and_refuses_bad_input(tmp_path):
+    config = one_peace.model_config("tiny", ("motion",))
+    prep = one_peace.get_plugin("motion").build_preprocessor(config)
+    seq = np.random.default_rng(0).normal(size=(95, 6)).astype(np.float32)
+    np.save(tmp_path / "a.npy", seq)
+    np.savetxt(tmp_path / "a.csv", seq, delimiter=",")
+    for item in (tmp_path / "a.npy", (tmp_path / "a.npy").read_bytes(), tmp_path / "a.csv", seq, torch.from_numpy(seq)):
+        sample = prep(item)
+        assert sample["patches"] == 10 and sample["frames"].shape == (100, 6)
+        torch.testing.assert_close(sample["frames"][:95], torch.from_numpy(seq), atol=1e-5, rtol=1e-5)
+    with pytest.raises(InvalidValue, match="4 channels, the model expects 6"):
+        prep(seq[:, :4])
+    with pytest.raises(NonFiniteData):
+        prep(np.full((20, 6), np.nan, np.float32))
+    with pytest.raises(UndecodableMedia):
+        prep(b"\x00\x01 not a motion file")
+
+
+def test_demo_writes_learnable_captioned_sequences(demo):
+    rows = [json.loads(x) for x in (demo / "valid.jsonl").read_text().splitlines()]
+    assert len(rows) == 96 and {"id", "motion", "text"} <= set(rows[0])
+    assert len({r["text"] for r in rows}) >= 8
+    seq = np.load(demo / rows[0]["motion"])
+    assert seq.ndim == 2 and seq.shape[1] == 6 and 100 <= seq.shape[0] <= 300
+
+
+def test_add_modality_aligns_to_text_with_the_backbone_frozen(aligned):
+    out, results = aligned
+    assert results["text->motion/R@1"] >= 3 * results["text->motion/chance@1"], results
+    ckpts = sorted((out / "checkpoints").glob("step_*"))
+    assert [c.name for c in ckpts][-2:] == ["step_0000100", "step_0000200"]
+    first, last = (load_file(str(c / "model.safetensors")) for c in ckpts[-2:])
+    changed = {k for k in first if not torch.equal(first[k], last[k])}
+    assert changed and all(
+        k.startswith(("adapters.motion.", "final_norms.motion.", "heads.motion.")) or ".ffns.motion." in k
+        for k in changed
+    ), sorted(changed)[:5]
+    assert any(k.startswith("layers.0.attn.") for k in first) and not any("attn" in k for k in changed)
+
+
+def test_denoising_pretraining_runs(demo, tmp_path):
+    _run(
+        tmp_path,
+        "recipe=pretrain_modality",
+        "modality=motion",
+        f"data.train={demo / 'train.jsonl'}",
+        f"data.valid={demo / 'valid.jsonl'}",
+        "trainer.max_steps=6",
+        "trainer.log_every=3",
+    )
+    logs = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logs and all(np.isfinite(r["denoise/loss"]) and r["denoise/tokens"] > 0 for r in logs)
+
+
+def test_shards_of_it_train(demo, tmp_path):
+    from one_peace.data.shards import write_shards
+
+    shards = write_shards(demo / "train.jsonl", tmp_path / "shards", shard_size=100, fields={"motion": "motion"})
+    assert len(shards) == 4
+    _run(
+        tmp_path / "run",
+        "recipe=add_modality",
+        "modality=motion",
+        f"data.train={tmp_path / 'shards'}",
+        f"data.valid={demo / 'valid.jsonl'}",
+        "data.text_field=text",
+        "trainer.max_steps=4",
+    )
+    from one_peace.data.loader import LoaderConfig, MultimodalLoader
+    from one_peace.tokenizer import train_tokenizer
+
+    rows = [json.loads(x) for x in (demo / "train.jsonl").read_text().splitlines()]
+    loader = MultimodalLoader(
+        tmp_path / "shards",
+        fields={"motion": "motion", "text": "text"},
+        model_config=one_peace.model_config("tiny", ("motion", "text")),
+        tokenizer=train_tokenizer([r["text"] for r in rows], 300),
+        config=LoaderConfig(batch_size=32, shuffle_window=0, num_parallel_calls=1),
+    )
+    try:
+        batches = list(loader)
+    finally:
+        loader.close()
+    assert loader.stats.samples == 384 and loader.stats.bad_total == 0, loader.stats.report()
+    assert batches[0]["motion"]["frames"].shape[2] == 6
+
+
+def test_embed_and_search_by_text(aligned, demo, tmp_path):
+    from one_peace.embed import EmbedConfig, embed
+    from one_peace.retrieval import open_index
+
+    _, results = aligned
+    cfg = EmbedConfig(
+        checkpoint=results["checkpoint"], data=str(demo / "valid.jsonl"), modality="motion", out=str(tmp_path / "i")
+    )
+    info = embed(cfg)
+    assert info["count"] == 96
+    index = open_index(tmp_path / "i")
+    hit = index.search(text="a person running quickly", top_k=1)[0]
+    assert hit.metadata["text"] == "a person running quickly", hit
