@@ -264,3 +264,45 @@ def test_broken_plugins_are_reported_with_their_package_and_the_rest_works(broke
     model = one_peace.build_model("tiny", modalities=("text", "image"), modality_options={"image": {"image_size": 32}})
     out = model.forward_features(one_peace.example_inputs(("text", "image"), 2, model.config))
     assert out.hidden["image"].shape[0] == 2
+
+
+def test_the_scaffold_writes_a_plugin_that_installs_and_passes_its_own_test(tmp_path):
+    """``python -m one_peace.new_modality``: installed with --target into a temporary folder, its test passes."""
+    import os
+    import subprocess
+
+    pkg, site = tmp_path / "pkg", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "one_peace.new_modality", "depth_map", str(pkg)], check=True)
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site)]
+    subprocess.run([*pip, str(pkg)], check=True, capture_output=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+    listed = subprocess.run(
+        [sys.executable, "-m", "one_peace.modalities"], env=env, capture_output=True, text=True, check=True
+    )
+    assert "depth_map" in listed.stdout and "one-peace-depth-map" in listed.stdout, listed.stdout
+    tests = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(pkg / "tests")],
+        cwd=pkg,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert tests.returncode == 0 and "3 passed" in tests.stdout, tests.stdout + tests.stderr
+    again = subprocess.run(
+        [sys.executable, "-m", "one_peace.new_modality", "text", str(tmp_path / "other")],
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 2 and "'text' is already registered" in again.stderr
+
+
+def test_ci_and_the_readme_install_every_example_plugin():
+    examples = sorted(p.name for p in (ROOT / "examples" / "plugins").iterdir() if (p / "pyproject.toml").is_file())
+    assert examples == ["one-peace-motion", "one-peace-pointcloud"]
+    readme, ci = (ROOT / "README.md").read_text(), (ROOT / ".ci" / "run").read_text()
+    import tomllib
+
+    testpaths = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["testpaths"]
+    for name in examples:
+        assert f"-e examples/plugins/{name}" in readme and f"examples/plugins/{name}" in ci
+        assert f"examples/plugins/{name}/tests" in testpaths

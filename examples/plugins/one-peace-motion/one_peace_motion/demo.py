@@ -3,7 +3,8 @@
 Each sample is a ``(T, 6)`` ``.npy`` sequence at 50 Hz (accelerometer x/y/z in g, gyroscope x/y/z in rad/s) of
 2-6 s of one activity done slowly or quickly, with sensor noise, a random phase, amplitude jitter and a slightly
 tilted sensor. ``OUT/train.jsonl`` and ``OUT/valid.jsonl`` hold ``{"id", "motion": "motion/<id>.npy", "text"}``;
-the caption (``"a person walking quickly"``, 11 distinct ones) is what the sequence shows, so alignment can be learnt and measured.
+the caption (``"a person walking quickly"``, 11 distinct ones) is what the sequence shows, so alignment can be
+learnt and measured.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _signal(activity: str, speed: float, seconds: float, rng: np.random.Generato
         gyro[:, 1] = 1.0 * amp * np.sin(2 * math.pi * f / 2 * t + phase)
     elif activity == "jumping":
         period = 0.9 / speed
-        spikes = np.exp(-(((t + phase / (2 * math.pi) * period) % period) - period / 2) ** 2 / 0.003)
+        spikes = np.exp(-((((t + phase / (2 * math.pi) * period) % period) - period / 2) ** 2) / 0.003)
         acc[:, 2] += 2.5 * amp * spikes - 0.3 * amp
     elif activity == "sitting":
         acc[:, 0] += 0.03 * np.sin(2 * math.pi * 0.2 * speed * t + phase)

@@ -104,7 +104,7 @@ class MotionAdapter(Adapter):
         self.rel_pos_table = init_rel_table(bucket_1d_rows(options.bucket_size), heads)
 
     def embed(self, batch: dict[str, Any]) -> AdapterOutput:
-        """Embed ``batch["frames"] (B, T, C)`` (``T`` a multiple of ``patch``) with ``padding_mask (B, T/patch + 1)``."""
+        """Embed ``batch["frames"] (B, T, C)`` (``T`` a multiple of ``patch``), ``padding_mask (B, T/patch + 1)``."""
         frames = require(batch, "frames", "motion")
         b, t, c = frames.shape
         p = self.options.patch
