@@ -8,6 +8,7 @@ Zero-initialised, the temporal embedding makes a one-frame video encode exactly 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,10 @@ def load_video_frames(item: Any, num_frames: int) -> list[Any]:
         import av
 
         try:
-            with av.open(str(item) if isinstance(item, str | Path) else item) as container:
+            source = (
+                str(item) if isinstance(item, str | Path) else io.BytesIO(item) if isinstance(item, bytes) else item
+            )
+            with av.open(source, "r") as container:
                 frames = [f.to_image() for f in container.decode(video=0)]
         except Exception as exc:
             raise UndecodableMedia(f"cannot decode video {item}: {exc}") from exc

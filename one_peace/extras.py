@@ -19,6 +19,7 @@ EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
     ),
     "retrieval": (("faiss", "vector indexes"), ("pyarrow", "embedding metadata"), ("matplotlib", "evaluation plots")),
     "video": (("av", "video decoding (PyAV)"),),
+    "serve": (("fastapi", "the search page"), ("uvicorn", "its server"), ("multipart", "uploads (python-multipart)")),
     "gpu": (("xformers", "the xformers attention backend"),),
 }
 

@@ -66,7 +66,7 @@ def prepare_folder(cfg: Any, store: EmbeddingStore, model: Any, digest: str) -> 
             "dtype": cfg.dtype,
             "metric": "inner_product",
             "normalized": True,
-            "preprocessing": {"options": plugin.options(model.config), "long_text": cfg.long_text},
+            "preprocessing": {"options": plugin.options(model.config).as_dict(), "long_text": cfg.long_text},
             "part_size": cfg.part_size,
             "sources": [],
         }

@@ -1,0 +1,267 @@
+"""The search service behind the page: indexes, their query models (loaded once), a batching query worker, media.
+
+Queries are preprocessed in the request's worker thread (a bad upload fails there, alone, with a 4xx); the
+embedding forward runs on one background thread that takes every query waiting in its queue and embeds those of
+the same model and modality in one batch, so concurrent requests are batched and the event loop never blocks.
+Media are served only from the sources an index's metadata records (a file, or a member of a shard); any other id
+is unknown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mimetypes
+import queue
+import tarfile
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from one_peace.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+
+class QueryError(ValueError):
+    """A request that cannot be answered; ``status`` is the HTTP status (4xx) and the message is shown to the user."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class _Job:
+    index: Any
+    samples: dict[str, dict[str, Any]]  # modality -> preprocessed sample
+    raw: dict[str, Any]
+    top_k: int
+    fuse: str
+    queued: float = field(default_factory=time.perf_counter)
+    future: Future[dict[str, Any]] = field(default_factory=Future)
+
+
+class SearchService:
+    """Indexes by name, the models that embed their queries, and the worker that runs them.
+
+    Args:
+        folders: Embedding folders written by ``python -m one_peace.embed`` (each holds one modality).
+        checkpoint: One query model for every index (default: each index's recorded checkpoint; indexes recording
+            the same checkpoint share one model).
+        bpe_dir: Official GPT-2 BPE files (official ``.pt`` checkpoints).
+        device: Where the query models run.
+        max_batch: Most queries embedded in one forward.
+    """
+
+    def __init__(
+        self,
+        folders: list[str],
+        checkpoint: str | None = None,
+        bpe_dir: str | None = None,
+        device: str = "cpu",
+        max_batch: int = 32,
+    ) -> None:
+        from one_peace.retrieval import open_index
+
+        if not folders:
+            raise ValueError("index=: give at least one embedding folder (index=DIR [index=DIR2 ...])")
+        self.indexes: dict[str, Any] = {}
+        models: dict[tuple[str, str | None], Any] = {}
+        for folder in folders:
+            index = open_index(folder, checkpoint=checkpoint, bpe_dir=bpe_dir, device=device)
+            name = Path(folder).resolve().name
+            while name in self.indexes:
+                name += "-2"
+            key = (str(index.checkpoint), index.bpe_dir)
+            if key not in models:
+                models[key] = index.model  # loaded here, once
+            index.model = models[key]
+            self.indexes[name] = index
+        self._ids: dict[str, dict[str, int]] = {}
+        self.max_batch = max_batch
+        self.batches: list[int] = []  # sizes of the forwards run (for tests and the health page)
+        self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name="one-peace-query-worker", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------------------------------- describing
+    def describe(self) -> list[dict[str, Any]]:
+        """Every index: name, modality, size, and the modalities its model can take as a query."""
+        return [
+            {
+                "name": name,
+                "modality": index.modality,
+                "count": len(index),
+                "field": index.info.get("field", index.modality),
+                "query_modalities": list(index.model.adapters),
+            }
+            for name, index in self.indexes.items()
+        ]
+
+    def get(self, name: str | None) -> tuple[str, Any]:
+        """``(name, index)`` of ``name`` (default: the first index).
+
+        Raises:
+            QueryError: 404 for an unknown index.
+        """
+        if not name:
+            name = next(iter(self.indexes))
+        if name not in self.indexes:
+            raise QueryError(f"unknown index {name!r}; this server has {sorted(self.indexes)}", 404)
+        return name, self.indexes[name]
+
+    # ---------------------------------------------------------------------------------------------- search
+    def prepare(self, index: Any, query: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+        """Preprocess every part of a query (runs in a request thread; a bad part fails here, alone).
+
+        Raises:
+            QueryError: 400 for an empty query or a modality the model does not have, 422 for input its plugin
+                cannot use (undecodable, empty, non-finite...), naming the part.
+        """
+        from one_peace.models.encoding import preprocessor
+
+        model = index.model
+        if not query:
+            raise QueryError("empty query: type a text or add a file (" + ", ".join(model.adapters) + ")")
+        unknown = [m for m in query if m not in model.adapters]
+        if unknown:
+            raise QueryError(f"the model of this index has no {unknown} modality; it takes {list(model.adapters)}")
+        samples = {}
+        for m, raw in query.items():
+            try:
+                samples[m] = preprocessor(model, m)(raw)
+            except DataError as exc:
+                raise QueryError(f"the {m} query cannot be used: {exc}", 422) from None
+        return samples
+
+    def submit(
+        self, index: Any, samples: dict[str, dict[str, Any]], raw: dict[str, Any], top_k: int, fuse: str
+    ) -> Future[dict[str, Any]]:
+        """Queue a prepared query for the worker; the future resolves to ``{"results", "timings"}``."""
+        job = _Job(index, samples, raw, top_k, fuse)
+        self._queue.put(job)
+        return job.future
+
+    async def search(
+        self, name: str | None, query: Mapping[str, Any], top_k: int = 10, fuse: str = "joint"
+    ) -> dict[str, Any]:
+        """Preprocess (in a thread), embed (on the worker, batched with concurrent queries) and search."""
+        t0 = time.perf_counter()
+        name, index = self.get(name)
+        samples = await asyncio.to_thread(self.prepare, index, dict(query))
+        prepared = time.perf_counter()
+        out = await asyncio.wrap_future(self.submit(index, samples, dict(query), top_k, fuse))
+        out["index"] = name
+        out["modality"] = index.modality
+        out["timings"]["preprocess_ms"] = round((prepared - t0) * 1000, 2)
+        out["timings"]["total_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+        return out
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            jobs = [job]
+            time.sleep(0.002)  # let queries that arrive together share a forward
+            while len(jobs) < self.max_batch:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._queue.put(None)
+                    break
+                jobs.append(nxt)
+            try:
+                self._run(jobs)
+            except Exception as exc:  # a bug: every waiting request gets it (as a 500), the worker lives on
+                logger.exception("query worker failed")
+                for j in jobs:
+                    if not j.future.done():
+                        j.future.set_exception(exc)
+
+    def _run(self, jobs: list[_Job]) -> None:
+        import torch
+
+        from one_peace.models.encoding import _EvalMode, forward_batch
+
+        start = time.perf_counter()
+        vectors: dict[int, np.ndarray] = {}
+        groups: dict[tuple[int, str], list[int]] = {}
+        for i, j in enumerate(jobs):
+            if len(j.samples) == 1:
+                groups.setdefault((id(j.index.model), next(iter(j.samples))), []).append(i)
+            else:  # a composed query: one fused forward of its own
+                vectors[i] = j.index.embed_query(j.raw, fuse=j.fuse)
+        for (_, modality), members in groups.items():
+            model = jobs[members[0]].index.model
+            batch = model.plugins[modality].collate([jobs[i].samples[modality] for i in members])
+            with _EvalMode(model), torch.inference_mode():
+                emb = forward_batch(model, modality, batch, normalize=True).float().cpu().numpy()
+            for row, i in enumerate(members):
+                vectors[i] = emb[row : row + 1]
+            self.batches.append(len(members))
+        embedded = time.perf_counter()
+        for i, j in enumerate(jobs):
+            t = time.perf_counter()
+            hits = j.index.search_vectors(vectors[i], top_k=j.top_k)[0]
+            j.future.set_result(
+                {
+                    "results": [h.to_json() for h in hits],
+                    "timings": {
+                        "queue_ms": round((start - j.queued) * 1000, 2),
+                        "embed_ms": round((embedded - start) * 1000, 2),
+                        "search_ms": round((time.perf_counter() - t) * 1000, 2),
+                        "batch": len(jobs),
+                    },
+                }
+            )
+
+    def close(self) -> None:
+        """Stop the worker."""
+        self._queue.put(None)
+        self._thread.join(timeout=5)
+
+    # ----------------------------------------------------------------------------------------------- media
+    def media(self, name: str, item_id: str) -> tuple[Path | bytes, str]:
+        """The media of item ``item_id`` of index ``name`` and its content type, from its recorded source only.
+
+        Raises:
+            QueryError: 404 for an unknown index or id, or an item without a served source (a text, a video given
+                as frames, an inline data URI), or a source that is gone.
+        """
+        name, index = self.get(name)
+        ids = self._ids.get(name)
+        if ids is None:
+            ids = {str(i): p for p, i in enumerate(index.store.ids())}
+            self._ids[name] = ids
+        if item_id not in ids:
+            raise QueryError(f"no item {item_id!r} in index {name!r}", 404)
+        meta = index.store.metadata(ids[item_id])
+        kind, source = meta.get("source_kind"), meta.get("source")
+        if kind == "file" and source:
+            path = Path(str(source))
+            if not path.is_file():
+                raise QueryError(f"the source of {item_id!r} is gone ({path.name})", 404)
+            return path, mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        if kind == "shard" and source:
+            shard, _, key = str(source).rpartition("#")
+            prefix = f"{key}.{index.info.get('field', index.modality)}."
+            try:
+                with tarfile.open(shard) as tar:
+                    member = next((m for m in tar.getmembers() if m.name.startswith(prefix)), None)
+                    data = tar.extractfile(member).read() if member is not None else None  # type: ignore[union-attr]
+            except (OSError, tarfile.TarError):
+                data = None
+            if not data:
+                raise QueryError(f"the shard member of {item_id!r} is gone", 404)
+            return data, mimetypes.guess_type(member.name)[0] or "application/octet-stream"  # type: ignore[union-attr]
+        raise QueryError(f"item {item_id!r} has no media to serve (its source is {kind or 'not recorded'})", 404)

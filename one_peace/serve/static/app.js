@@ -1,0 +1,195 @@
+// The search page: no build step, no dependencies. It talks to the JSON API of python -m one_peace.serve.
+"use strict";
+const $ = (id) => document.getElementById(id);
+let indexes = [];
+let recorded = null;  // a Blob recorded with the microphone (WebM/Opus where the browser records that)
+
+function showError(message) {
+  const box = $("error");
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+function currentIndex() {
+  return indexes.find((d) => d.name === $("index").value) || indexes[0];
+}
+
+async function loadIndexes() {
+  const res = await fetch("/indexes");
+  indexes = (await res.json()).indexes;
+  const select = $("index");
+  select.innerHTML = "";
+  for (const d of indexes) {
+    const opt = document.createElement("option");
+    opt.value = d.name;
+    opt.textContent = `${d.name} (${d.count} ${d.modality})`;
+    select.appendChild(opt);
+  }
+  describe();
+}
+
+function describe() {
+  const d = currentIndex();
+  if (d) $("index-info").textContent = `query by: ${d.query_modalities.join(", ")}`;
+}
+
+function setImage(file) {
+  const dt = new DataTransfer();
+  dt.items.add(file);
+  $("image").files = dt.files;
+  const preview = $("drop-preview");
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  $("drop-label").textContent = file.name;
+}
+
+function card(hit, index) {
+  const el = document.createElement("div");
+  el.className = "card";
+  const meta = hit.metadata || {};
+  const url = `/items/${encodeURIComponent(index.name)}/${encodeURIComponent(hit.id)}`;
+  const served = meta.source_kind === "file" || meta.source_kind === "shard";
+  let media = null;
+  if (served && index.modality === "image") {
+    media = document.createElement("img");
+    media.src = url;
+    media.alt = hit.id;
+  } else if (served && index.modality === "audio") {
+    media = document.createElement("audio");
+    media.controls = true;
+    media.src = url;
+  } else if (served && index.modality === "video") {
+    media = document.createElement("video");
+    media.controls = true;
+    media.muted = true;
+    media.src = url;
+  } else if (served) {
+    media = document.createElement("a");
+    media.href = url;
+    media.textContent = `open the ${index.modality} item`;
+  }
+  const score = document.createElement("div");
+  score.className = "score";
+  score.textContent = `${hit.score.toFixed(3)}  ${hit.id}`;
+  el.appendChild(score);
+  if (media) el.appendChild(media);
+  const text = meta[index.field];
+  if (!served && text !== undefined) {
+    const t = document.createElement("div");
+    t.className = "text";
+    t.textContent = String(text);
+    el.appendChild(t);
+  }
+  const dl = document.createElement("dl");
+  for (const [k, v] of Object.entries(meta)) {
+    if (["id", "source", "source_kind", "row"].includes(k) || v === null || v === undefined) continue;
+    const dt = document.createElement("dt");
+    dt.textContent = k;
+    const dd = document.createElement("dd");
+    dd.textContent = typeof v === "object" ? JSON.stringify(v) : String(v);
+    dl.append(dt, dd);
+  }
+  el.appendChild(dl);
+  el.dataset.id = hit.id;
+  return el;
+}
+
+async function search(event) {
+  if (event) event.preventDefault();
+  showError("");
+  const index = currentIndex();
+  const form = new FormData();
+  form.append("index", index.name);
+  form.append("top_k", $("top_k").value || "12");
+  form.append("fuse", $("fuse").value);
+  const text = $("text").value.trim();
+  if (text) form.append("text", text);
+  for (const m of ["image", "audio", "video"]) {
+    const f = $(m).files[0];
+    if (f) form.append(m, f, f.name);
+  }
+  if (recorded && !$("audio").files[0]) form.append("audio", recorded, "recording.webm");
+  $("status").textContent = "searching...";
+  const started = performance.now();
+  let res, body;
+  try {
+    res = await fetch("/search", { method: "POST", body: form });
+    body = await res.json();
+  } catch (err) {
+    $("status").textContent = "";
+    showError(`the server did not answer: ${err}`);
+    return;
+  }
+  if (!res.ok) {
+    $("status").textContent = "";
+    $("results").innerHTML = "";
+    showError(body.error || `error ${res.status}`);
+    return;
+  }
+  const t = body.timings;
+  $("status").textContent =
+    `${body.results.length} results from ${body.index} in ${(performance.now() - started).toFixed(0)} ms ` +
+    `(query embedding ${t.embed_ms} ms in a batch of ${t.batch}, search ${t.search_ms} ms, preprocessing ${t.preprocess_ms} ms)`;
+  const grid = $("results");
+  grid.innerHTML = "";
+  for (const hit of body.results) grid.appendChild(card(hit, index));
+  document.body.dataset.searched = String(Number(document.body.dataset.searched || 0) + 1);
+}
+
+async function toggleRecording() {
+  const button = $("record");
+  if (button.recorder) {
+    button.recorder.stop();
+    return;
+  }
+  if (!navigator.mediaDevices || !window.MediaRecorder) {
+    $("record-state").textContent = "this browser cannot record here";
+    return;
+  }
+  try {
+    const stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    const recorder = new MediaRecorder(stream);
+    const chunks = [];
+    recorder.ondataavailable = (e) => chunks.push(e.data);
+    recorder.onstop = () => {
+      recorded = new Blob(chunks, { type: recorder.mimeType || "audio/webm" });
+      stream.getTracks().forEach((tr) => tr.stop());
+      button.recorder = null;
+      button.textContent = "record";
+      $("record-state").textContent = `recorded ${(recorded.size / 1024).toFixed(0)} KB`;
+    };
+    recorder.start();
+    button.recorder = recorder;
+    button.textContent = "stop";
+    $("record-state").textContent = "recording...";
+  } catch (err) {
+    $("record-state").textContent = `no microphone: ${err.message || err}`;
+  }
+}
+
+function clearQuery() {
+  $("query").reset();
+  recorded = null;
+  $("drop-preview").hidden = true;
+  $("drop-label").textContent = "drop an image here, or click to pick one";
+  $("record-state").textContent = "";
+  showError("");
+}
+
+window.addEventListener("DOMContentLoaded", () => {
+  const drop = $("drop");
+  drop.addEventListener("click", () => $("image").click());
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    if (e.dataTransfer.files[0]) setImage(e.dataTransfer.files[0]);
+  });
+  $("image").addEventListener("change", () => { if ($("image").files[0]) setImage($("image").files[0]); });
+  $("query").addEventListener("submit", search);
+  $("index").addEventListener("change", describe);
+  $("record").addEventListener("click", toggleRecording);
+  $("clear").addEventListener("click", clearQuery);
+  loadIndexes().then(() => { document.body.dataset.ready = "1"; });
+});
