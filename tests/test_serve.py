@@ -145,6 +145,23 @@ def test_api_text_and_image_queries_and_items(client, corpus):
     assert client.get("/items/sounds/clip5").headers["content-type"].startswith("audio/")
 
 
+def test_a_composed_query_equals_the_library_s(client, corpus):
+    """Image + text in one request: the same hits, in the same order, as ``RetrievalIndex.search`` gives."""
+    image, text = _file(corpus, 4, "image").read_bytes(), "a green square on a black background"
+    index = client.service.indexes["images"]
+    for fuse in ("joint", "mean"):
+        res = client.post(
+            "/search",
+            data={"index": "images", "text": text, "fuse": fuse, "top_k": "6"},
+            files={"image": ("q.png", image, "image/png")},
+        )
+        assert res.status_code == 200, res.text
+        want = index.search({"image": image, "text": text}, top_k=6, fuse=fuse)
+        got = res.json()["results"]
+        assert [h["id"] for h in got] == [h.id for h in want]
+        np.testing.assert_allclose([h["score"] for h in got], [h.score for h in want], atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "path",
     [
