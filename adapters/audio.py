@@ -18,7 +18,7 @@ from one_peace.config import ModelConfig
 from one_peace.errors import EmptyMedia, NonFiniteData, UndecodableMedia
 from one_peace.models.adapter import Adapter, AdapterOutput, check_keep_ids, init_rel_table, require
 from one_peace.models.relpos import bucket_1d, bucket_1d_rows
-from one_peace.registry import MaskingPolicy, ModalityPlugin, PluginOptions, register_modality
+from one_peace.registry import MaskingPolicy, ModalityPlugin, OfficialKeyRule, PluginOptions, register_modality
 
 SAMPLE_RATE = 16000
 CONV_SPEC: tuple[tuple[int, int], ...] = ((10, 5),) + ((3, 2),) * 4 + ((2, 2),) * 2
@@ -392,6 +392,42 @@ class AudioModality(ModalityPlugin):
     def decoder_positions(self) -> int:
         """The official decoder's 1026 rows."""
         return 1026
+
+    def official_key_rules(self) -> list[OfficialKeyRule]:
+        """The official feature extractor (``embed_audios``) and positional convolutions (``embed_positions``)."""
+        enc = "encoder_wrapper.audio_adapter"
+        return [
+            OfficialKeyRule(
+                r"^encoder_wrapper\.audio_adapter\.embed_audios\.0\.conv_layers\.(\d+)\.0\.weight$",
+                lambda m: f"adapters.audio.feature_extractor.convs.{m[1]}.weight",
+                r"^adapters\.audio\.feature_extractor\.convs\.(\d+)\.weight$",
+                lambda m: f"{enc}.embed_audios.0.conv_layers.{m[1]}.0.weight",
+            ),
+            OfficialKeyRule(
+                r"^encoder_wrapper\.audio_adapter\.embed_audios\.0\.conv_layers\.(\d+)\.2\.1\.(weight|bias)$",
+                lambda m: f"adapters.audio.feature_extractor.norms.{m[1]}.{m[2]}",
+                r"^adapters\.audio\.feature_extractor\.norms\.(\d+)\.(weight|bias)$",
+                lambda m: f"{enc}.embed_audios.0.conv_layers.{m[1]}.2.1.{m[2]}",
+            ),
+            OfficialKeyRule(
+                r"^encoder_wrapper\.audio_adapter\.embed_audios\.2\.(weight|bias)$",
+                lambda m: f"adapters.audio.feature_extractor.out_norm.{m[1]}",
+                r"^adapters\.audio\.feature_extractor\.out_norm\.(weight|bias)$",
+                lambda m: f"{enc}.embed_audios.2.{m[1]}",
+            ),
+            OfficialKeyRule(
+                r"^encoder_wrapper\.audio_adapter\.embed_audios\.3\.(weight|bias)$",
+                lambda m: f"adapters.audio.feature_extractor.proj.{m[1]}",
+                r"^adapters\.audio\.feature_extractor\.proj\.(weight|bias)$",
+                lambda m: f"{enc}.embed_audios.3.{m[1]}",
+            ),
+            OfficialKeyRule(
+                r"^encoder_wrapper\.audio_adapter\.embed_positions\.(\d+)\.0\.(weight|bias)$",
+                lambda m: f"adapters.audio.positions.convs.{int(m[1]) - 1}.{m[2]}",
+                r"^adapters\.audio\.positions\.convs\.(\d+)\.(weight|bias)$",
+                lambda m: f"{enc}.embed_positions.{int(m[1]) + 1}.0.{m[2]}",
+            ),
+        ]
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Right-pad waveforms with 0.0 and frame masks with True."""

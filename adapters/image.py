@@ -17,7 +17,7 @@ from one_peace.config import ModelConfig
 from one_peace.errors import InvalidValue, UndecodableMedia
 from one_peace.models.adapter import Adapter, AdapterOutput, init_rel_table, require
 from one_peace.models.relpos import bucket_2d, bucket_2d_rows
-from one_peace.registry import MaskingPolicy, ModalityPlugin, PluginOptions, register_modality
+from one_peace.registry import MaskingPolicy, ModalityPlugin, OfficialKeyRule, PluginOptions, register_modality
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -176,6 +176,16 @@ def preprocess_image(item: Any, size: int = 256) -> torch.Tensor:
     return TF.normalize(TF.to_tensor(img), CLIP_MEAN, CLIP_STD)
 
 
+#: The official stem's module indices -> ours.
+OFFICIAL_STEM = {
+    "0": "stem.conv1",
+    "1.layer_norm": "stem.norm1.norm",
+    "3": "stem.conv2",
+    "4.layer_norm": "stem.norm2.norm",
+    "6": "stem.conv3",
+}
+
+
 @dataclass
 class ImageOptions(PluginOptions):
     """Options of the image plugin.
@@ -214,6 +224,18 @@ class ImageModality(ModalityPlugin):
     def decoder_positions(self) -> int:
         """The official decoder's 257 rows (a 16 x 16 grid + CLS), resized to other grids at run time."""
         return 257
+
+    def official_key_rules(self) -> list[OfficialKeyRule]:
+        """The official convolutional stem (``embed_images.<i>``)."""
+        theirs = {v: k for k, v in OFFICIAL_STEM.items()}
+        return [
+            OfficialKeyRule(
+                r"^encoder_wrapper\.image_adapter\.embed_images\.(0|1\.layer_norm|3|4\.layer_norm|6)\.(weight|bias)$",
+                lambda m: f"adapters.image.{OFFICIAL_STEM[m[1]]}.{m[2]}",
+                r"^adapters\.image\.(stem\.\w+(?:\.norm)?)\.(weight|bias)$",
+                lambda m: f"encoder_wrapper.image_adapter.embed_images.{theirs[m[1]]}.{m[2]}",
+            )
+        ]
 
     def decoder_position_embed(self, table: torch.Tensor, length: int) -> torch.Tensor:
         """The table's grid resized to the sequence's (square) grid."""

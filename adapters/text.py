@@ -15,7 +15,7 @@ from one_peace.config import ModelConfig
 from one_peace.errors import InvalidValue
 from one_peace.models.adapter import Adapter, AdapterOutput, init_rel_table, require
 from one_peace.models.relpos import bucket_1d, bucket_1d_rows
-from one_peace.registry import MaskingPolicy, ModalityPlugin, PluginOptions, register_modality
+from one_peace.registry import MaskingPolicy, ModalityPlugin, OfficialKeyRule, PluginOptions, register_modality
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 1, 0, 2, 3
 BPE_FILES = ("encoder.json", "vocab.bpe", "dict.txt")
@@ -320,6 +320,17 @@ class TextModality(ModalityPlugin):
     def decoder_positions(self) -> int:
         """The official decoder's 514 rows."""
         return 514
+
+    def official_key_rules(self) -> list[OfficialKeyRule]:
+        """The official token and position embeddings."""
+        return [
+            OfficialKeyRule(
+                r"^encoder_wrapper\.text_adapter\.(embed_tokens|embed_positions)\.weight$",
+                lambda m: f"adapters.text.{m[1]}.weight",
+                r"^adapters\.text\.(embed_tokens|embed_positions)\.weight$",
+                lambda m: f"encoder_wrapper.text_adapter.{m[1]}.weight",
+            )
+        ]
 
     def train_tokenizer(self, texts: Sequence[str], vocab_size: int) -> TextTokenizer:
         """A byte-level BPE trained on ``texts``."""

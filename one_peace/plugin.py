@@ -22,6 +22,7 @@ from one_peace.models.relpos import bucket_1d, bucket_1d_rows, bucket_2d, bucket
 from one_peace.registry import (
     MaskingPolicy,
     ModalityPlugin,
+    OfficialKeyRule,
     PluginError,
     PluginOptionError,
     PluginOptions,
@@ -42,6 +43,7 @@ __all__ = [
     "ModalityPlugin",
     "ModelConfig",
     "NonFiniteData",
+    "OfficialKeyRule",
     "PluginError",
     "PluginOptionError",
     "PluginOptions",

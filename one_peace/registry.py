@@ -68,6 +68,23 @@ class MaskingPolicy:
     paired_from_visible: bool = False
 
 
+@dataclass(frozen=True)
+class OfficialKeyRule:
+    """One rule between the official ONE-PEACE checkpoint's parameter names and ours (built-in plugins).
+
+    Attributes:
+        official: Regex of official keys (``encoder_wrapper.<modality>_adapter....``).
+        to_ours: Our name from the official key's match.
+        ours: Regex of our parameter names (``adapters.<modality>....``).
+        to_official: The official key from our name's match.
+    """
+
+    official: str
+    to_ours: Callable[[Any], str]
+    ours: str
+    to_official: Callable[[Any], str]
+
+
 class PluginOptionError(ValueError):
     """A plugin option that does not exist or has a value of the wrong type; the message names both."""
 
@@ -316,6 +333,15 @@ class ModalityPlugin:
         if length > table.shape[0]:
             raise ValueError(f"decoder: {self.name} sequence of {length} exceeds its {table.shape[0]} positions")
         return table[:length]
+
+    # ------------------------------------------------------------------------------------ official checkpoints
+    def official_key_rules(self) -> Sequence[OfficialKeyRule]:
+        """How the official checkpoint names this modality's adapter-specific weights (built-ins; default none).
+
+        The shared layers, heads, CLS/position embeddings and relative tables follow one rule for every modality
+        (``one_peace.checkpoint.official``); a plugin lists only what its adapter names its own way.
+        """
+        return ()
 
     # --------------------------------------------------------------------------------------------- tokenizer
     def train_tokenizer(self, texts: Sequence[str], vocab_size: int) -> Tokenizer:

@@ -26,7 +26,7 @@ ALLOWED = {
     ("config.py", "<module>"): "OFFICIAL_MODALITIES, the official 4B model's modalities (build_model's default)",
     ("tokenizer.py", "<module>"): "LANGUAGE, the modality of instruction prompts, captions and seq2seq targets",
     ("registry.py", "<module>"): "BUILTIN_MODULES, the import fallback when the package metadata is absent",
-    ("checkpoint/official.py", "infer_config"): "the official checkpoint's layout: its modalities and key names",
+    ("checkpoint/official.py", "infer_config"): "the official file's architecture: its modalities' option shapes",
     ("checkpoint/__init__.py", "read_official_config"): "re-gridding an official checkpoint's image positions",
     ("checkpoint/__init__.py", "official_state_items"): "the same, for the official relative table",
     ("checkpoint/pretrain.py", "decoder_from_official_state"): "the official pretraining decoder's key names",

@@ -33,13 +33,6 @@ _PRETRAIN_RE = re.compile(
     r"^(decoder_wrapper\.|(text|image|audio)_mask_token$|decoder_(text|image|audio)_embed\.|(text|image|audio)_mask_head\.)"
 )
 
-_IMAGE_STEM = {
-    "0": "stem.conv1",
-    "1.layer_norm": "stem.norm1.norm",
-    "3": "stem.conv2",
-    "4.layer_norm": "stem.norm2.norm",
-    "6": "stem.conv3",
-}
 _FFN = {"0.wi_0": "wi_0", "0.wi_1": "wi_1", "2": "norm", "3": "wo"}
 _ATTN = {
     "q_proj": "attn.q_proj",
@@ -57,36 +50,6 @@ _RULES: list[tuple[re.Pattern[str], Any]] = [
     (
         re.compile(r"^encoder_wrapper\.(\w+)_adapter\.rel_pos_table_list\.0\.weight$"),
         lambda m: f"adapters.{m[1]}.rel_pos_table",
-    ),
-    (
-        re.compile(r"^encoder_wrapper\.text_adapter\.(embed_tokens|embed_positions)\.weight$"),
-        lambda m: f"adapters.text.{m[1]}.weight",
-    ),
-    (
-        re.compile(
-            r"^encoder_wrapper\.image_adapter\.embed_images\.(0|1\.layer_norm|3|4\.layer_norm|6)\.(weight|bias)$"
-        ),
-        lambda m: f"adapters.image.{_IMAGE_STEM[m[1]]}.{m[2]}",
-    ),
-    (
-        re.compile(r"^encoder_wrapper\.audio_adapter\.embed_audios\.0\.conv_layers\.(\d+)\.0\.weight$"),
-        lambda m: f"adapters.audio.feature_extractor.convs.{m[1]}.weight",
-    ),
-    (
-        re.compile(r"^encoder_wrapper\.audio_adapter\.embed_audios\.0\.conv_layers\.(\d+)\.2\.1\.(weight|bias)$"),
-        lambda m: f"adapters.audio.feature_extractor.norms.{m[1]}.{m[2]}",
-    ),
-    (
-        re.compile(r"^encoder_wrapper\.audio_adapter\.embed_audios\.2\.(weight|bias)$"),
-        lambda m: f"adapters.audio.feature_extractor.out_norm.{m[1]}",
-    ),
-    (
-        re.compile(r"^encoder_wrapper\.audio_adapter\.embed_audios\.3\.(weight|bias)$"),
-        lambda m: f"adapters.audio.feature_extractor.proj.{m[1]}",
-    ),
-    (
-        re.compile(r"^encoder_wrapper\.audio_adapter\.embed_positions\.(\d+)\.0\.(weight|bias)$"),
-        lambda m: f"adapters.audio.positions.convs.{int(m[1]) - 1}.{m[2]}",
     ),
     (
         re.compile(r"^encoder_wrapper\.fusion_model\.layers\.(\d+)\.gamma_([12])$"),
@@ -129,9 +92,33 @@ def is_pretrain_key(key: str) -> bool:
     return bool(_PRETRAIN_RE.match(key))
 
 
+def _plugin_rules() -> tuple[list[tuple[re.Pattern[str], Any]], list[tuple[re.Pattern[str], Any]]]:
+    """The registered plugins' own official key rules (their adapters' layouts): ``(to ours, to official)``."""
+    from one_peace.registry import get_plugin, list_modalities
+
+    names = tuple(list_modalities())
+    cached = _PLUGIN_RULES.get(names)
+    if cached is None:
+        rules = [r for m in names for r in get_plugin(m).official_key_rules()]
+        cached = (
+            [(re.compile(r.official), r.to_ours) for r in rules],
+            [(re.compile(r.ours), r.to_official) for r in rules],
+        )
+        _PLUGIN_RULES.clear()
+        _PLUGIN_RULES[names] = cached
+    return cached
+
+
+_PLUGIN_RULES: dict[tuple[str, ...], Any] = {}
+
+
 def map_official_key(key: str) -> str | None:
-    """Our parameter name for an official encoder/head key, or ``None`` when no rule applies."""
-    for pattern, fn in _RULES:
+    """Our parameter name for an official encoder/head key, or ``None`` when no rule applies.
+
+    The shared layers, heads and the adapters' common pieces are mapped here; each adapter's own layout by its
+    plugin's :meth:`~one_peace.registry.ModalityPlugin.official_key_rules`.
+    """
+    for pattern, fn in (*_RULES, *_plugin_rules()[0]):
         m = pattern.match(key)
         if m:
             return str(fn(m))
@@ -282,34 +269,6 @@ _INVERSE: list[tuple[re.Pattern[str], Any]] = [
         lambda m: f"{ENC}{m[1]}_adapter.{m[2]}",
     ),
     (re.compile(r"^adapters\.(\w+)\.rel_pos_table$"), lambda m: f"{ENC}{m[1]}_adapter.rel_pos_table_list.0.weight"),
-    (
-        re.compile(r"^adapters\.text\.(embed_tokens|embed_positions)\.weight$"),
-        lambda m: f"{ENC}text_adapter.{m[1]}.weight",
-    ),
-    (
-        re.compile(r"^adapters\.image\.(stem\.\w+(?:\.norm)?)\.(weight|bias)$"),
-        lambda m: f"{ENC}image_adapter.embed_images.{ {v: k for k, v in _IMAGE_STEM.items()}[m[1]] }.{m[2]}",
-    ),
-    (
-        re.compile(r"^adapters\.audio\.feature_extractor\.convs\.(\d+)\.weight$"),
-        lambda m: f"{ENC}audio_adapter.embed_audios.0.conv_layers.{m[1]}.0.weight",
-    ),
-    (
-        re.compile(r"^adapters\.audio\.feature_extractor\.norms\.(\d+)\.(weight|bias)$"),
-        lambda m: f"{ENC}audio_adapter.embed_audios.0.conv_layers.{m[1]}.2.1.{m[2]}",
-    ),
-    (
-        re.compile(r"^adapters\.audio\.feature_extractor\.out_norm\.(weight|bias)$"),
-        lambda m: f"{ENC}audio_adapter.embed_audios.2.{m[1]}",
-    ),
-    (
-        re.compile(r"^adapters\.audio\.feature_extractor\.proj\.(weight|bias)$"),
-        lambda m: f"{ENC}audio_adapter.embed_audios.3.{m[1]}",
-    ),
-    (
-        re.compile(r"^adapters\.audio\.positions\.convs\.(\d+)\.(weight|bias)$"),
-        lambda m: f"{ENC}audio_adapter.embed_positions.{int(m[1]) + 1}.0.{m[2]}",
-    ),
     (re.compile(r"^layers\.(\d+)\.gamma_([12])$"), lambda m: f"{FUSION}layers.{m[1]}.gamma_{m[2]}"),
     (
         re.compile(r"^layers\.(\d+)\.(attn\.\w+)\.(weight|bias)$"),
@@ -369,7 +328,7 @@ def official_name(name: str) -> str:
     Raises:
         KeyError: the parameter has no official counterpart (e.g. the video temporal embedding).
     """
-    for pattern, fn in _INVERSE:
+    for pattern, fn in (*_INVERSE, *_plugin_rules()[1]):
         m = pattern.match(name)
         if m:
             return str(fn(m))
