@@ -196,7 +196,7 @@ class AudioAdapter(Adapter):
         f = self.feature_extractor(wave)
         b, t, d = f.shape
         mask = self._frame_mask(batch, wave, t)
-        full_index = bucket_1d(t + 1, self.bucket_size).to(wave.device)
+        full_index = bucket_1d(t + 1, self.bucket_size, wave.device)
         if keep_ids is None:
             x = self._finish(f, None if mask is None else mask[:, 1:])
             return AdapterOutput(

@@ -96,7 +96,7 @@ class ImageAdapter(Adapter):
         b = patches.shape[0]
         pos = resize_pos_embed(self.pos_embed, grid)
         x = torch.cat([self.cls_embedding.expand(b, -1, -1), patches], dim=1) + pos
-        index = bucket_2d(grid[0], grid[1], self.rel_grid).to(pixels.device)
+        index = bucket_2d(grid[0], grid[1], self.rel_grid, pixels.device)
         return AdapterOutput(x, None, index, self.rel_pos_table)
 
 

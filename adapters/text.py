@@ -208,7 +208,7 @@ class TextAdapter(Adapter):
         x = x + self.embed_positions.weight[: length + 1]
         pad = tokens.eq(self.pad_id)
         mask = torch.cat([pad.new_zeros(b, 1), pad], dim=1) if bool(pad.any()) else None
-        index = bucket_1d(length + 1, self.bucket_size).to(tokens.device)
+        index = bucket_1d(length + 1, self.bucket_size, tokens.device)
         return AdapterOutput(x, mask, index, self.rel_pos_table)
 
 

@@ -60,7 +60,7 @@ class VideoAdapter(Adapter):
         frame_mask = batch.get("frame_mask")
         if frame_mask is not None and bool(frame_mask.any()):
             mask = torch.cat([frame_mask.new_zeros(b, 1), frame_mask.bool().repeat_interleave(p, dim=1)], dim=1)
-        img_index = bucket_2d(grid[0], grid[1], self.image.rel_grid).to(frames.device)
+        img_index = bucket_2d(grid[0], grid[1], self.image.rel_grid, frames.device)
         index = torch.empty(1 + nf * p, 1 + nf * p, dtype=img_index.dtype, device=frames.device)
         index[1:, 1:] = img_index[1:, 1:].repeat(nf, nf)
         index[0, :] = img_index[0, 1]

@@ -151,7 +151,7 @@ class ${cls}Adapter(Adapter):
         x = torch.cat([self.cls.expand(b, -1, -1), self.norm(self.proj(frames))], dim=1) + self.positions[: t + 1]
         pad = batch.get("padding_mask")
         pad = pad if isinstance(pad, torch.Tensor) and bool(pad.any()) else None
-        return AdapterOutput(x, pad, bucket_1d(t + 1, self.options.bucket_size).to(x.device), self.rel_pos_table)
+        return AdapterOutput(x, pad, bucket_1d(t + 1, self.options.bucket_size, x.device), self.rel_pos_table)
 
 
 class ${cls}Modality(ModalityPlugin):

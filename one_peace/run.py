@@ -52,7 +52,7 @@ def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
     check_eval_section(cfg, specs, needs)
     tcfg = build.trainer_config(cfg)
 
-    rank, world = init_distributed()
+    rank, world = init_distributed(tcfg.device)
 
     def say(text: str) -> None:
         if rank == 0:

@@ -2,6 +2,10 @@
 
 Index matrices address rows of a per-modality relative-position table of shape ``(rows, heads)``.
 Position 0 of every block is CLS, which has three extra table rows (query CLS, key CLS, CLS-CLS).
+
+The caches are keyed by (shape, device): an index is computed once on the CPU, copied to each device it is asked
+for once, and every caller gets its own copy (``clone``), never the cached tensor, so nothing a caller does to it
+can change what the next caller gets. Every tensor is created with an explicit device.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ def bucket_2d_rows(grid: int) -> int:
 @lru_cache(maxsize=32)
 def _bucket_1d(length: int, bucket_size: int) -> torch.Tensor:
     m = bucket_size // 2
-    pos = torch.arange(length, dtype=torch.int64)
+    pos = torch.arange(length, dtype=torch.int64, device="cpu")
     rel = pos[:, None] - pos[None, :]
     abs_rel = rel.abs()
     # Logarithmic buckets beyond m, with the official constant max distance 1023 (float64 then ceil).
@@ -39,22 +43,33 @@ def _bucket_1d(length: int, bucket_size: int) -> torch.Tensor:
     return bucket
 
 
-def bucket_1d(length: int, bucket_size: int) -> torch.Tensor:
-    """``(length, length)`` table-row indices of the 1-D bucketed rule (text and audio; CLS at 0)."""
+@lru_cache(maxsize=64)
+def _on_device(kind: str, args: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    cpu = _bucket_1d(*args) if kind == "1d" else _bucket_2d(*args)
+    return cpu if device.type == "cpu" else cpu.to(device)
+
+
+def _get(kind: str, args: tuple[int, ...], device: torch.device | str | None) -> torch.Tensor:
     with torch.inference_mode(False):  # a cache filled under encode()'s inference mode must serve training too
-        return _bucket_1d(length, bucket_size)
+        return _on_device(kind, args, torch.device(device if device is not None else "cpu")).clone()
+
+
+def bucket_1d(length: int, bucket_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``(length, length)`` table-row indices of the 1-D bucketed rule (text and audio; CLS at 0), on ``device``
+    (default CPU); a fresh copy of the cached index."""
+    return _get("1d", (length, bucket_size), device)
 
 
 @lru_cache(maxsize=32)
 def _bucket_2d(height: int, width: int, grid: int) -> torch.Tensor:
-    hh, ww = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    hh, ww = torch.meshgrid(torch.arange(height, device="cpu"), torch.arange(width, device="cpu"), indexing="ij")
     hh, ww = hh.reshape(-1), ww.reshape(-1)
     dh = (hh[:, None] - hh[None, :]).clamp(-(grid - 1), grid - 1)
     dw = (ww[:, None] - ww[None, :]).clamp(-(grid - 1), grid - 1)
     span = 2 * grid - 1
     inner = (dh + grid - 1) * span + (dw + grid - 1)
     n = span * span
-    out = torch.empty(height * width + 1, height * width + 1, dtype=torch.int64)
+    out = torch.empty(height * width + 1, height * width + 1, dtype=torch.int64, device="cpu")
     out[1:, 1:] = inner
     out[0, :] = n
     out[:, 0] = n + 1
@@ -62,11 +77,10 @@ def _bucket_2d(height: int, width: int, grid: int) -> torch.Tensor:
     return out
 
 
-def bucket_2d(height: int, width: int, grid: int) -> torch.Tensor:
-    """``(1+H*W, 1+H*W)`` table-row indices of the BEiT 2-D rule for a table built for ``grid``.
+def bucket_2d(height: int, width: int, grid: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``(1+H*W, 1+H*W)`` table-row indices of the BEiT 2-D rule for a table built for ``grid``, on ``device``.
 
     Offsets beyond the table's range are clamped to its border (only when the run-time grid is larger
-    than the one the table was built for).
+    than the one the table was built for). A fresh copy of the cached index.
     """
-    with torch.inference_mode(False):  # see bucket_1d
-        return _bucket_2d(height, width, grid)
+    return _get("2d", (height, width, grid), device)

@@ -132,7 +132,11 @@ class TrainerSection:
         grad_clip: Max gradient norm (0 disables).
         accumulation: Micro-batches per optimizer step.
         layer_decay: Layer-wise lr decay (``null`` disables).
-        bf16: bf16 autocast (default on GPU).
+        device: ``auto`` (``cuda:$LOCAL_RANK`` under torchrun when CUDA exists, else ``cuda``, else ``cpu``), or
+            ``cpu``, ``cuda``, ``cuda:N``.
+        precision: ``fp32`` (CPU default), ``bf16-autocast`` (GPU default), ``bf16`` (pure bf16 weights) or ``fp16``
+            (autocast + gradient scaler); ``null`` = the device's default.
+        bf16: Deprecated: use ``precision`` (true = ``bf16-autocast``).
         grad_checkpointing: Recompute encoder layers in the backward pass.
         log_every: Steps between metric lines.
         save_every: Steps between checkpoints (and one at the end).
@@ -145,7 +149,7 @@ class TrainerSection:
             parameter names; empty = everything. Each entry must match something.
         frozen: The same, frozen (wins over ``trainable``).
         distributed: Under torchrun: ``ddp`` or ``fsdp2``.
-        mixed_precision: FSDP2 compute dtype: ``bf16`` or ``null`` (fp32).
+        mixed_precision: Deprecated: use ``precision`` (FSDP2's ``bf16`` = ``bf16-autocast``).
     """
 
     max_steps: int = 200
@@ -159,6 +163,8 @@ class TrainerSection:
     grad_clip: float = 1.0
     accumulation: int = 1
     layer_decay: Optional[float] = None  # noqa: UP045
+    device: str = "auto"
+    precision: Optional[str] = None  # noqa: UP045
     bf16: Optional[bool] = None  # noqa: UP045
     grad_checkpointing: bool = False
     log_every: int = 10

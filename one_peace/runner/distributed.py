@@ -6,20 +6,25 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from one_peace.train.checkpointing import barrier
 
 __all__ = ["barrier", "init_distributed", "rank0_first", "shutdown"]
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group when launched by ``torchrun`` (gloo on CPU, nccl on GPU); ``(rank, world)``."""
+def init_distributed(device: str = "auto") -> tuple[int, int]:
+    """Join the process group when launched by ``torchrun``; ``(rank, world)``.
+
+    NCCL only when training runs on CUDA (``trainer.device``), gloo otherwise: DDP/FSDP2 over CPU parameters on a
+    machine that merely has a GPU needs gloo.
+    """
     import torch.distributed as dist
+
+    from one_peace.train.device import resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        cuda = resolve_device(device).type == "cuda"
+        dist.init_process_group("nccl" if cuda else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 

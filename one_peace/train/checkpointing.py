@@ -163,6 +163,7 @@ def save_checkpoint(self: Any) -> Path:
             "history": self.history,
             "extra": self.extra_state[0]() if self.extra_state else None,
             "task_rngs": module_rng_states(self.task),
+            "scaler": self.scaler.state_dict() if getattr(self, "scaler", None) is not None else None,
         }
         torch.save(state, tmp / "training_state" / f"rank{self.rank}.pt")
         barrier()
@@ -286,6 +287,8 @@ def _restore(self: Any, ckpt: Path) -> None:
     self.loader.load_state_dict(state["loader"])
     if self.extra_state and state.get("extra") is not None:
         self.extra_state[1](state["extra"])
+    if state.get("scaler") is not None and getattr(self, "scaler", None) is not None:
+        self.scaler.load_state_dict(state["scaler"])
     if state.get("task_rngs") is not None:  # absent in checkpoints written before this was saved
         set_module_rng_states(self.task, state["task_rngs"])
 

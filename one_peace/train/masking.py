@@ -96,7 +96,7 @@ def random_mask(
     """Mask ``round(ratio * n)`` uniformly chosen positions per row among the valid, unprotected ones."""
     protect = _protect(valid, protect)
     n_mask = _counts(valid, ratio, protect)
-    scores = torch.rand(valid.shape, generator=generator).to(valid.device)
+    scores = torch.rand(valid.shape, generator=generator, device="cpu").to(valid.device)
     scores = scores.masked_fill(~valid | protect, 2.0)
     rank = scores.argsort(dim=1).argsort(dim=1)
     return rank < n_mask[:, None]
@@ -119,7 +119,7 @@ def span_mask(
             continue
         lo, hi = cand[0], cand[-1]
         masked = 0
-        order = torch.randperm(hi - lo + 1, generator=generator).tolist()
+        order = torch.randperm(hi - lo + 1, generator=generator, device="cpu").tolist()
         for start in order:
             for p in range(lo + start, min(hi + 1, lo + start + span)):
                 if masked >= int(target[b]):
@@ -151,7 +151,7 @@ def whole_word_mask(
             else:
                 words[-1].append(p)
         masked = 0
-        for w in torch.randperm(len(words), generator=generator).tolist():
+        for w in torch.randperm(len(words), generator=generator, device="cpu").tolist():
             if masked >= int(target[b]):
                 break
             for p in words[w]:
@@ -181,7 +181,7 @@ def complementary_mask(
     else:
         n_visible = valid.sum(1) - 1 - _counts(valid, ratio, protect)
         pool = single_masked & valid & ~protect
-    scores = torch.rand(valid.shape, generator=generator).to(valid.device).masked_fill(~pool, 2.0)
+    scores = torch.rand(valid.shape, generator=generator, device="cpu").to(valid.device).masked_fill(~pool, 2.0)
     rank = scores.argsort(dim=1).argsort(dim=1)
     if from_visible:
         return rank < n_mask[:, None]

@@ -37,7 +37,7 @@ class MultiTask(nn.Module):
 
     def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         """``batch`` maps task name -> that task's batch; returns the weighted loss and per-task logs."""
-        total = torch.zeros(())
+        total = torch.zeros((), device=next(self.model.parameters()).device)
         logs: dict[str, float] = {}
         for name, task in self.tasks.items():
             loss, sub = task(batch[name])

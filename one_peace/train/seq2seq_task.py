@@ -70,7 +70,8 @@ class Seq2SeqTask(nn.Module):
     def _encode_batch(
         self, batch: Mapping[str, Any], rendered: list[dict[str, Any]]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        prompts = [torch.tensor(self._ids(r["prompt"])) for r in rendered]
+        device = next(self.model.parameters()).device
+        prompts = [torch.tensor(self._ids(r["prompt"]), device=device) for r in rendered]
         inputs = {m: batch[m] for m in self.modalities}
         inputs[LANGUAGE] = {"tokens": nn.utils.rnn.pad_sequence(prompts, batch_first=True, padding_value=PAD_ID)}
         keep = self._mask_ratio_keep_ids(inputs, rendered) if self.training else {}
@@ -79,7 +80,8 @@ class Seq2SeqTask(nn.Module):
         pads: list[torch.Tensor] = []
         for m in inputs:
             mask = out.padding_mask[m]
-            pads.append(mask if mask is not None else torch.zeros(out.hidden[m].shape[:2], dtype=torch.bool))
+            shape = out.hidden[m].shape[:2]
+            pads.append(mask if mask is not None else torch.zeros(shape, dtype=torch.bool, device=memory.device))
         return memory, torch.cat(pads, dim=1)
 
     def _mask_ratio_keep_ids(
@@ -97,7 +99,7 @@ class Seq2SeqTask(nn.Module):
             valid = (
                 ~full.padding_mask
                 if full.padding_mask is not None
-                else torch.ones(full.tokens.shape[:2], dtype=torch.bool)
+                else torch.ones(full.tokens.shape[:2], dtype=torch.bool, device=full.tokens.device)
             )
             masked = torch.cat(
                 [random_mask(valid[i : i + 1], ratio, self.mask_generator) for i, ratio in enumerate(ratios)]
@@ -122,8 +124,8 @@ class Seq2SeqTask(nn.Module):
                 piece = self._ids([value], eos=False)
                 ids += piece
                 w += [int(scored and ok)] * len(piece)
-            targets.append(torch.tensor([*ids, EOS_ID]))
-            weights.append(torch.tensor([*w, int(ok)]))
+            targets.append(torch.tensor([*ids, EOS_ID], device=memory.device))
+            weights.append(torch.tensor([*w, int(ok)], device=memory.device))
         target = nn.utils.rnn.pad_sequence(targets, batch_first=True, padding_value=PAD_ID)
         weight = nn.utils.rnn.pad_sequence(weights, batch_first=True, padding_value=0)
         logits = self.decoder(shift_right(target), memory, pad)

@@ -87,7 +87,11 @@ class Task(nn.Module):
                     full = ViewOutput(*_full(self.model, m, batch[m]))
                     outputs[m] = full
                 pad = full.padding_mask[m]
-                valid = ~pad if pad is not None else torch.ones(full.hidden[m].shape[:2], dtype=torch.bool)
+                valid = (
+                    ~pad
+                    if pad is not None
+                    else torch.ones(full.hidden[m].shape[:2], dtype=torch.bool, device=full.hidden[m].device)
+                )
                 if len(view.modalities) == 1:
                     mk = self._single_mask(m, valid, batch)
                     single_masks[m] = mk
@@ -113,7 +117,7 @@ class Task(nn.Module):
                     order=list(view.modalities),
                 )
             outputs[name] = vo
-        total = torch.zeros(())
+        total = torch.zeros((), device=next(self.model.parameters()).device)
         logs: dict[str, float] = {}
         for key, obj in self.objectives.items():
             loss, extra = obj(outputs, self.model, batch)

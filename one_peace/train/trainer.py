@@ -6,6 +6,7 @@ resume in :mod:`one_peace.train.checkpointing`.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import math
@@ -20,6 +21,7 @@ from torch import nn
 
 from one_peace.extras import optional
 from one_peace.train.checkpointing import dist_info, latest_checkpoint, resume_checkpoint, save_checkpoint
+from one_peace.train.device import PRECISIONS, autocast_dtype, move_batch, resolve_device, resolve_precision
 from one_peace.train.optim import build_optimizer, lr_at, parameter_groups
 
 __all__ = ["Trainer", "TrainerConfig", "apply_freezing", "latest_checkpoint", "lr_at", "parameter_groups"]
@@ -43,7 +45,12 @@ class TrainerConfig:
         grad_clip: Max gradient norm (0 disables).
         accumulation: Micro-batches per optimizer step.
         layer_decay: Layer-wise lr decay for fine-tuning (``None`` disables): layer i of L gets ``decay**(L-i)``.
-        bf16: bf16 autocast (default on GPU; opt-in on CPU, where it was measured slower than fp32).
+        device: ``auto`` (``cuda:$LOCAL_RANK`` under torchrun when CUDA exists, else ``cuda``, else ``cpu``), or
+            ``cpu`` / ``cuda`` / ``cuda:N``; the task is placed there before DDP/FSDP2 wrapping, and batches are
+            moved there in one transfer step (see :mod:`one_peace.train.device`).
+        precision: ``fp32`` (the CPU default), ``bf16-autocast`` (the GPU default), ``bf16`` (pure bf16 weights)
+            or ``fp16`` (autocast with a gradient scaler).
+        bf16: Deprecated alias (True: ``precision=bf16-autocast``, False: ``fp32``).
         grad_checkpointing: Recompute encoder layers in the backward pass.
         log_every: Steps between metric lines.
         save_every: Steps between checkpoints (and one at the end).
@@ -58,7 +65,7 @@ class TrainerConfig:
         distributed: Under ``torchrun``: ``"ddp"`` (DistributedDataParallel) or ``"fsdp2"`` (``fully_shard`` per
             encoder layer and on the task; the resume state goes through ``torch.distributed.checkpoint`` and the
             weights are gathered and still written as safetensors).
-        mixed_precision: FSDP2 parameter dtype for compute (``"bf16"``; default: none, fp32).
+        mixed_precision: Deprecated alias: FSDP2's ``"bf16"`` is ``precision=bf16-autocast``.
     """
 
     max_steps: int = 100
@@ -72,6 +79,8 @@ class TrainerConfig:
     grad_clip: float = 1.0
     accumulation: int = 1
     layer_decay: float | None = None
+    device: str = "auto"
+    precision: str | None = None
     bf16: bool | None = None
     grad_checkpointing: bool = False
     log_every: int = 10
@@ -107,6 +116,10 @@ class TrainerConfig:
             raise ValueError(f"trainer.distributed must be 'ddp' or 'fsdp2', got {self.distributed!r}")
         if self.eval_every and self.distributed == "fsdp2":
             raise ValueError("trainer.eval_every is not supported with trainer.distributed=fsdp2 (sharded parameters)")
+        if self.precision is not None and self.precision not in PRECISIONS:
+            raise ValueError(f"trainer.precision must be one of {list(PRECISIONS)} or null, got {self.precision!r}")
+        if self.device != "auto" and str(self.device).split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.mixed_precision not in (None, "bf16", "fp32"):
             raise ValueError(f"trainer.mixed_precision must be 'bf16', 'fp32' or null, got {self.mixed_precision!r}")
 
@@ -192,15 +205,26 @@ class Trainer:
         self.extra_state = extra_state
         apply_freezing(task, config.trainable, config.frozen)
         self.rank, self.world = dist_info()
+        self.device = resolve_device(config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.precision = resolve_precision(config.precision, self.device, config.bf16, config.mixed_precision)
+        task.to(self.device)  # model, decoder, heads: everything the task owns, before any wrapping
+        if self.precision == "bf16":
+            task.to(torch.bfloat16)
         self.forward_module: nn.Module = task
         self.sharded = False
         if self.world > 1:
             if config.distributed == "ddp":
                 from torch.nn.parallel import DistributedDataParallel
 
-                self.forward_module = DistributedDataParallel(task, find_unused_parameters=True)
+                ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+                self.forward_module = DistributedDataParallel(
+                    task, device_ids=ids if self.device.type == "cuda" else None, find_unused_parameters=True
+                )
             elif config.distributed == "fsdp2":
                 self._fully_shard(task, config)
+                self.autocast = None  # FSDP2's MixedPrecisionPolicy casts instead
                 self.sharded = True
             else:
                 raise ValueError(f"trainer.distributed must be 'ddp' or 'fsdp2', got {config.distributed!r}")
@@ -211,8 +235,9 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         if config.grad_checkpointing:
             task.model.set_grad_checkpointing(True)  # type: ignore[union-attr,operator]
-        device = next(task.parameters()).device
-        self.bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
+        self.autocast = autocast_dtype(self.precision)
+        self.batch_dtype = torch.bfloat16 if self.precision == "bf16" else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self._tb: Any = None
         self._batches: Iterator[Any] | None = None
         self._yielded = 0
@@ -275,11 +300,10 @@ class Trainer:
                     if isinstance(v, int | float) and not isinstance(v, bool):
                         self._tb.add_scalar(f"eval/{k}", v, self.step)
 
-    @staticmethod
-    def _fully_shard(task: nn.Module, config: TrainerConfig) -> None:
+    def _fully_shard(self, task: nn.Module, config: TrainerConfig) -> None:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        dtype = {"bf16": torch.bfloat16, None: None, "fp32": None}[config.mixed_precision]
+        dtype = torch.bfloat16 if self.precision == "bf16-autocast" else None
         policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None)
         for layer in task.model.layers:  # type: ignore[union-attr]
             fully_shard(layer, mp_policy=policy)
@@ -306,6 +330,11 @@ class Trainer:
         elif self.cfg.resume:
             self.resume()
         self.task.train()
+        if self.rank == 0:
+            backend = getattr(getattr(getattr(self.task, "model", None), "config", None), "attn_backend", "?")
+            print(
+                f"training on {self.device} (world size {self.world}), precision {self.precision}, attention {backend}"
+            )
         bar = tqdm(
             total=self.cfg.max_steps,
             initial=self.step,
@@ -322,21 +351,27 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             agg: dict[str, float] = {}
             for _ in range(self.cfg.accumulation):
-                batch = self._next_batch()
-                with torch.autocast(
-                    "cuda" if torch.cuda.is_available() else "cpu", dtype=torch.bfloat16, enabled=self.bf16
-                ):
+                batch = move_batch(self._next_batch(), self.device, self.batch_dtype)
+                cast = torch.autocast(self.device.type, self.autocast) if self.autocast else contextlib.nullcontext()
+                with cast:
                     loss, logs = self.forward_module(batch)
-                (loss / self.cfg.accumulation).backward()
+                scaled = loss / self.cfg.accumulation
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
                 for k, v in logs.items():
                     agg[k] = agg.get(k, 0.0) + v / self.cfg.accumulation
             if not math.isfinite(agg.get("loss", 0.0)):
                 raise FloatingPointError(f"non-finite loss at step {self.step}: {agg}")
             params = [p for p in self.task.parameters() if p.grad is not None]
+            if self.scaler is not None:
+                self.scaler.unscale_(self.opt)
             if self.cfg.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
                 agg["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            self.opt.step()
+            if self.scaler is not None:
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                self.opt.step()
             self.step += 1
             agg.update(step=self.step, lr=self.opt.param_groups[0]["lr"], seconds=time.perf_counter() - start)
             if self.world > 1:

@@ -117,7 +117,7 @@ class MotionAdapter(Adapter):
         x = torch.cat([self.cls.expand(b, -1, -1), tokens], dim=1) + self.positions[:n]
         pad = batch.get("padding_mask")
         pad = pad if isinstance(pad, torch.Tensor) and bool(pad.any()) else None
-        return AdapterOutput(x, pad, bucket_1d(n, self.options.bucket_size).to(x.device), self.rel_pos_table)
+        return AdapterOutput(x, pad, bucket_1d(n, self.options.bucket_size, x.device), self.rel_pos_table)
 
 
 class MotionModality(ModalityPlugin):

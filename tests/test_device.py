@@ -1,0 +1,172 @@
+"""#14 (part) Device placement and precision: where training tensors are created, trainer.device/precision, caches."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import one_peace
+from one_peace.models import relpos
+from one_peace.train.batches import BatchList
+from one_peace.train.device import move_batch, resolve_device, resolve_precision
+from one_peace.train.objectives import ContrastiveObjective, DenoiseObjective
+from one_peace.train.task import Task
+from one_peace.train.trainer import Trainer, TrainerConfig
+
+pytestmark = pytest.mark.core
+OPTIONS = {"image": {"image_size": 32}, "audio": {"frontend": "fbank", "feature_dim": 32}}
+
+
+def _objectives_task() -> Task:
+    from one_peace.models.decoder import DecoderConfig, DenoiseDecoder
+
+    torch.manual_seed(0)
+    model = one_peace.build_model("tiny", modalities=("text", "image", "audio"), modality_options=OPTIONS)
+    mods = ("text", "image", "audio")
+    decoder = DenoiseDecoder(
+        DecoderConfig(encoder_dim=64, embed_dim=32, layers=1, heads=2, ffn_dim=64, modalities=mods)
+    )
+    objectives = {
+        "contrast": (ContrastiveObjective(("image", "text")), 1.0),
+        "image": (DenoiseObjective("image"), 1.0),
+        "audio": (DenoiseObjective("audio"), 1.0),  # span masking
+        "text": (DenoiseObjective("text"), 1.0),  # whole-word masking (every token a word: no tokenizer here)
+    }
+    return Task(model, objectives, decoder=decoder)
+
+
+def _seq2seq_task() -> tuple[torch.nn.Module, dict]:
+    from one_peace.tokenizer import train_tokenizer
+    from one_peace.train.instructions import Instruction
+    from one_peace.train.seq2seq_task import Seq2SeqTask
+
+    tok = train_tokenizer(["a red circle", "caption:"], 280)
+    model = one_peace.build_model(
+        "tiny",
+        modalities=("image", "text"),
+        modality_options={"image": {"image_size": 32}, "text": {"vocab_size": tok.vocab_size}},
+    )
+    task = Seq2SeqTask(
+        model, tok, Instruction("[IMAGE:image,mask_ratio=0.5] caption: -> [TEXT:cap]"), {"embed_dim": 32}
+    )
+    batch = {
+        "image": one_peace.example_inputs(("image",), 2, model.config)["image"],
+        "valid": torch.ones(2, dtype=torch.bool),
+        "raw": {"cap": ["a red circle", "a circle"], "image": ["x", "y"]},
+    }
+    return task, batch
+
+
+def _clear_caches() -> None:
+    relpos._bucket_1d.cache_clear()
+    relpos._bucket_2d.cache_clear()
+    relpos._on_device.cache_clear()
+
+
+@pytest.mark.parametrize("kind", ["objectives", "seq2seq"])
+def test_a_training_step_creates_no_tensor_on_the_default_device(kind):
+    """With the default device set to ``meta``, any tensor training code creates without naming a device lands on
+    ``meta`` and the first op mixing it with the CPU model fails: so the step proves every one names its device."""
+    if kind == "objectives":
+        task = _objectives_task()
+        batch = one_peace.example_inputs(("text", "image", "audio"), 4, task.model.config)
+        batch["valid"] = torch.ones(4, dtype=torch.bool)
+    else:
+        task, batch = _seq2seq_task()
+    task.train()
+    _clear_caches()  # the relative-index caches are filled inside the step, too
+    with torch.device("meta"):
+        loss, _ = task(batch)
+        loss.backward()
+    assert loss.device.type == "cpu" and torch.isfinite(loss)
+    grads = [p.grad for p in task.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(g.device.type == "cpu" for g in grads)
+
+
+def test_device_and_precision_resolution_and_the_deprecated_aliases():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"trainer\.device must be auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+    cpu = torch.device("cpu")
+    assert resolve_precision(None, cpu) == "fp32" and resolve_precision(None, torch.device("cuda")) == "bf16-autocast"
+    with pytest.warns(DeprecationWarning, match="trainer.bf16 is deprecated"):
+        assert resolve_precision(None, cpu, bf16=True) == "bf16-autocast"
+    with pytest.warns(DeprecationWarning, match="trainer.mixed_precision is deprecated"):
+        assert resolve_precision(None, cpu, mixed_precision="bf16") == "bf16-autocast"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert resolve_precision("fp32", cpu, bf16=True) == "fp32"  # the new key wins
+    with pytest.raises(ValueError, match=r"trainer\.precision must be one of"):
+        resolve_precision("int8", cpu)
+    with pytest.raises(ValueError, match=r"trainer.precision must be one of .* or null"):
+        TrainerConfig(precision="half").validate()
+
+
+def test_move_batch_follows_nesting_and_copies_nothing_on_the_same_device():
+    t = torch.ones(2)
+    batch = {"a": {"b": t, "c": [t, (t, "x")]}, "ids": ["s1"], "n": 3}
+    moved = move_batch(batch, torch.device("cpu"))
+    assert moved["a"]["b"] is t and moved["a"]["c"][1][0] is t and moved["ids"] == ["s1"] and moved["n"] == 3
+    meta = move_batch(batch, torch.device("meta"))
+    assert meta["a"]["c"][0].device.type == "meta" and meta["a"]["c"][1][1] == "x"
+
+
+def test_relative_index_caches_hand_out_copies():
+    a = relpos.bucket_1d(9, 8)
+    a.fill_(0)
+    assert relpos.bucket_1d(9, 8).max() > 0  # the cache was not changed through the returned tensor
+    b = relpos.bucket_2d(3, 3, 4, "cpu")
+    assert b.data_ptr() != relpos.bucket_2d(3, 3, 4, "cpu").data_ptr()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16", "fp16"])
+def test_the_trainer_trains_on_the_cpu_in_every_precision(tmp_path, precision):
+    torch.manual_seed(0)
+    # no layer scale: at 1e-6 every embedding starts equal, and in pure bf16 the contrastive gradient is then exactly 0
+    model = one_peace.build_model(
+        "tiny", modalities=("text", "image"), modality_options={"image": {"image_size": 32}}, layer_scale_init=0.0
+    )
+    task = Task(model, {"c": (ContrastiveObjective(("image", "text")), 1.0)})
+    batches = []
+    for i in range(2):
+        b = one_peace.example_inputs(("text", "image"), 4, model.config, seed=i)
+        b["valid"] = torch.ones(4, dtype=torch.bool)
+        batches.append(b)
+    cfg = TrainerConfig(max_steps=3, batch_size=4, save_every=3, log_every=1, warmup_steps=1, precision=precision)
+    trainer = Trainer(task, BatchList(batches), cfg, tmp_path / precision)
+    assert trainer.device == torch.device("cpu") and trainer.precision == precision
+    before = {k: v.detach().clone() for k, v in task.state_dict().items()}
+    trainer.fit()
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.history)
+    assert any(not torch.equal(before[k], v) for k, v in task.state_dict().items())
+    dtype = next(task.model.parameters()).dtype
+    assert dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    if precision == "fp16":
+        state = torch.load(
+            tmp_path / precision / "checkpoints" / "step_0000003" / "training_state" / "rank0.pt", weights_only=True
+        )
+        assert state["scaler"] is not None and state["scaler"]["scale"] > 0  # the scaler resumes with the run
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["objectives", "seq2seq"])
+def test_one_bf16_training_step_on_cuda(tmp_path, kind):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if kind == "objectives":
+        task = _objectives_task()
+        batch = one_peace.example_inputs(("text", "image", "audio"), 4, task.model.config)
+        batch["valid"] = torch.ones(4, dtype=torch.bool)
+    else:
+        task, batch = _seq2seq_task()
+    cfg = TrainerConfig(max_steps=1, batch_size=4, save_every=1, log_every=1, warmup_steps=0, device="cuda")
+    trainer = Trainer(task, BatchList([batch]), cfg, tmp_path)
+    assert trainer.precision == "bf16-autocast" and next(task.parameters()).device.type == "cuda"
+    trainer.fit()
+    assert torch.isfinite(torch.tensor(trainer.history[-1]["loss"]))
