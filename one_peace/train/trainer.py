@@ -218,10 +218,10 @@ class Trainer:
             if config.distributed == "ddp":
                 from torch.nn.parallel import DistributedDataParallel
 
-                ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
-                self.forward_module = DistributedDataParallel(
-                    task, device_ids=ids if self.device.type == "cuda" else None, find_unused_parameters=True
-                )
+                ids = None
+                if self.device.type == "cuda":
+                    ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
+                self.forward_module = DistributedDataParallel(task, device_ids=ids, find_unused_parameters=True)
             elif config.distributed == "fsdp2":
                 self._fully_shard(task, config)
                 self.autocast = None  # FSDP2's MixedPrecisionPolicy casts instead
