@@ -155,7 +155,8 @@ def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path):
 
 
 def test_torchrun_ddp_matches_the_single_process_loss_curve(tmp_path):
-    """One 2-process torchrun (gloo, CPU) launch: DDP training, per-rank resume state, rank-0 outputs."""
+    """One 2-process torchrun (gloo, CPU) launch: DDP training with 2 accumulated micro-batches (no gradient
+    communication before the last), per-rank resume state, rank-0 outputs; the same loss curve as one process."""
     common = [
         "recipe=vl_contrastive",
         *SMALL,
@@ -163,8 +164,10 @@ def test_torchrun_ddp_matches_the_single_process_loss_curve(tmp_path):
         "trainer.log_every=1",
         "data.shuffle_window=0",
         "model.layer_scale_init=0.1",
+        "trainer.accumulation=2",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    comm = tmp_path / "comm.jsonl"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ONE_PEACE_COMM_LOG": str(comm)}
     ddp = tmp_path / "ddp"
     out = subprocess.run(
         [
@@ -184,6 +187,13 @@ def test_torchrun_ddp_matches_the_single_process_loss_curve(tmp_path):
         timeout=900,
     )
     assert out.returncode == 0, out.stderr[-3000:]
+    # accumulation: no gradient communication before the last micro-step of each optimizer step (a DDP comm hook
+    # counts the all-reduce calls per micro-step on every rank)
+    for rank in (0, 1):
+        calls = [json.loads(x) for x in Path(f"{comm}.rank{rank}").read_text().splitlines()]
+        assert len(calls) == 8 and {c["micro"] for c in calls} == {0, 1}, calls
+        assert all(c["allreduce_calls"] == 0 for c in calls if c["micro"] == 0), calls
+        assert all(c["allreduce_calls"] > 0 for c in calls if c["micro"] == 1), calls
     single = tmp_path / "single"
     run(_cfg("vl_contrastive", single, *common[len(SMALL) + 1 :], "trainer.batch_size=8"))
     curve = [json.loads(x)["loss"] for x in (ddp / "metrics.jsonl").read_text().splitlines()]

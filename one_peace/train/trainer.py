@@ -10,6 +10,7 @@ import contextlib
 import fnmatch
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,9 @@ from one_peace.extras import optional
 from one_peace.train.checkpointing import dist_info, latest_checkpoint, resume_checkpoint, save_checkpoint
 from one_peace.train.device import PRECISIONS, autocast_dtype, move_batch, resolve_device, resolve_precision
 from one_peace.train.optim import build_optimizer, lr_at, parameter_groups
+
+#: Environment variable naming a file prefix where DDP's gradient all-reduce calls are counted per micro-step (tests).
+COMM_LOG_ENV = "ONE_PEACE_COMM_LOG"
 
 __all__ = ["Trainer", "TrainerConfig", "apply_freezing", "latest_checkpoint", "lr_at", "parameter_groups"]
 
@@ -43,7 +47,8 @@ class TrainerConfig:
         optimizer: ``name`` of a registered optimizer (``adamw``, ``sgd``) and its options (``betas``, ``eps``,
             ``momentum``).
         grad_clip: Max gradient norm (0 disables).
-        accumulation: Micro-batches per optimizer step.
+        accumulation: Micro-batches per optimizer step; gradients are communicated only in the last one's backward
+            (DDP ``no_sync`` / FSDP2 ``set_requires_gradient_sync`` on the others).
         layer_decay: Layer-wise lr decay for fine-tuning (``None`` disables): layer i of L gets ``decay**(L-i)``.
         device: ``auto`` (``cuda:$LOCAL_RANK`` under torchrun when CUDA exists, else ``cuda``, else ``cpu``), or
             ``cpu`` / ``cuda`` / ``cuda:N``; the task is placed there before DDP/FSDP2 wrapping, and batches are
@@ -235,6 +240,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         if config.grad_checkpointing:
             task.model.set_grad_checkpointing(True)  # type: ignore[union-attr,operator]
+        self._install_comm_log()
         self.autocast = autocast_dtype(self.precision)
         self.batch_dtype = torch.bfloat16 if self.precision == "bf16" else None
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
@@ -309,6 +315,41 @@ class Trainer:
             fully_shard(layer, mp_policy=policy)
         fully_shard(task, mp_policy=policy)
 
+    def _gradient_sync(self, sync: bool) -> Any:
+        """No gradient communication on micro-steps 1..k-1 of an accumulated step (DDP ``no_sync``, FSDP2
+        ``set_requires_gradient_sync``); the last micro-step's backward communicates the accumulated gradients."""
+        if self.world == 1 or sync:
+            if self.sharded:
+                self.task.set_requires_gradient_sync(True)  # type: ignore[operator]
+            return contextlib.nullcontext()
+        if self.sharded:
+            self.task.set_requires_gradient_sync(False)  # type: ignore[operator]
+            return contextlib.nullcontext()
+        return self.forward_module.no_sync()  # type: ignore[operator]
+
+    def _install_comm_log(self) -> None:
+        """``ONE_PEACE_COMM_LOG=path`` (tests): count DDP's gradient all-reduce calls per micro-step into ``path``."""
+        path = os.environ.get(COMM_LOG_ENV)
+        self._comm_calls = 0
+        self._comm_path = None
+        if not path or self.world == 1 or self.sharded:
+            return
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counting(state, bucket):  # type: ignore[no-untyped-def]  # DDP checks the annotations: none here
+            self._comm_calls += 1
+            return allreduce_hook(state, bucket)
+
+        self.forward_module.register_comm_hook(None, counting)  # type: ignore[operator]
+        self._comm_path = Path(f"{path}.rank{self.rank}")
+
+    def _comm_record(self, micro: int) -> None:
+        if getattr(self, "_comm_path", None) is None:
+            return
+        with open(self._comm_path, "a") as fh:  # type: ignore[arg-type]
+            fh.write(json.dumps({"step": self.step, "micro": micro, "allreduce_calls": self._comm_calls}) + "\n")
+        self._comm_calls = 0
+
     def _mean_over_ranks(self, logs: dict[str, float]) -> dict[str, float]:
         import torch.distributed as dist
 
@@ -350,13 +391,15 @@ class Trainer:
                 group["lr"] = self.cfg.lr * lr_at(self.step, self.cfg) * group.get("lr_scale", 1.0)
             self.opt.zero_grad(set_to_none=True)
             agg: dict[str, float] = {}
-            for _ in range(self.cfg.accumulation):
+            for micro in range(self.cfg.accumulation):
+                last_micro = micro == self.cfg.accumulation - 1
                 batch = move_batch(self._next_batch(), self.device, self.batch_dtype)
                 cast = torch.autocast(self.device.type, self.autocast) if self.autocast else contextlib.nullcontext()
-                with cast:
+                with self._gradient_sync(last_micro), cast:
                     loss, logs = self.forward_module(batch)
-                scaled = loss / self.cfg.accumulation
-                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                    scaled = loss / self.cfg.accumulation
+                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+                self._comm_record(micro)
                 for k, v in logs.items():
                     agg[k] = agg.get(k, 0.0) + v / self.cfg.accumulation
             if not math.isfinite(agg.get("loss", 0.0)):
