@@ -300,8 +300,10 @@ class ModalityPlugin:
         Used for the loader's padding accounting and (via :meth:`token_lengths`) packing. Default: the batch's
         ``padding_mask``.
         """
+        import torch
+
         pad = batch.get("padding_mask")
-        return pad if isinstance(pad, torch_tensor_type()) else None  # type: ignore[return-value]
+        return pad if isinstance(pad, torch.Tensor) else None
 
     def token_lengths(self, batch: Mapping[str, Any]) -> list[int]:
         """The real (unpadded) token count of every sample of a collated batch, CLS included (for packing).
@@ -355,13 +357,6 @@ class ModalityPlugin:
 
     def __repr__(self) -> str:
         return f"<modality {self.name!r} from {self.source}>"
-
-
-def torch_tensor_type() -> type:
-    """``torch.Tensor`` (imported lazily: the registry itself stays importable without torch)."""
-    import torch
-
-    return torch.Tensor
 
 
 @dataclass

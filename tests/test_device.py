@@ -59,6 +59,16 @@ def _seq2seq_task() -> tuple[torch.nn.Module, dict]:
     return task, batch
 
 
+def _task_and_batch(kind: str) -> tuple[torch.nn.Module, dict]:
+    """A contrastive + denoising task (text, image, audio) or a seq2seq task, with one batch for it."""
+    if kind == "seq2seq":
+        return _seq2seq_task()
+    task = _objectives_task()
+    batch = one_peace.example_inputs(("text", "image", "audio"), 4, task.model.config)
+    batch["valid"] = torch.ones(4, dtype=torch.bool)
+    return task, batch
+
+
 def _clear_caches() -> None:
     relpos._bucket_1d.cache_clear()
     relpos._bucket_2d.cache_clear()
@@ -69,12 +79,7 @@ def _clear_caches() -> None:
 def test_a_training_step_creates_no_tensor_on_the_default_device(kind):
     """With the default device set to ``meta``, any tensor training code creates without naming a device lands on
     ``meta`` and the first op mixing it with the CPU model fails: so the step proves every one names its device."""
-    if kind == "objectives":
-        task = _objectives_task()
-        batch = one_peace.example_inputs(("text", "image", "audio"), 4, task.model.config)
-        batch["valid"] = torch.ones(4, dtype=torch.bool)
-    else:
-        task, batch = _seq2seq_task()
+    task, batch = _task_and_batch(kind)
     task.train()
     _clear_caches()  # the relative-index caches are filled inside the step, too
     with torch.device("meta"):
@@ -159,12 +164,7 @@ def test_the_trainer_trains_on_the_cpu_in_every_precision(tmp_path, precision):
 def test_one_bf16_training_step_on_cuda(tmp_path, kind):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    if kind == "objectives":
-        task = _objectives_task()
-        batch = one_peace.example_inputs(("text", "image", "audio"), 4, task.model.config)
-        batch["valid"] = torch.ones(4, dtype=torch.bool)
-    else:
-        task, batch = _seq2seq_task()
+    task, batch = _task_and_batch(kind)
     cfg = TrainerConfig(max_steps=1, batch_size=4, save_every=1, log_every=1, warmup_steps=0, device="cuda")
     trainer = Trainer(task, BatchList([batch]), cfg, tmp_path)
     assert trainer.precision == "bf16-autocast" and next(task.parameters()).device.type == "cuda"

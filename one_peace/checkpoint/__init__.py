@@ -86,7 +86,6 @@ def save(
 
 def tokenizer_modality(config: ModelConfig) -> str:
     """The model's modality whose preprocessor needs the tokenizer (the language modality by default)."""
-    from one_peace.registry import get_plugin
     from one_peace.tokenizer import LANGUAGE
 
     return next((m for m in config.modalities if get_plugin(m).needs_tokenizer), LANGUAGE)

@@ -216,6 +216,7 @@ class MultimodalLoader:
         cfg = model_config or _cfg("tiny", tuple(self.fields))
         self.model_config = cfg
         self.plugins = {m: get_plugin(m) for m in self.fields}
+        self._bucket_by: str | None = None
         self.preprocessors = {}
         for m, plugin in self.plugins.items():
             if plugin.needs_tokenizer and tokenizer is None:
@@ -309,13 +310,17 @@ class MultimodalLoader:
         return builder.map(self._decode_batch).and_return()
 
     def _bucket_modality(self) -> str:
-        """``data.bucket_by``, else the first loaded modality whose plugin estimates lengths (else the first)."""
-        default = ModalityPlugin.estimate_length
-        estimating = [m for m, p in self.plugins.items() if type(p).estimate_length is not default]
-        by = self.config.bucket_by or next(iter(estimating), next(iter(self.fields)))
-        if by not in self.fields:
-            raise ValueError(f"data.bucket_by: {by!r} is not one of the loaded modalities {list(self.fields)}")
-        return by
+        """``data.bucket_by``, else the first loaded modality whose plugin estimates lengths (else the first).
+
+        Decided once (it is asked for every row while bucketing)."""
+        if self._bucket_by is None:
+            default = ModalityPlugin.estimate_length
+            estimating = [m for m, p in self.plugins.items() if type(p).estimate_length is not default]
+            by = self.config.bucket_by or next(iter(estimating), next(iter(self.fields)))
+            if by not in self.fields:
+                raise ValueError(f"data.bucket_by: {by!r} is not one of the loaded modalities {list(self.fields)}")
+            self._bucket_by = by
+        return self._bucket_by
 
     def _with_length(self, item: Any) -> dict[str, Any]:
         """Attach a cheap length estimate (tokens, from the plugin) for length bucketing, without decoding media."""

@@ -166,9 +166,8 @@ def write_shards(
     counts: dict[str, int] = {}
     tar: tarfile.TarFile | None = None
     in_shard = 0
-    field_map = {m: m for m in list_modalities()} | dict(fields or {})
     media_fields = {m for m in list_modalities() if get_plugin(m).media}
-    media_fields |= {f for m, f in field_map.items() if get_plugin(m).media}
+    media_fields |= {f for m, f in (fields or {}).items() if get_plugin(m).media}
 
     def add(name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
