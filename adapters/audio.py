@@ -16,7 +16,15 @@ from torch import nn
 
 from one_peace.config import ModelConfig
 from one_peace.errors import EmptyMedia, NonFiniteData, UndecodableMedia
-from one_peace.models.adapter import Adapter, AdapterOutput, check_keep_ids, init_rel_table, require
+from one_peace.models.adapter import (
+    Adapter,
+    AdapterOutput,
+    check_keep_ids,
+    host_checks,
+    init_rel_table,
+    padding_or_none,
+    require,
+)
 from one_peace.models.relpos import bucket_1d, bucket_1d_rows
 from one_peace.registry import MaskingPolicy, ModalityPlugin, OfficialKeyRule, PluginOptions, register_modality
 
@@ -199,11 +207,9 @@ class AudioAdapter(Adapter):
         full_index = bucket_1d(t + 1, self.bucket_size, wave.device)
         if keep_ids is None:
             x = self._finish(f, None if mask is None else mask[:, 1:])
-            return AdapterOutput(
-                x, mask if mask is not None and bool(mask.any()) else None, full_index, self.rel_pos_table
-            )
+            return AdapterOutput(x, padding_or_none(mask), full_index, self.rel_pos_table)
         keep_ids = check_keep_ids(keep_ids, b, t + 1, "audio adapter")
-        if bool((keep_ids[:, 0] != 0).any()):
+        if host_checks(keep_ids) and bool((keep_ids[:, 0] != 0).any()):
             raise ValueError("audio adapter: keep_ids must keep CLS (position 0) first in every row")
         k = keep_ids.shape[1]
         kpad = keep_ids.eq(-1)
@@ -215,7 +221,7 @@ class AudioAdapter(Adapter):
         x = self._finish(fk, kpad[:, 1:])
         idx = full_index.expand(b, t + 1, t + 1)
         rel = idx.gather(1, g[:, :, None].expand(b, k, t + 1)).gather(2, g[:, None, :].expand(b, k, k))
-        return AdapterOutput(x, kpad if bool(kpad.any()) else None, rel, self.rel_pos_table)
+        return AdapterOutput(x, padding_or_none(kpad), rel, self.rel_pos_table)
 
 
 #: containers whose sound track is decoded with PyAV (the ``video`` extra) when soundfile cannot read them

@@ -13,7 +13,7 @@ from torch import nn
 
 from one_peace.config import ModelConfig
 from one_peace.errors import InvalidValue
-from one_peace.models.adapter import Adapter, AdapterOutput, init_rel_table, require
+from one_peace.models.adapter import Adapter, AdapterOutput, host_checks, init_rel_table, padding_or_none, require
 from one_peace.models.relpos import bucket_1d, bucket_1d_rows
 from one_peace.registry import MaskingPolicy, ModalityPlugin, OfficialKeyRule, PluginOptions, register_modality
 
@@ -200,14 +200,14 @@ class TextAdapter(Adapter):
                 f"text batch has {length} tokens (+CLS) but the model has "
                 f"{self.embed_positions.num_embeddings} positions"
             )
-        if int(tokens.max()) >= self.embed_tokens.num_embeddings or int(tokens.min()) < 0:
+        if host_checks(tokens) and (int(tokens.max()) >= self.embed_tokens.num_embeddings or int(tokens.min()) < 0):
             raise ValueError(
                 f"text token ids must lie in [0, {self.embed_tokens.num_embeddings}), got max {int(tokens.max())}"
             )
         x = torch.cat([self.cls_embedding.expand(b, -1, -1), self.embed_tokens(tokens)], dim=1)
         x = x + self.embed_positions.weight[: length + 1]
         pad = tokens.eq(self.pad_id)
-        mask = torch.cat([pad.new_zeros(b, 1), pad], dim=1) if bool(pad.any()) else None
+        mask = padding_or_none(torch.cat([pad.new_zeros(b, 1), pad], dim=1))
         index = bucket_1d(length + 1, self.bucket_size, tokens.device)
         return AdapterOutput(x, mask, index, self.rel_pos_table)
 

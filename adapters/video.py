@@ -19,7 +19,7 @@ from torch import nn
 
 from one_peace.config import ModelConfig
 from one_peace.errors import EmptyMedia, UndecodableMedia
-from one_peace.models.adapter import Adapter, AdapterOutput, require
+from one_peace.models.adapter import Adapter, AdapterOutput, padding_or_none, require
 from one_peace.models.relpos import bucket_2d
 from one_peace.registry import MaskingPolicy, ModalityPlugin, PluginOptions, register_modality
 
@@ -58,8 +58,9 @@ class VideoAdapter(Adapter):
         x = torch.cat([cls, x.reshape(b, nf * p, d)], dim=1)
         mask = None
         frame_mask = batch.get("frame_mask")
-        if frame_mask is not None and bool(frame_mask.any()):
+        if frame_mask is not None:
             mask = torch.cat([frame_mask.new_zeros(b, 1), frame_mask.bool().repeat_interleave(p, dim=1)], dim=1)
+            mask = padding_or_none(mask)
         img_index = bucket_2d(grid[0], grid[1], self.image.rel_grid, frames.device)
         index = torch.empty(1 + nf * p, 1 + nf * p, dtype=img_index.dtype, device=frames.device)
         index[1:, 1:] = img_index[1:, 1:].repeat(nf, nf)

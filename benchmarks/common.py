@@ -51,22 +51,68 @@ class PeakRSS:
         return self.peak - self.start
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0) -> float:
-    """Measured dense matmul throughput (FLOP/s) for ``n x n`` operands of ``dtype`` on this machine, now."""
-    probe = torch.randn(256, 256).to(dtype)
-    start = time.perf_counter()
-    probe @ probe
-    probe_rate = 2 * 256**3 / (time.perf_counter() - start)
-    if probe_rate < 5e9:  # no fast kernel for this dtype (e.g. bf16 without AVX-512/AMX): don't spend minutes on it
-        return probe_rate
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
+class PeakCUDA:
+    """Context manager reading the CUDA caching allocator's peak; ``peak`` and ``delta`` (above the start) in bytes
+    (the same interface as :class:`PeakRSS`)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.start = self.peak = 0
+
+    def __enter__(self) -> PeakCUDA:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.start = self.peak = torch.cuda.memory_allocated(self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.cuda.synchronize(self.device)
+        self.peak = torch.cuda.max_memory_allocated(self.device)
+
+    @property
+    def delta(self) -> int:
+        """Peak allocated memory above the allocation at entry."""
+        return self.peak - self.start
+
+
+def peak_memory(device: torch.device) -> PeakRSS | PeakCUDA:
+    """The peak-memory probe of ``device``: allocator peak on CUDA, resident set size on the CPU."""
+    return PeakCUDA(device) if device.type == "cuda" else PeakRSS()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (no-op on the CPU): timings then cover the kernels, not the launches."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0, device: str | torch.device = "cpu") -> float:
+    """Measured dense matmul throughput (FLOP/s) for ``n x n`` operands of ``dtype`` on ``device``, now.
+
+    On CUDA the operands are 8192 x 8192 (smaller ones do not fill an H100/H200) unless ``n`` is larger.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        n = max(n, 8192)
+    else:
+        probe = torch.randn(256, 256).to(dtype)
+        start = time.perf_counter()
+        probe @ probe
+        probe_rate = 2 * 256**3 / (time.perf_counter() - start)
+        if probe_rate < 5e9:  # no fast kernel for this dtype (e.g. bf16 without AVX-512/AMX): don't spend minutes
+            return probe_rate
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
     for _ in range(3):
         a @ b
+    synchronize(device)
     iters, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         a @ b
         iters += 1
+        if device.type == "cuda" and iters % 10 == 0:
+            synchronize(device)
+    synchronize(device)
     return 2 * n**3 * iters / (time.perf_counter() - start)
 
 
@@ -77,20 +123,33 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
-def time_call(fn: Callable[[], Any], min_seconds: float = 3.0, warmup: int = 1, min_iters: int = 2) -> float:
-    """Mean seconds per call after ``warmup`` calls, running at least ``min_seconds`` and ``min_iters`` times."""
+def time_call(
+    fn: Callable[[], Any],
+    min_seconds: float = 3.0,
+    warmup: int = 1,
+    min_iters: int = 2,
+    device: torch.device | None = None,
+) -> float:
+    """Mean seconds per call after ``warmup`` calls, running at least ``min_seconds`` and ``min_iters`` times
+    (on a CUDA ``device``, synchronised before the clock starts and after every call)."""
+    dev = device or torch.device("cpu")
     for _ in range(warmup):
         fn()
+    synchronize(dev)
     iters, start = 0, time.perf_counter()
     while iters < min_iters or time.perf_counter() - start < min_seconds:
         fn()
+        synchronize(dev)
         iters += 1
     return (time.perf_counter() - start) / iters
 
 
-def machine() -> str:
-    """One line describing the machine and torch build."""
-    return (
+def machine(device: torch.device | None = None) -> str:
+    """One line describing the machine, torch build and (for CUDA) the GPU."""
+    line = (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
         f"{torch.__version__}, {torch.get_num_threads()} threads"
     )
+    if device is not None and device.type == "cuda":
+        line += f", {torch.cuda.get_device_name(device)}"
+    return line

@@ -26,7 +26,8 @@ class ModelConfig:
         drop_path_rate: Stochastic depth at the last layer (linearly increasing from 0).
         official_padding: Reproduce the official code's padding leaks (audio positional convs see padded
             frames) for parity with official outputs; ``False`` makes every item independent of its batch.
-        attn_backend: ``"sdpa"`` (default, any device) or ``"xformers"`` (CUDA only).
+        attn_backend: ``"sdpa"`` (default, any device), ``"flex"`` (FlexAttention: no dense bias; fast compiled on a
+            GPU) or ``"xformers"`` (CUDA only). A runtime choice: not written into checkpoints.
         name: Size name this config came from, for display.
     """
 
@@ -54,9 +55,9 @@ class ModelConfig:
             raise ValueError("model config field 'modalities' must name at least one modality")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"model config field 'drop_path_rate' must be in [0, 1), got {self.drop_path_rate}")
-        if self.attn_backend not in ("sdpa", "xformers"):
+        if self.attn_backend not in ("sdpa", "flex", "xformers"):
             raise ValueError(
-                f"model config field 'attn_backend' must be 'sdpa' or 'xformers', got {self.attn_backend!r}"
+                f"model config field 'attn_backend' must be 'sdpa', 'flex' or 'xformers', got {self.attn_backend!r}"
             )
         unknown = set(self.modality_options) - set(self.modalities)
         if unknown:

@@ -170,3 +170,110 @@ def test_one_bf16_training_step_on_cuda(tmp_path, kind):
     assert trainer.precision == "bf16-autocast" and next(task.parameters()).device.type == "cuda"
     trainer.fit()
     assert torch.isfinite(torch.tensor(trainer.history[-1]["loss"]))
+
+
+def _fsdp2_one_rank(tmp_path, device: str) -> None:
+    """FSDP2 over a 1-rank process group: trains, writes DCP resume state and gathered safetensors weights, and
+    follows the unsharded run's loss curve."""
+    import socket
+
+    import torch.distributed as dist
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    curves = {}
+    for mode in ("plain", "fsdp2"):
+        task, batch = _task_and_batch("objectives")
+        cfg = TrainerConfig(
+            max_steps=2, batch_size=4, save_every=2, log_every=1, warmup_steps=0, device=device, distributed="ddp"
+        )
+        if mode == "fsdp2":
+            backend = "nccl" if device.startswith("cuda") else "gloo"
+            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+            cfg.distributed = "fsdp2"
+        try:
+            trainer = Trainer(task, BatchList([batch]), cfg, tmp_path / mode)
+            assert trainer.sharded == (mode == "fsdp2")
+            last = trainer.fit()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        curves[mode] = [h["loss"] for h in trainer.history]
+        if mode == "fsdp2":
+            assert (last / "training_state" / "dcp").is_dir()
+            weights = load_file(str(last / "model.safetensors"))
+            assert weights and all(torch.isfinite(v.float()).all() for v in weights.values())
+    assert all(abs(a - b) < 1e-2 * max(1.0, abs(b)) for a, b in zip(curves["fsdp2"], curves["plain"])), curves
+
+
+@pytest.mark.slow
+def test_fsdp2_on_one_rank_on_the_cpu(tmp_path):
+    _fsdp2_one_rank(tmp_path, "cpu")
+
+
+@pytest.mark.gpu
+def test_fsdp2_on_one_gpu(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    _fsdp2_one_rank(tmp_path, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flex", "flex-compiled", "xformers"])
+def test_attention_backends_agree_with_sdpa_on_cuda(backend):
+    """On CUDA in fp32: FlexAttention (eager and compiled) and xformers give SDPA's outputs on a fused, padded,
+    token-dropped batch and (flex) on packed rows."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if backend == "xformers":
+        pytest.importorskip("xformers.ops", reason="xformers does not import here")
+    torch.manual_seed(0)
+    model = one_peace.build_model("tiny", modalities=("text", "image"), modality_options={"image": {"image_size": 64}})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "rel_pos_table" in name:
+                p.normal_(0, 0.5)
+    model = model.cuda().eval()
+    inputs = one_peace.example_inputs(("text", "image"), 3, model.config)
+    inputs = {m: {k: v.cuda() for k, v in b.items()} for m, b in inputs.items()}
+    inputs["text"]["tokens"][0, -3:] = 1
+    keep = {"image": torch.tensor([[0, 1, 3, 5], [0, 2, 4, -1], [0, 6, 7, 8]], device="cuda")}
+    with torch.no_grad():
+        want = model(inputs, keep).hidden
+        want_packed = model.forward_packed("text", inputs["text"], row_length=64)
+        model.set_attn_backend("xformers" if backend == "xformers" else "flex")
+        run = torch.compile(model, fullgraph=True) if backend == "flex-compiled" else model
+        got = run(inputs, keep).hidden
+        packed = model.forward_packed("text", inputs["text"], row_length=64) if backend == "flex" else None
+    for m in want:
+        torch.testing.assert_close(got[m], want[m], atol=2e-4, rtol=2e-4)
+    if packed is not None:
+        torch.testing.assert_close(packed.hidden, want_packed.hidden, atol=2e-4, rtol=2e-4)
+
+
+def test_ddp_looks_for_unused_parameters_only_when_a_step_can_leave_some_unused():
+    """``Task.leaves_parameters_unused`` (DDP's ``find_unused_parameters``) is False only when a step reaches every
+    parameter: checked by a backward that gives every parameter a gradient; True when the model has a modality
+    that no view uses (and then some parameter really gets none)."""
+    task, batch = _task_and_batch("objectives")  # text, image, audio: contrastive image-text + denoising of each
+    assert task.leaves_parameters_unused  # the audio head: no objective embeds audio
+    task.objectives["contrast_audio"] = ContrastiveObjective(("audio", "text"))
+    task.weights["contrast_audio"] = 1.0
+    for layer in task.model.layers:  # layer scale off would zero some gradients exactly; use a real one
+        layer.gamma_1.data.fill_(0.5)
+        layer.gamma_2.data.fill_(0.5)
+    assert not task.leaves_parameters_unused
+    task.train()
+    loss, _ = task(batch)
+    loss.backward()
+    missing = [n for n, p in task.named_parameters() if p.grad is None]
+    assert not missing, missing
+    torch.manual_seed(0)
+    model = one_peace.build_model("tiny", modalities=("text", "image", "audio"), modality_options=OPTIONS)
+    partial = Task(model, {"c": (ContrastiveObjective(("image", "text")), 1.0)})
+    assert partial.leaves_parameters_unused
+    loss, _ = partial({m: batch[m] for m in ("text", "image")} | {"valid": batch["valid"]})
+    loss.backward()
+    assert any(p.grad is None for n, p in partial.named_parameters() if ".audio" in n)

@@ -207,14 +207,34 @@ def test_grad_checkpointing_gives_same_gradients(tiny_model):
         torch.testing.assert_close(ckpt[n], plain[n], atol=1e-6, rtol=1e-5)
 
 
-def test_torch_compile_matches_eager(tiny_model):
-    inputs = one_peace.example_inputs(("text", "image"), 2, tiny_model.config)
-    eager = tiny_model.forward_features(inputs).hidden
-    compiled = torch.compile(tiny_model.forward_features)
+def _compiled_matches_eager(model, modalities, keep=False):
+    """``torch.compile(model, fullgraph=True)`` (no graph break: no host synchronisation in the forward) gives the
+    eager outputs, on a batch whose text rows are padded (and, with ``keep``, with token dropping)."""
+    torch._dynamo.reset()
+    inputs = one_peace.example_inputs(modalities, 3, model.config)
+    if "text" in inputs:
+        inputs["text"]["tokens"][0, -2:] = 1  # padding
+    keep_ids = None
+    if keep:
+        keep_ids = {"image": torch.tensor([[0, 1, 3, 5], [0, 2, 4, -1], [0, 6, 7, 8]])}
+    compiled = torch.compile(model, fullgraph=True)
     with torch.no_grad():
-        out = compiled(inputs).hidden
+        eager = model(inputs, keep_ids).hidden
+        out = compiled(inputs, keep_ids).hidden
+    assert out.keys() == eager.keys()
     for m in eager:
-        torch.testing.assert_close(out[m], eager[m], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out[m], eager[m], atol=1e-5, rtol=1e-5)
+
+
+def test_fullgraph_compile_of_a_fused_forward_matches_eager(tiny_model):
+    """The default run's one compile test: text (padded) and image fused, image tokens dropped."""
+    _compiled_matches_eager(tiny_model, ("text", "image"), keep=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modality", BUILTINS)
+def test_fullgraph_compile_of_every_builtin_modality_matches_eager(tiny_model, modality):
+    _compiled_matches_eager(tiny_model, (modality,))
 
 
 def test_bf16_inference_path(tiny_model):
@@ -302,3 +322,40 @@ def test_log_mel_front_end_is_padding_invariant_and_round_trips(tmp_path):
     torch.testing.assert_close(again.encode("audio", batch), together)
     with pytest.raises(ValueError, match="frontend"):
         one_peace.build_model("tiny", modalities=("audio",), modality_options={"audio": {"frontend": "mfcc"}})
+
+
+def test_flex_attention_equals_sdpa_on_padded_dropped_and_packed_batches(tiny_model):
+    """attn_backend=flex (relative bias as a score_mod over an index, padding and packing as a block mask; no dense
+    bias) gives SDPA's outputs within 1e-5 in fp32: fused text (padded) + image with dropped tokens, audio with
+    per-sample relative indices after token dropping, and text samples packed several to a row."""
+    inputs = one_peace.example_inputs(("text", "image", "audio"), 3, tiny_model.config)
+    inputs["text"]["tokens"][0, -3:] = 1
+    t = inputs["image"]["pixels"].shape[-1] // 16
+    keep = {
+        "image": torch.tensor([[0, 1, 3, 5], [0, 2, 4, -1], [0, t, t + 1, t * t]]),
+        "audio": torch.tensor([[0, 1, 2, 7], [0, 3, 5, -1], [0, 4, 6, 8]]),
+    }
+    tokens = torch.randint(4, 100, (5, 12), generator=torch.Generator().manual_seed(0))
+    for i, n in enumerate([12, 4, 5, 3, 7]):
+        tokens[i, n:] = 1  # padding: short samples pack together
+    texts = {"tokens": tokens}
+    try:
+        with torch.no_grad():
+            want = [tiny_model({m: inputs[m] for m in ("text", "image")}, keep).hidden]
+            want.append(tiny_model({"audio": inputs["audio"]}, {"audio": keep["audio"]}).hidden)
+            packed_want = tiny_model.forward_packed("text", texts, row_length=13)
+            tiny_model.set_attn_backend("flex")
+            got = [tiny_model({m: inputs[m] for m in ("text", "image")}, keep).hidden]
+            got.append(tiny_model({"audio": inputs["audio"]}, {"audio": keep["audio"]}).hidden)
+            packed = tiny_model.forward_packed("text", texts, row_length=13)
+    finally:
+        tiny_model.set_attn_backend("sdpa")
+    for g, w in zip(got, want):
+        for m in w:
+            torch.testing.assert_close(g[m], w[m], atol=1e-5, rtol=1e-5)
+    assert packed.rows < 5  # several samples shared a row
+    real = texts["tokens"].ne(1)
+    real = torch.cat([torch.ones(5, 1, dtype=torch.bool), real], dim=1)
+    torch.testing.assert_close(packed.hidden[real], packed_want.hidden[real], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="attn_backend must be one of"):
+        tiny_model.set_attn_backend("flash")

@@ -221,3 +221,67 @@ def test_denoise_ignores_bad_sample_filler_slots():
     ref, ref_logs = objective(outputs(2), None, {"valid": torch.tensor([True, True])})
     torch.testing.assert_close(loss, ref)
     assert logs["tokens"] == ref_logs["tokens"] == 4.0
+
+
+def _span_loop(valid, protect, ratio, span, scores):
+    """The per-row loop span masking is defined by, visiting starts in the order of ``scores`` (the oracle)."""
+    out = torch.zeros_like(valid)
+    for b in range(valid.shape[0]):
+        cand = (valid[b] & ~protect[b]).nonzero().flatten().tolist()
+        target = round(len(cand) * ratio)
+        if not cand or target == 0:
+            continue
+        lo, hi = cand[0], cand[-1]
+        masked = 0
+        for start in sorted(range(lo, hi + 1), key=lambda p: float(scores[b, p])):
+            for p in range(start, min(hi + 1, start + span)):
+                if masked < target and not out[b, p] and valid[b, p] and not protect[b, p]:
+                    out[b, p] = True
+                    masked += 1
+    return out
+
+
+def _word_loop(valid, protect, starts, ratio, scores):
+    """The per-row loop whole-word masking is defined by, visiting words in the order of ``scores`` at their starts."""
+    out = torch.zeros_like(valid)
+    for b in range(valid.shape[0]):
+        words: list[list[int]] = []
+        for p in (valid[b] & ~protect[b]).nonzero().flatten().tolist():
+            if starts[b, p] or not words or words[-1][-1] != p - 1:
+                words.append([p])
+            else:
+                words[-1].append(p)
+        target = round(sum(len(w) for w in words) * ratio)
+        masked = 0
+        for w in sorted(words, key=lambda w: float(scores[b, w[0]])):
+            if masked >= target:
+                break
+            out[b, w] = True
+            masked += len(w)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_vectorised_span_and_whole_word_masks_equal_their_loops(seed):
+    """Batched span and whole-word masking give exactly the per-row loops' masks for the same random order, on rows
+    with padding, protected tokens, gaps and words of several lengths."""
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.rand(6, 40, generator=g) > 0.1
+    valid[:, 0] = True
+    valid[1, 25:] = False
+    valid[2, 2:] = False  # only CLS and one token
+    protect = torch.rand(6, 40, generator=g) > 0.9
+    starts = torch.rand(6, 40, generator=g) > 0.6
+    for ratio, span in ((0.55, 5), (0.3, 3), (0.8, 1)):
+        state = g.get_state()
+        got = span_mask(valid, ratio, span, g, protect=protect)
+        g.set_state(state)
+        scores = torch.rand(valid.shape, generator=g)
+        prot = protect.clone()
+        prot[:, 0] = True
+        assert torch.equal(got, _span_loop(valid, prot, ratio, span, scores)), (ratio, span)
+        state = g.get_state()
+        got = whole_word_mask(valid, starts, ratio, g, protect=protect)
+        g.set_state(state)
+        scores = torch.rand(valid.shape, generator=g)
+        assert torch.equal(got, _word_loop(valid, prot, starts, ratio, scores)), ratio

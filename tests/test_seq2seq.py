@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from one_peace.models.seq2seq import EOS, PAD, Seq2SeqConfig, TextDecoder, Trie, generate, seq2seq_loss, shift_right
+from one_peace.models.seq2seq import (
+    EOS,
+    PAD,
+    Seq2SeqConfig,
+    TextDecoder,
+    Trie,
+    generate,
+    generate_reference,
+    seq2seq_loss,
+    shift_right,
+)
 
 pytestmark = pytest.mark.core
 
@@ -61,3 +71,42 @@ def test_decoder_learns_a_memory_dependent_mapping():
     torch.testing.assert_close(
         dec(shift_right(target), noisy, pad), dec(shift_right(target), mem[:, :2]), atol=1e-5, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_batched_cached_generation_equals_the_per_sample_reference(seed):
+    """Greedy, beam and trie-constrained decoding of a batch (padded memory rows included) give exactly the tokens
+    of the per-sample loop that recomputes the prefix every step; the decoder's EOS is weakened on some seeds so
+    that samples finish at different steps and the batch shrinks while others continue."""
+    dec = _decoder(10 + seed).eval()
+    if seed % 2:
+        with torch.no_grad():
+            dec.embed.weight[EOS].mul_(0.3)
+    torch.manual_seed(seed)
+    mem = torch.randn(7, 5, 8)
+    pad = torch.zeros(7, 5, dtype=torch.bool)
+    pad[2, 3:] = True
+    pad[5, 1:] = True
+    trie = Trie([[5, 6, EOS], [5, 7, 8, EOS], [9, EOS], [3, 3, 3, 3, EOS], [4]])  # [4]: a member without EOS
+    lengths = set()
+    for beam in (1, 2, 4):
+        for constraint in (None, trie):
+            for memory_pad in (None, pad):
+                got = generate(dec, mem, memory_pad, beam=beam, max_len=9, trie=constraint, length_penalty=0.8)
+                want = generate_reference(
+                    dec, mem, memory_pad, beam=beam, max_len=9, trie=constraint, length_penalty=0.8
+                )
+                assert got == want, (beam, constraint is not None, memory_pad is not None)
+                lengths |= {len(g) for g in got}
+    assert len(lengths) > 1  # samples of different lengths were decoded together
+
+
+def test_generation_computes_memory_keys_and_values_once_per_layer():
+    """The cross-attention K/V projection of the memory runs once per layer for the whole batch and all beams."""
+    dec = _decoder(3).eval()
+    calls = []
+    for layer in dec.layers:
+        layer.cross_kv.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape))
+    out = generate(dec, torch.randn(5, 4, 8), beam=3, max_len=6)
+    assert max(len(o) for o in out) > 1
+    assert calls == [torch.Size([5, 4, 8])] * len(dec.layers)

@@ -68,3 +68,52 @@ def test_trainable_sets_by_the_models_named_groups():
     video_task = Task(video, {"c": (ContrastiveObjective(("image", "video")), 1.0)})
     with pytest.raises(ValueError, match=r"'ffn\.video' matches no parameter"):
         apply_freezing(video_task, ["adapters.video", "ffn.video"], [])
+
+
+def test_accumulated_contrastive_micro_batches_equal_one_k_times_batch(tmp_path):
+    """k=3 micro-batches of 2 give the loss and gradients of one batch of 6 (cached-feature accumulation): every
+    micro-batch's samples are negatives of every other's; the plain per-micro-batch mean is a different problem."""
+    import torch
+
+    from one_peace.train.batches import BatchList
+    from one_peace.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    model = one_peace.build_model(
+        "tiny", modalities=("text", "image"), modality_options={"image": {"image_size": 32}}, layer_scale_init=1.0
+    )
+    task = Task(model, {"c": (ContrastiveObjective(("image", "text"), label_smoothing=0.1), 1.0)})
+    full = one_peace.example_inputs(("text", "image"), 6, model.config)
+    full["text"]["tokens"][:3, -3:] = 1  # padding: micro-batches differ in length
+    full["valid"] = torch.tensor([True, True, True, True, False, True])
+    micro = [
+        {
+            "text": {k: v[i : i + 2] for k, v in full["text"].items()},
+            "image": {k: v[i : i + 2] for k, v in full["image"].items()},
+            "valid": full["valid"][i : i + 2],
+        }
+        for i in range(0, 6, 2)
+    ]
+    params = [p for p in task.parameters() if p.requires_grad]
+
+    task.train()
+    loss, logs = task(full)
+    want = torch.autograd.grad(loss, params, allow_unused=True)
+
+    trainer = Trainer(task, BatchList(micro), TrainerConfig(accumulation=3, device="cpu", precision="fp32"), tmp_path)
+    task.zero_grad(set_to_none=True)
+    agg = trainer.accumulate()
+    assert math.isclose(agg["c/loss"], logs["c/loss"], rel_tol=1e-5)
+    n_checked = 0
+    for p, w in zip(params, want):
+        if w is None:
+            assert p.grad is None or float(p.grad.abs().max()) == 0.0
+            continue
+        torch.testing.assert_close(p.grad, w, atol=1e-5, rtol=1e-5)
+        n_checked += 1
+    assert n_checked > 10 and task.model.logit_scale.grad is not None
+
+    # k independent small problems (what accumulation did before) give another loss
+    with torch.no_grad():
+        naive = sum(float(task(m)[0]) for m in micro) / 3
+    assert abs(naive - logs["c/loss"]) > 1e-3

@@ -99,7 +99,7 @@ def write_config(folder: Path, config: ModelConfig, tokenizer: Any, **extra: Any
     doc = {
         "format_version": CONFIG_FORMAT_VERSION,
         "library": "one-peace",
-        "model": config.to_dict(),
+        "model": {k: v for k, v in config.to_dict().items() if k != "attn_backend"},  # a runtime choice
         "tokenizer": entry,
         **extra,
     }

@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+#: Environment variable: ``1`` also runs the value checks of the forward pass (token ids, ``keep_ids`` ranges) on
+#: accelerator tensors, at the cost of a host synchronisation each (they always run on CPU tensors, in eager mode).
+CHECKS_ENV = "ONE_PEACE_CHECKS"
+
+
+def host_checks(t: torch.Tensor) -> bool:
+    """Whether checks that read ``t``'s values on the host run now: never while ``torch.compile`` traces; on CPU
+    tensors (reading them costs no device synchronisation); on accelerator tensors only with ``ONE_PEACE_CHECKS=1``.
+
+    This keeps the training and inference hot path free of ``.item()``/``bool(tensor)`` synchronisations on GPUs
+    (and of graph breaks under ``fullgraph=True`` compilation).
+    """
+    if torch.compiler.is_compiling():
+        return False
+    return t.device.type == "cpu" or os.environ.get(CHECKS_ENV) == "1"
+
+
+def padding_or_none(pad: torch.Tensor | None) -> torch.Tensor | None:
+    """``pad``, or ``None`` when nothing is padded and that can be read without a synchronisation (see
+    :func:`host_checks`); an all-False mask that is kept only costs an attention bias, never a different result."""
+    if pad is None or (host_checks(pad) and not bool(pad.any())):
+        return None
+    return pad
 
 
 @dataclass
@@ -15,7 +40,8 @@ class AdapterOutput:
 
     Attributes:
         tokens: ``(B, T, D)`` embeddings with absolute positions already added (CLS at 0).
-        padding_mask: ``(B, T)`` bool, True on padding; ``None`` when nothing is padded.
+        padding_mask: ``(B, T)`` bool, True on padding; ``None`` when nothing is padded (an all-False mask is
+            allowed: see :func:`padding_or_none`).
         rel_index: ``(T, T)`` or per-sample ``(B, T, T)`` row indices into ``rel_table``.
         rel_table: ``(rows, heads)`` relative-position bias table of this block.
     """
@@ -31,7 +57,7 @@ def check_keep_ids(keep_ids: torch.Tensor, batch: int, length: int, name: str) -
     if keep_ids.dim() != 2 or keep_ids.shape[0] != batch:
         raise ValueError(f"{name}: keep_ids must have shape (B={batch}, K), got {tuple(keep_ids.shape)}")
     keep_ids = keep_ids.long()
-    if int(keep_ids.max()) >= length or int(keep_ids.min()) < -1:
+    if host_checks(keep_ids) and (int(keep_ids.max()) >= length or int(keep_ids.min()) < -1):
         raise ValueError(f"{name}: keep_ids must index positions 0..{length - 1} (or -1 for padding)")
     return keep_ids
 
@@ -55,7 +81,7 @@ def gather_kept(out: AdapterOutput, keep_ids: torch.Tensor, name: str) -> Adapte
     rel_index = rows.gather(2, g[:, None, :].expand(b, k, k))
     if out.padding_mask is not None:  # a kept position that was padding stays padding (never attended)
         pad = pad | out.padding_mask.gather(1, g)
-    return AdapterOutput(tokens, pad if bool(pad.any()) else None, rel_index, out.rel_table)
+    return AdapterOutput(tokens, padding_or_none(pad), rel_index, out.rel_table)
 
 
 class Adapter(nn.Module):

@@ -1,20 +1,85 @@
-"""Attention kernels: PyTorch SDPA everywhere, xformers as an optional CUDA backend."""
+"""Attention kernels: PyTorch SDPA everywhere, FlexAttention, xformers as an optional CUDA backend.
+
+``sdpa`` and ``xformers`` take the attention bias as a dense additive tensor broadcastable to ``(B, H, S, S)``
+(relative positions, ``-inf`` on padded keys, built once per forward). ``flex`` takes a :class:`FlexBias` instead:
+the stacked relative-bias tables ``(R, H)``, a ``(1|B, S, S)`` integer index into them, and the padding or
+packing structure as a ``BlockMask``, so no ``(B, H, S, S)`` float tensor exists; the bias is added inside the
+kernel by a ``score_mod``. FlexAttention is fast when compiled (``torch.compile`` of the model, on a GPU); eager it
+runs PyTorch's reference implementation, and compiled on a CPU it is slow to start, so SDPA stays the default.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+BACKENDS = ("sdpa", "flex", "xformers")
+
+
+@dataclass
+class FlexBias:
+    """The attention bias of one forward in FlexAttention's terms (see the module docstring).
+
+    Attributes:
+        table: ``(R, H)`` relative-bias rows of every block, stacked (a row of zeros for pairs across blocks).
+        index: ``(1|B, S, S)`` integer row of ``table`` for each (query, key) pair.
+        key_padding: ``(B, S)`` True on padded keys (never attended), or ``None``.
+        segments: ``(B, S)`` packing: a token attends only to tokens of its own segment, or ``None``.
+    """
+
+    table: torch.Tensor
+    index: torch.Tensor
+    key_padding: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
+    _block_mask: Any = field(default=None, repr=False)
+
+    def block_mask(self, batch: int, length: int, device: torch.device) -> Any:
+        """The ``BlockMask`` of padding and packing (``None`` without either), built once per forward."""
+        if self.key_padding is None and self.segments is None:
+            return None
+        if self._block_mask is None:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            pad, seg = self.key_padding, self.segments
+
+            def mask_mod(b: Any, h: Any, q: Any, k: Any) -> Any:
+                keep = torch.ones_like(q, dtype=torch.bool) if pad is None else ~pad[b, k]
+                return keep if seg is None else keep & (seg[b, q] == seg[b, k])
+
+            self._block_mask = create_block_mask(mask_mod, batch, None, length, length, device=device)
+        return self._block_mask
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype attention runs in for activations ``x``: autocast's when autocast is on for its device, else ``x``'s.
+
+    Biases are built once per forward in this dtype, so autocast does not recast them in every layer.
+    """
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, backend: str = "sdpa"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: torch.Tensor | FlexBias | None,
+    backend: str = "sdpa",
 ) -> torch.Tensor:
     """``softmax(q k^T / sqrt(d) + bias) v`` for ``(B, H, S, d)`` inputs.
 
     ``bias`` is additive (relative positions, ``-inf`` on masked keys) and broadcastable to
-    ``(B, H, S, S)``. ``backend="xformers"`` uses ``xformers.ops.memory_efficient_attention`` for CUDA
-    tensors (imported lazily; it has no CPU kernels) and falls back to SDPA elsewhere.
+    ``(B, H, S, S)``, or a :class:`FlexBias` (then FlexAttention runs, whatever ``backend`` says).
+    ``backend="xformers"`` uses ``xformers.ops.memory_efficient_attention`` for CUDA tensors (imported lazily; it
+    has no CPU kernels) and falls back to SDPA elsewhere.
     """
+    if isinstance(bias, FlexBias):
+        return _flex_attention(q, k, v, bias)
     if bias is not None and bias.dtype != q.dtype:
         bias = bias.to(q.dtype)
     if backend == "xformers" and q.is_cuda:
@@ -41,3 +106,23 @@ def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias:
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=attn_bias
     )  # pragma: no cover - GPU only
     return out.transpose(1, 2)
+
+
+def _flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: FlexBias) -> torch.Tensor:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    table = bias.table.to(q.dtype)
+    index = bias.index
+    if index.shape[0] == 1:
+        shared = index[0]
+
+        def score_mod(score: Any, b: Any, h: Any, qi: Any, ki: Any) -> Any:
+            return score + table[shared[qi, ki], h]
+    else:
+
+        def score_mod(score: Any, b: Any, h: Any, qi: Any, ki: Any) -> Any:
+            return score + table[index[b, qi, ki], h]
+
+    block_mask = bias.block_mask(q.shape[0], q.shape[2], q.device)
+    out = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    return out  # type: ignore[return-value]

@@ -17,6 +17,8 @@ import torch
 from torch import nn
 
 from one_peace.config import OFFICIAL_MODALITIES
+from one_peace.models.adapter import padding_or_none
+from one_peace.models.attention import compute_dtype
 from one_peace.models.layers import GeGLUFFN, SharedLayer
 from one_peace.registry import get_plugin
 
@@ -108,10 +110,10 @@ class DenoiseDecoder(nn.Module):
         x = torch.cat(seqs, dim=1)
         pad = torch.cat(pads, dim=1)
         bias = None
-        if bool(pad.any()):
+        if padding_or_none(pad) is not None:
             x = x * (~pad).unsqueeze(-1).to(x.dtype)
             if not self.official_padding:
-                bias = torch.zeros(pad.shape[0], 1, 1, pad.shape[1], dtype=x.dtype, device=x.device)
+                bias = torch.zeros(pad.shape[0], 1, 1, pad.shape[1], dtype=compute_dtype(x), device=x.device)
                 bias = bias.masked_fill(pad[:, None, None, :], float("-inf"))
         segments = [(m, full_lengths[m]) for m in order]
         for layer in self.layers:

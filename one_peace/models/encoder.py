@@ -17,6 +17,7 @@ from torch.utils.checkpoint import checkpoint
 
 from one_peace.config import OFFICIAL_MODALITIES, ModelConfig
 from one_peace.models.adapter import AdapterOutput
+from one_peace.models.attention import BACKENDS, FlexBias, compute_dtype
 from one_peace.models.layers import SharedLayer
 from one_peace.registry import ModalityPlugin, get_plugin
 
@@ -128,6 +129,15 @@ class OnePeaceModel(nn.Module):
         self._tokenizer: Any = None
 
     # ----------------------------------------------------------------------------------------------- setup
+    def set_attn_backend(self, backend: str) -> None:
+        """Switch the attention kernel at run time: ``sdpa``, ``flex`` or ``xformers`` (see
+        :mod:`one_peace.models.attention`); a runtime choice, not saved with the weights."""
+        if backend not in BACKENDS:
+            raise ValueError(f"attn_backend must be one of {list(BACKENDS)}, got {backend!r}")
+        self.config.attn_backend = backend
+        for layer in self.layers:
+            layer.attn.backend = backend  # type: ignore[union-attr]
+
     @property
     def official_padding(self) -> bool:
         """Whether the official padding leaks are reproduced (see :class:`ModelConfig`)."""
@@ -219,6 +229,27 @@ class OnePeaceModel(nn.Module):
             bias = bias.masked_fill(pad[:, None, None, :], float("-inf"))
         return bias
 
+    def _flex_bias(self, outs: list[AdapterOutput], pad: torch.Tensor | None) -> FlexBias:
+        """The same bias as :meth:`_attention_bias` for FlexAttention: the blocks' tables stacked with a zero row
+        (pairs across blocks), a ``(1|B, S, S)`` index into them, and the padding as the block mask."""
+        h = self.config.heads
+        tables = [o.rel_table for o in outs]
+        table = torch.cat([*tables, tables[0].new_zeros(1, h)])
+        if len(outs) == 1:
+            idx = outs[0].rel_index
+            return FlexBias(table, idx if idx.dim() == 3 else idx[None], key_padding=pad)
+        per_sample = any(o.rel_index.dim() == 3 for o in outs)
+        lengths = [o.tokens.shape[1] for o in outs]
+        s = sum(lengths)
+        b = outs[0].tokens.shape[0] if per_sample else 1
+        index = torch.full((b, s, s), table.shape[0] - 1, dtype=torch.long, device=outs[0].tokens.device)
+        start = offset = 0
+        for o, n in zip(outs, lengths):
+            index[:, start : start + n, start : start + n] = o.rel_index + offset
+            start += n
+            offset += o.rel_table.shape[0]
+        return FlexBias(table, index, key_padding=pad)
+
     def _check_inputs(self, inputs: Mapping[str, Any]) -> None:
         if not isinstance(inputs, Mapping) or not inputs:
             raise ValueError("forward_features expects a non-empty dict {modality: batch}")
@@ -258,7 +289,11 @@ class OnePeaceModel(nn.Module):
                 dim=1,
             )
             x = x * (~pad).unsqueeze(-1).to(x.dtype)
-        bias = self._attention_bias(outs, pad, x.dtype)
+        bias: torch.Tensor | FlexBias
+        if self.config.attn_backend == "flex":
+            bias = self._flex_bias(outs, pad)
+        else:
+            bias = self._attention_bias(outs, pad, compute_dtype(x))  # once per forward, in the dtype SDPA runs in
         segments = [(self.groups[m], o.tokens.shape[1]) for m, o in zip(names, outs)]
         result = EncoderOutput({}, {})
         if return_layer_states:
@@ -365,11 +400,18 @@ class OnePeaceModel(nn.Module):
         elif max(sum(lengths[i] for i in r) for r in rows) > row_length:
             raise ValueError(f"packing plan overflows row_length {row_length}")
         h = self.config.heads
-        dtype = out.tokens.dtype
+        dtype = compute_dtype(out.tokens)
+        flex = self.config.attn_backend == "flex"
         x = out.tokens.new_zeros(len(rows), row_length, d)
-        bias = torch.full((len(rows), h, row_length, row_length), float("-inf"), dtype=dtype, device=x.device)
-        bias.diagonal(dim1=-2, dim2=-1).fill_(0.0)  # unused tail rows attend to themselves only
         table = out.rel_table.to(dtype)
+        if flex:  # rel index per row (a zero row of the table for the unused tail) and a segment id per token
+            zero = table.shape[0]
+            table = torch.cat([table, table.new_zeros(1, h)])
+            index = torch.full((len(rows), row_length, row_length), zero, dtype=torch.long, device=x.device)
+            seg = (torch.arange(row_length, device=x.device) + b).repeat(len(rows), 1)  # tail tokens: alone
+        else:
+            dense = torch.full((len(rows), h, row_length, row_length), float("-inf"), dtype=dtype, device=x.device)
+            dense.diagonal(dim1=-2, dim2=-1).fill_(0.0)  # unused tail rows attend to themselves only
         place: list[tuple[int, int, int]] = []
         for r, members in enumerate(rows):
             start = 0
@@ -377,9 +419,14 @@ class OnePeaceModel(nn.Module):
                 n = lengths[i]
                 idx = out.rel_index[i] if out.rel_index.dim() == 3 else out.rel_index
                 x[r, start : start + n] = out.tokens[i, :n]
-                bias[r, :, start : start + n, start : start + n] = table[idx[:n, :n]].movedim(-1, 0)
+                if flex:
+                    index[r, start : start + n, start : start + n] = idx[:n, :n]
+                    seg[r, start : start + n] = i
+                else:
+                    dense[r, :, start : start + n, start : start + n] = table[idx[:n, :n]].movedim(-1, 0)
                 place.append((i, r, start))
                 start += n
+        bias = FlexBias(table, index, segments=seg) if flex else dense
         segments = [(self.groups[modality], row_length)]
         for layer in self.layers:
             x = layer(x, bias, segments=segments)

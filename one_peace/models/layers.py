@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from one_peace.models.attention import attention
+from one_peace.models.attention import FlexBias, attention
 
 Segments = Sequence[tuple[str, int]]
 
@@ -67,8 +67,9 @@ class SharedAttention(nn.Module):
         """The query, key and value projections."""
         return self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """Attend over ``x (B, S, D)`` with an additive ``bias`` broadcastable to ``(B, H, S, S)``."""
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | FlexBias | None) -> torch.Tensor:
+        """Attend over ``x (B, S, D)`` with an additive ``bias`` broadcastable to ``(B, H, S, S)`` (or a
+        :class:`~one_peace.models.attention.FlexBias`)."""
         q, k, v = (rearrange(proj(x), "b s (h d) -> b h s d", h=self.heads) for proj in self.projections)
         out = attention(q, k, v, bias, backend=self.backend)
         return self.out_proj(self.inner_norm(rearrange(out, "b h s d -> b s (h d)")))
@@ -135,7 +136,7 @@ class SharedLayer(nn.Module):
             self.register_parameter("gamma_2", None)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | None, **route: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | FlexBias | None, **route: Any) -> torch.Tensor:
         """Apply the layer; ``route`` is passed to :func:`route_ffn` (segments or modality ids)."""
         a = self.attn(self.attn_norm(x), bias)
         if self.gamma_1 is not None:

@@ -1,7 +1,11 @@
 """OFA-style text decoder with cross-attention over the (fused) encoder output, and generation.
 
-Generation recomputes the prefix at every step (no KV cache): simple and exact; fine for captions and short
-answers. Greedy, beam search (length-normalised) and closed-set constraints through a token trie are offered.
+Generation (greedy, length-normalised beam search, closed-set constraints through a token trie) decodes the whole
+batch at once: one decoder step per output position for all samples and beams together, a self-attention key/value
+cache per layer (reordered as beams move), and the cross-attention keys/values of the encoder memory computed once
+per sample (the beams of a sample are its query rows against them: no per-beam copy). Finished samples leave the
+batch. ``generate_reference`` keeps the simple per-sample loop that recomputes the whole prefix at every step; it
+is the oracle the cached path is tested against (same tokens) and the "before" of ``benchmarks/generate.py``.
 """
 
 from __future__ import annotations
@@ -73,6 +77,44 @@ class DecoderLayer(nn.Module):
         x = x + self.cross_out(a.transpose(1, 2).reshape(b, length, d))
         return x + self.ffn(self.ffn_norm(x))
 
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values ``(B, H, S, d/H)`` of ``memory``, computed once per generation."""
+        k, v = self.cross_kv(memory).chunk(2, dim=-1)
+        return self._split(k), self._split(v)
+
+    def step(
+        self,
+        x: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor] | None,
+        cross: tuple[torch.Tensor, torch.Tensor],
+        memory_bias: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """One new position ``x (B*beams, 1, d)`` against the cached keys/values; returns it and the grown cache.
+
+        Rows are ordered sample-major (``beams`` rows per sample); ``cross`` holds one row per sample.
+        """
+        n, _, d = x.shape
+        q, k, v = self.self_qkv(self.self_norm(x)).chunk(3, dim=-1)
+        k, v = self._split(k), self._split(v)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        a = F.scaled_dot_product_attention(self._split(q), k, v)
+        x = x + self.self_out(a.transpose(1, 2).reshape(n, 1, d))
+        mem_k, mem_v = cross
+        b = mem_k.shape[0]
+        q = self.cross_q(self.cross_norm(x)).view(b, n // b, self.heads, d // self.heads).transpose(1, 2)
+        a = F.scaled_dot_product_attention(q, mem_k, mem_v, attn_mask=memory_bias)  # (B, H, beams, d/H)
+        x = x + self.cross_out(a.transpose(1, 2).reshape(n, 1, d))
+        return x + self.ffn(self.ffn_norm(x)), (k, v)
+
+
+def _memory_bias(memory_pad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive ``(B, 1, 1, S)`` bias hiding padded memory positions (``None`` without padding)."""
+    if memory_pad is None:
+        return None
+    bias = torch.zeros(memory_pad.shape, dtype=dtype, device=memory_pad.device)
+    return bias.masked_fill(memory_pad, float("-inf"))[:, None, None, :]
+
 
 class TextDecoder(nn.Module):
     """Autoregressive text decoder over encoder states; output projection tied to the token embedding."""
@@ -94,13 +136,50 @@ class TextDecoder(nn.Module):
         if prev.shape[1] > self.config.max_positions:
             raise ValueError(f"target of {prev.shape[1]} tokens exceeds max_positions {self.config.max_positions}")
         x = self.embed(prev) + self.positions[: prev.shape[1]]
-        bias = None
-        if memory_pad is not None and bool(memory_pad.any()):
-            bias = torch.zeros(memory_pad.shape, dtype=x.dtype, device=x.device).masked_fill(memory_pad, float("-inf"))
-            bias = bias[:, None, None, :]
+        bias = _memory_bias(memory_pad, x.dtype)
         for layer in self.layers:
             x = layer(x, memory, bias)
         return self.norm(x) @ self.embed.weight.T
+
+    def start(self, memory: torch.Tensor, memory_pad: torch.Tensor | None = None) -> DecoderCache:
+        """A generation cache over ``memory (B, S, encoder_dim)``: cross-attention K/V once per sample, no past."""
+        return DecoderCache(
+            past=[None] * len(self.layers),
+            cross=[layer.memory_kv(memory) for layer in self.layers],  # type: ignore[operator]
+            memory_bias=_memory_bias(memory_pad, memory.dtype),
+        )
+
+    def step(self, tokens: torch.Tensor, position: int, cache: DecoderCache) -> torch.Tensor:
+        """Logits ``(B*beams, V)`` for the tokens ``(B*beams,)`` at ``position``; grows ``cache`` in place."""
+        if position >= self.config.max_positions:
+            raise ValueError(f"target of {position + 1} tokens exceeds max_positions {self.config.max_positions}")
+        x = (self.embed(tokens) + self.positions[position])[:, None]
+        for i, layer in enumerate(self.layers):
+            x, cache.past[i] = layer.step(x, cache.past[i], cache.cross[i], cache.memory_bias)  # type: ignore[operator]
+        return (self.norm(x) @ self.embed.weight.T)[:, 0]
+
+
+@dataclass
+class DecoderCache:
+    """Per-layer state of a batched generation.
+
+    Attributes:
+        past: Self-attention keys and values ``(B*beams, H, t, d/H)`` of the positions decoded so far.
+        cross: Cross-attention keys and values ``(B, H, S, d/H)`` of the memory, one row per sample.
+        memory_bias: ``(B, 1, 1, S)`` padding bias of the memory (or ``None``).
+    """
+
+    past: list[tuple[torch.Tensor, torch.Tensor] | None]
+    cross: list[tuple[torch.Tensor, torch.Tensor]]
+    memory_bias: torch.Tensor | None
+
+    def select(self, rows: torch.Tensor, samples: torch.Tensor | None) -> None:
+        """Keep the beam ``rows`` (into the self-attention cache) and, when given, the ``samples`` still decoding."""
+        self.past = [None if p is None else (p[0][rows], p[1][rows]) for p in self.past]
+        if samples is not None:
+            self.cross = [(k[samples], v[samples]) for k, v in self.cross]
+            if self.memory_bias is not None:
+                self.memory_bias = self.memory_bias[samples]
 
 
 def shift_right(target: torch.Tensor) -> torch.Tensor:
@@ -136,6 +215,105 @@ class Trie:
         return list(node)
 
 
+@torch.no_grad()
+def generate(
+    decoder: TextDecoder,
+    memory: torch.Tensor,
+    memory_pad: torch.Tensor | None = None,
+    beam: int = 1,
+    max_len: int = 30,
+    trie: Trie | None = None,
+    length_penalty: float = 1.0,
+) -> list[list[int]]:
+    """Decode every row of ``memory``; ``beam=1`` is greedy. Returns token ids without BOS, ending at EOS.
+
+    Batched with a KV cache (module docstring); the tokens equal ``generate_reference``'s. Each step keeps, per
+    sample, the best ``beam`` non-EOS continuations among its top ``2 * beam``; a continuation ending in EOS is
+    finished with its score divided by ``len ** length_penalty``; a sample stops once it holds ``beam`` finished
+    sequences or has no live continuation, and returns its best finished one.
+    """
+    samples, device = memory.shape[0], memory.device
+    cache = decoder.start(memory, memory_pad)
+    vocab = decoder.config.vocab_size
+    # live beams per sample: (tokens, score, trie node); a sample's rows are padded to ``beam`` with -inf rows
+    live: list[list[tuple[list[int], float, dict | None]]] = [
+        [([], 0.0, trie.root if trie is not None else None)] for _ in range(samples)
+    ]
+    finished: list[list[tuple[list[int], float]]] = [[] for _ in range(samples)]
+    active = list(range(samples))  # samples still decoding, in cache order
+    tokens = torch.full((samples * beam,), BOS, dtype=torch.long, device=device)
+    for position in range(max_len):
+        logp = F.log_softmax(decoder.step(tokens, position, cache).float(), dim=-1).view(len(active), beam, vocab)
+        scores = torch.full((len(active), beam), float("-inf"))
+        for a, s in enumerate(active):
+            scores[a, : len(live[s])] = torch.tensor([score for _, score, _ in live[s]])
+        scores = scores.to(device)[:, :, None] + logp
+        if trie is not None:
+            scores = scores + _trie_mask(live, active, beam, vocab, device)
+        top = scores.view(len(active), -1).topk(min(2 * beam, beam * vocab))
+        values, indices = top.values.tolist(), top.indices.tolist()
+        rows: list[int] = []
+        next_tokens: list[int] = []
+        still: list[int] = []
+        for a, s in enumerate(active):
+            candidates = []
+            for score, idx in zip(values[a], indices[a]):
+                if score == float("-inf"):
+                    continue
+                b, tok = divmod(idx, vocab)
+                seq, _, node = live[s][b]
+                if tok == EOS:
+                    finished[s].append(([*seq, tok], score / ((len(seq) + 1) ** length_penalty)))
+                else:
+                    child = None if node is None else node.get(tok, {})
+                    candidates.append(([*seq, tok], score, child, a * beam + b))
+                if len(candidates) == beam:
+                    break
+            if len(finished[s]) >= beam or not candidates:
+                continue
+            live[s] = [(seq, score, node) for seq, score, node, _ in candidates]
+            still.append(a)
+            pad = beam - len(candidates)
+            rows += [row for *_, row in candidates] + [candidates[0][3]] * pad
+            next_tokens += [seq[-1] for seq, *_ in candidates] + [candidates[0][0][-1]] * pad
+        if not still:
+            break
+        cache.select(
+            torch.tensor(rows, device=device),
+            None if len(still) == len(active) else torch.tensor(still, device=device),
+        )
+        tokens = torch.tensor(next_tokens, device=device)
+        active = [active[a] for a in still]
+    results = []
+    for s in range(samples):
+        if not finished[s]:
+            finished[s] = [([*seq, EOS], score / ((len(seq) + 1) ** length_penalty)) for seq, score, _ in live[s]]
+        results.append(max(finished[s], key=lambda t: t[1])[0])
+    return results
+
+
+def _trie_mask(
+    live: list[list[tuple[list[int], float, dict | None]]],
+    active: list[int],
+    beam: int,
+    vocab: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """``(A, beam, V)`` additive mask: 0 where the trie lets a live beam continue (EOS where it allows nothing)."""
+    mask = torch.full((len(active), beam, vocab), float("-inf"))
+    a_idx: list[int] = []
+    b_idx: list[int] = []
+    t_idx: list[int] = []
+    for a, s in enumerate(active):
+        for b, (_, _, node) in enumerate(live[s]):
+            allowed = list(node) if node else [EOS]
+            a_idx += [a] * len(allowed)
+            b_idx += [b] * len(allowed)
+            t_idx += allowed
+    mask[a_idx, b_idx, t_idx] = 0.0
+    return mask.to(device)
+
+
 def _constrain(logp: torch.Tensor, prefixes: list[list[int]], trie: Trie | None) -> torch.Tensor:
     if trie is None:
         return logp
@@ -147,7 +325,7 @@ def _constrain(logp: torch.Tensor, prefixes: list[list[int]], trie: Trie | None)
 
 
 @torch.no_grad()
-def generate(
+def generate_reference(
     decoder: TextDecoder,
     memory: torch.Tensor,
     memory_pad: torch.Tensor | None = None,
@@ -156,7 +334,7 @@ def generate(
     trie: Trie | None = None,
     length_penalty: float = 1.0,
 ) -> list[list[int]]:
-    """Decode every row of ``memory``; ``beam=1`` is greedy. Returns token ids without BOS, ending at EOS."""
+    """``generate`` one sample at a time, recomputing the whole prefix every step (the oracle; slow)."""
     results = []
     for i in range(memory.shape[0]):
         mem = memory[i : i + 1]

@@ -36,7 +36,7 @@ class ModelSection:
         drop_path_rate: Stochastic depth at the last layer.
         modality_options: ``<modality>.<option>``: plugin options (e.g. ``audio.feature_dim``), checked against
             the plugin's own options.
-        attn_backend: ``sdpa`` or ``xformers`` (CUDA only).
+        attn_backend: ``sdpa``, ``flex`` (FlexAttention) or ``xformers`` (CUDA only); a runtime choice.
         pretrained: Start from an official ``.pt`` file or one of our checkpoint folders (its own size).
         bpe_dir: Folder with the official GPT-2 BPE files (official checkpoints).
     """
@@ -130,7 +130,7 @@ class TrainerSection:
         schedule: ``warmup_cosine``, ``warmup_linear`` or ``constant`` (after warmup).
         optimizer: The optimizer and its settings.
         grad_clip: Max gradient norm (0 disables).
-        accumulation: Micro-batches per optimizer step.
+        accumulation: Micro-batches per optimizer step (contrastive negatives: the k-times batch).
         layer_decay: Layer-wise lr decay (``null`` disables).
         device: ``auto`` (``cuda:$LOCAL_RANK`` under torchrun when CUDA exists, else ``cuda``, else ``cpu``), or
             ``cpu``, ``cuda``, ``cuda:N``.

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from one_peace.registry import MaskingPolicy, ModalityPlugin
@@ -109,27 +110,27 @@ def span_mask(
     generator: torch.Generator | None = None,
     protect: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mask contiguous spans of ``span`` positions until ``round(ratio * n)`` positions are masked (audio)."""
+    """Mask contiguous spans of ``span`` positions until ``round(ratio * n)`` positions are masked (audio).
+
+    Span starts are visited in a random order over the range between a row's first and last eligible (valid,
+    unprotected) position; each start masks its not yet masked eligible positions in order, and masking stops
+    at the count (so the last span may be cut). Vectorised: a position's key is the rank of the first start in
+    that order that covers it, then its place; the ``count`` smallest keys are masked.
+    """
     protect = _protect(valid, protect)
-    out = torch.zeros_like(valid)
+    b, t = valid.shape
+    eligible = valid & ~protect
     target = _counts(valid, ratio, protect)
-    for b in range(valid.shape[0]):
-        cand = (valid[b] & ~protect[b]).nonzero().flatten().tolist()
-        if not cand or int(target[b]) == 0:
-            continue
-        lo, hi = cand[0], cand[-1]
-        masked = 0
-        order = torch.randperm(hi - lo + 1, generator=generator, device="cpu").tolist()
-        for start in order:
-            for p in range(lo + start, min(hi + 1, lo + start + span)):
-                if masked >= int(target[b]):
-                    break
-                if not out[b, p] and valid[b, p] and not protect[b, p]:
-                    out[b, p] = True
-                    masked += 1
-            if masked >= int(target[b]):
-                break
-    return out
+    pos = torch.arange(t, device=valid.device).expand(b, t)
+    lo = torch.where(eligible, pos, t).amin(1, keepdim=True)
+    hi = torch.where(eligible, pos, -1).amax(1, keepdim=True)
+    starts = (pos >= lo) & (pos <= hi)
+    scores = torch.rand(valid.shape, generator=generator, device="cpu").to(valid.device).masked_fill(~starts, 2.0)
+    rank = scores.argsort(dim=1).argsort(dim=1).masked_fill(~starts, t)
+    first = F.pad(rank, (span - 1, 0), value=t).unfold(1, span, 1).amin(-1)  # first start covering each position
+    key = torch.where(eligible, first * t + pos, t * t + t)
+    order = key.argsort(dim=1).argsort(dim=1)
+    return eligible & (order < target[:, None])
 
 
 def whole_word_mask(
@@ -139,25 +140,28 @@ def whole_word_mask(
     generator: torch.Generator | None = None,
     protect: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mask whole words (a word = a word-start token and its continuation tokens) up to ``ratio`` of the tokens."""
+    """Mask whole words (a word = a word-start token and its continuation tokens) up to ``ratio`` of the tokens.
+
+    A word is a word-start token and the eligible (valid, unprotected) tokens after it up to the next start or
+    gap. Words are visited in a random order and masked whole while fewer than ``round(ratio * n)`` tokens are
+    masked (the last word may overshoot). Vectorised over the batch: each word's length sits at its first token;
+    the words in random order take it cumulatively.
+    """
     protect = _protect(valid, protect)
-    out = torch.zeros_like(valid)
+    b, t = valid.shape
+    eligible = valid & ~protect
     target = _counts(valid, ratio, protect)
-    for b in range(valid.shape[0]):
-        words: list[list[int]] = []
-        for p in (valid[b] & ~protect[b]).nonzero().flatten().tolist():
-            if word_start[b, p] or not words or words[-1][-1] != p - 1:
-                words.append([p])
-            else:
-                words[-1].append(p)
-        masked = 0
-        for w in torch.randperm(len(words), generator=generator, device="cpu").tolist():
-            if masked >= int(target[b]):
-                break
-            for p in words[w]:
-                out[b, p] = True
-            masked += len(words[w])
-    return out
+    pos = torch.arange(t, device=valid.device).expand(b, t)
+    after_gap = ~F.pad(eligible[:, :-1], (1, 0), value=False)
+    first = eligible & (word_start.to(eligible.device).bool() | after_gap)
+    word = torch.where(first, pos, -1).cummax(dim=1).values.clamp(min=0)  # each token's word (its first position)
+    length = torch.zeros(b, t, dtype=torch.long, device=valid.device).scatter_add(1, word, eligible.long())
+    scores = torch.rand(valid.shape, generator=generator, device="cpu").to(valid.device).masked_fill(~first, 2.0)
+    order = scores.argsort(dim=1)  # word starts first, in random order
+    ordered = length.gather(1, order)
+    before = ordered.cumsum(1) - ordered  # tokens masked before each word's turn
+    chosen = torch.zeros_like(eligible).scatter(1, order, (before < target[:, None]) & first.gather(1, order))
+    return eligible & chosen.gather(1, word)
 
 
 def complementary_mask(

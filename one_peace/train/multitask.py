@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from one_peace.train.objectives import Logs
+
 
 class MultiTask(nn.Module):
     """Weighted sum of several tasks over one shared encoder (``model``).
@@ -35,15 +37,15 @@ class MultiTask(nn.Module):
         self.tasks = nn.ModuleDict(dict(tasks))
         self.weights = {k: float(weights[k]) for k in tasks}
 
-    def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, Logs]:
         """``batch`` maps task name -> that task's batch; returns the weighted loss and per-task logs."""
         total = torch.zeros((), device=next(self.model.parameters()).device)
-        logs: dict[str, float] = {}
+        logs: Logs = {}
         for name, task in self.tasks.items():
             loss, sub = task(batch[name])
             total = total + self.weights[name] * loss
             logs.update({f"{name}/{k}": v for k, v in sub.items()})
-        logs["loss"] = float(total.detach())
+        logs["loss"] = total.detach()
         return total, logs
 
 

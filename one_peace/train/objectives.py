@@ -18,6 +18,10 @@ from torch import nn
 
 OBJECTIVES: dict[str, type[Objective]] = {}
 
+#: What objectives and tasks log: name -> detached 0-d tensor (or float). Tensors stay on the device during a step;
+#: the trainer reduces them and reads them on the host only at log steps (no synchronisation in between).
+Logs = dict[str, "torch.Tensor | float"]
+
 
 def register_objective(name: str) -> Callable[[type[Objective]], type[Objective]]:
     """Class decorator registering an objective under ``name`` (used by recipes)."""
@@ -49,19 +53,67 @@ class View:
     masked: tuple[str, ...] = ()
 
 
+@dataclass
+class FeatureCache:
+    """The features of every micro-batch of an accumulated step, computed without gradient (open_clip's scheme).
+
+    With ``trainer.accumulation=k``, an objective whose loss couples the samples of a batch (contrastive: every other
+    sample is a negative) would otherwise see k small problems. The trainer first computes each micro-batch's
+    features without gradient; then, for each micro-batch in turn, the objective computes that micro-batch's
+    features with gradient and its loss over all k micro-batches' features (the cached ones as constants). Each
+    micro-step's backward is the full loss's gradient through that micro-batch, so the k backwards sum to the
+    gradient of one k-times batch. Parameters the loss reads directly (the logit scale) take their gradient in the
+    last micro-step only. Dropout makes the cached and the live features differ (as in open_clip).
+
+    Attributes:
+        features: Per micro-batch, the objective's :meth:`Objective.features`.
+        index: The micro-batch being computed with gradient now.
+    """
+
+    features: list[dict[str, torch.Tensor]]
+    index: int
+
+    @property
+    def last(self) -> bool:
+        """Whether this is the step's last micro-batch."""
+        return self.index == len(self.features) - 1
+
+    def merged(self, live: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every micro-batch's features concatenated along dim 0, the live ones (with gradient) in their place."""
+        parts = [dict(live) if i == self.index else f for i, f in enumerate(self.features)]
+        return {key: torch.cat([p[key] for p in parts]) for key in live}
+
+
 class Objective(nn.Module):
-    """Base objective: :meth:`views` lists what it needs; :meth:`forward` returns ``(loss, logs)``."""
+    """Base objective: :meth:`views` lists what it needs; :meth:`forward` returns ``(loss, logs)``.
+
+    An objective whose loss couples the samples of a batch sets ``caches_features = True``, implements
+    :meth:`features` and accepts ``cache`` (a :class:`FeatureCache`) in :meth:`forward`: under gradient
+    accumulation it then sees the whole accumulated batch.
+    """
 
     name = "?"
+    caches_features = False
+
+    def uses(self) -> set[str] | None:
+        """The model parts it reads besides its views' encoder passes: ``head.<modality>``, ``logit_scale``
+        (``None``: not known, so DDP must look for unused parameters)."""
+        return None
 
     def views(self) -> list[View]:
         """The forward views this objective needs."""
         raise NotImplementedError
 
+    def features(
+        self, outputs: Mapping[str, Any], model: nn.Module, batch: Mapping[str, Any]
+    ) -> dict[str, torch.Tensor]:
+        """Per-sample features (dim 0 = the batch) that :meth:`forward` computes its loss from (``FeatureCache``)."""
+        raise NotImplementedError(f"objective {self.name!r} caches no features")
+
     def forward(
         self, outputs: Mapping[str, Any], model: nn.Module, batch: Mapping[str, Any]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss from the view outputs."""
+    ) -> tuple[torch.Tensor, Logs]:
+        """Loss and logs (detached tensors, see :data:`Logs`) from the view outputs."""
         raise NotImplementedError
 
 
@@ -136,17 +188,41 @@ class ContrastiveObjective(Objective):
         self.a, self.b = modalities
         self.label_smoothing = label_smoothing
 
+    caches_features = True
+
+    def uses(self) -> set[str] | None:
+        """Both sides' heads and the logit scale."""
+        return {f"head.{self.a}", f"head.{self.b}", "logit_scale"}
+
     def views(self) -> list[View]:
         """Unmasked single-modality passes of both sides."""
         return [View(self.a, (self.a,)), View(self.b, (self.b,))]
 
-    def forward(
+    def features(
         self, outputs: Mapping[str, Any], model: nn.Module, batch: Mapping[str, Any]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Symmetric InfoNCE over the (global) batch."""
+    ) -> dict[str, torch.Tensor]:
+        """Both sides' normalised embeddings and the valid-sample mask."""
         ea = model.embed(self.a, outputs[self.a].hidden[self.a])  # type: ignore[operator]
         eb = model.embed(self.b, outputs[self.b].hidden[self.b])  # type: ignore[operator]
-        return contrastive_loss(ea, eb, model.logit_scale, batch.get("valid"), self.label_smoothing)  # type: ignore[arg-type]
+        valid = batch.get("valid")
+        v = torch.ones(ea.shape[0], dtype=torch.bool, device=ea.device) if valid is None else valid.to(ea.device).bool()
+        return {"a": ea, "b": eb, "valid": v}
+
+    def forward(
+        self,
+        outputs: Mapping[str, Any],
+        model: nn.Module,
+        batch: Mapping[str, Any],
+        cache: FeatureCache | None = None,
+    ) -> tuple[torch.Tensor, Logs]:
+        """Symmetric InfoNCE over the (global; with ``cache``, accumulated) batch."""
+        feats = self.features(outputs, model, batch)
+        scale: torch.Tensor = model.logit_scale  # type: ignore[assignment]
+        if cache is not None:
+            feats = cache.merged(feats)
+            if not cache.last:
+                scale = scale.detach()
+        return contrastive_loss(feats["a"], feats["b"], scale, feats["valid"], self.label_smoothing)
 
 
 def _masked_smoothed_ce(
@@ -174,7 +250,7 @@ def contrastive_loss(
     logit_scale: torch.Tensor,
     valid: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, Logs]:
     """Symmetric InfoNCE of local rows against all-gathered columns (see :class:`ContrastiveObjective`)."""
     n = ea.shape[0]
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -190,8 +266,8 @@ def contrastive_loss(
     loss = ((la + lb) * rows).sum() / (2 * total)  # summed over ranks (DDP averages grads: scale by world)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     with torch.no_grad():
-        acc = float((correct.float() * rows).sum() / rows.sum().clamp(min=1))
-    return loss * world, {"acc": acc, "scale": float(scale.detach())}
+        acc = (correct.float() * rows).sum() / rows.sum().clamp(min=1)
+    return loss * world, {"acc": acc, "scale": scale.detach().reshape(())}
 
 
 @register_objective("denoise")
@@ -218,6 +294,10 @@ class DenoiseObjective(Objective):
         self.temperature = temperature
         self.label_smoothing = label_smoothing
 
+    def uses(self) -> set[str] | None:
+        """Nothing beyond its views and the decoder (no head, no logit scale)."""
+        return set()
+
     @property
     def view_name(self) -> str:
         """Name of the masked view this objective reads."""
@@ -233,7 +313,7 @@ class DenoiseObjective(Objective):
 
     def forward(
         self, outputs: Mapping[str, Any], model: nn.Module, batch: Mapping[str, Any]
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    ) -> tuple[torch.Tensor, Logs]:
         """Contrastive loss over the masked positions of the batch."""
         pred = outputs[self.view_name].decoded[self.modality]  # (B, S, D)
         target = outputs[self.modality].hidden[self.modality].detach()  # (B, S, D)
@@ -252,7 +332,7 @@ def denoise_loss(
     temperature: float = 0.4,
     label_smoothing: float = 0.1,
     valid: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, Logs]:
     """Each masked prediction against the full-input features of every valid token in the batch.
 
     The positive is the target at the prediction's own position; every other (non-padding) token of every sample
@@ -269,5 +349,5 @@ def denoise_loss(
     logits = p @ t.T / temperature
     loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
     with torch.no_grad():
-        acc = (logits.argmax(1) == labels).float().mean().item()
+        acc = (logits.argmax(1) == labels).float().mean()
     return loss, {"acc": acc, "tokens": float(p.shape[0])}

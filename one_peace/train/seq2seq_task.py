@@ -15,6 +15,7 @@ from one_peace.models.seq2seq import PAD as PAD_ID
 from one_peace.models.seq2seq import Seq2SeqConfig, TextDecoder, Trie, generate, seq2seq_loss, shift_right
 from one_peace.tokenizer import LANGUAGE
 from one_peace.train.instructions import NUM_BINS, Instruction
+from one_peace.train.objectives import Logs
 
 
 class Seq2SeqTask(nn.Module):
@@ -112,7 +113,7 @@ class Seq2SeqTask(nn.Module):
         n = len(next(iter(raw.values())))
         return [self.instruction.render({k: v[i] for k, v in raw.items()}, self.rng) for i in range(n)]
 
-    def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, Logs]:
         """Label-smoothed cross-entropy of the targets (``no_loss`` pieces and masked samples excluded)."""
         rendered = self._render(batch)
         memory, pad = self._encode_batch(batch, rendered)
@@ -132,8 +133,8 @@ class Seq2SeqTask(nn.Module):
         loss = seq2seq_loss(logits, target, self.label_smoothing, weight)
         with torch.no_grad():
             m = target.ne(PAD_ID) & weight.bool()
-            acc = (logits.argmax(-1)[m] == target[m]).float().mean().item()
-        value = float(loss.detach())
+            acc = (logits.argmax(-1)[m] == target[m]).float().mean()
+        value = loss.detach()
         return loss, {"loss": value, "seq2seq/loss": value, "seq2seq/token_acc": acc}
 
     @torch.no_grad()

@@ -13,7 +13,7 @@ from one_peace.models.decoder import DenoiseDecoder
 from one_peace.models.encoder import OnePeaceModel
 from one_peace.registry import get_plugin
 from one_peace.train.masking import complementary_mask, keep_ids_from_mask, mask_for
-from one_peace.train.objectives import Objective, View
+from one_peace.train.objectives import FeatureCache, Logs, Objective, View
 
 
 @dataclass
@@ -58,10 +58,47 @@ class Task(nn.Module):
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def views(self) -> dict[str, View]:
-        """Every view, once, full views first (masked views need their lengths and targets)."""
-        views: dict[str, View] = {}
+    @property
+    def caches_features(self) -> bool:
+        """Whether an objective keeps the whole accumulated batch (see ``FeatureCache`` in ``train.objectives``)."""
+        return any(obj.caches_features for obj in self.objectives.values())  # type: ignore[union-attr]
+
+    @property
+    def leaves_parameters_unused(self) -> bool:
+        """Whether a step can leave parameters without gradient (DDP then needs ``find_unused_parameters``).
+
+        False only when it is known that every parameter takes part: every modality of the model is in a view, the
+        model's modalities are all built-in ones (their adapters use every parameter), the objectives together read
+        every modality's head and the logit scale (:meth:`Objective.uses`), and the decoder (if any) decodes every
+        one of its modalities in some masked view; a test checks that such a step gives every parameter a
+        gradient. Anything else is conservative.
+        """
+        from one_peace.registry import BUILTIN_MODULES
+
+        views = self.views().values()
+        seen = {m for v in views for m in v.modalities}
+        decoded = {m for v in views for m in v.masked}
+        model_mods = set(self.model.config.modalities)
+        builtin = all(type(get_plugin(m)).__module__ in BUILTIN_MODULES for m in model_mods)
+        if not model_mods <= seen or not builtin:
+            return True
+        used: set[str] = set()
         for obj in self.objectives.values():
+            parts = obj.uses()  # type: ignore[operator]
+            if parts is None:
+                return True
+            used |= {p if not p.startswith("head.") else f"head.{self.model.groups[p[5:]]}" for p in parts}
+        if not {f"head.{g}" for g in self.model.heads} | {"logit_scale"} <= used:
+            return True
+        return bool(self.decoder is not None and not set(self.decoder.config.modalities) <= decoded)
+
+    def views(self, objectives: list[str] | None = None) -> dict[str, View]:
+        """Every view (of the named objectives; default all), once, full views first (masked views need their
+        lengths and targets)."""
+        views: dict[str, View] = {}
+        for key, obj in self.objectives.items():
+            if objectives is not None and key not in objectives:
+                continue
             for v in obj.views():  # type: ignore[operator]
                 views.setdefault(v.name, v)
         # full views first, then single-modality masked views, then paired ones (complementary to those)
@@ -70,11 +107,44 @@ class Task(nn.Module):
     def _single_mask(self, modality: str, valid: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         return mask_for(get_plugin(modality), valid, batch[modality], self.tokenizer, self.generator)
 
-    def forward(self, batch: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total weighted loss and logs (``<objective>/loss`` and each objective's own metrics)."""
+    def forward(
+        self,
+        batch: Mapping[str, Any],
+        cache: Mapping[str, FeatureCache] | None = None,
+        features_only: bool = False,
+    ) -> Any:
+        """Total weighted loss and logs (``<objective>/loss`` and each objective's own metrics).
+
+        Under gradient accumulation the trainer first calls it with ``features_only=True`` (no gradient) for each
+        micro-batch, getting objective -> features of the objectives that cache them, then once per micro-batch
+        with ``cache`` (objective -> :class:`FeatureCache`). Those objectives' losses are then losses of the whole
+        accumulated batch, each micro-step backpropagating only its own part: their terms are multiplied by k in
+        the returned loss, which the trainer divides by k like every other term (logs hold the plain values).
+        """
+        if features_only:
+            keys = [k for k, o in self.objectives.items() if o.caches_features]
+            outputs = self._outputs(batch, self.views(keys))
+            return {k: self.objectives[k].features(outputs, self.model, batch) for k in keys}  # type: ignore[operator]
+        outputs = self._outputs(batch, self.views())
+        total = torch.zeros((), device=next(self.model.parameters()).device)
+        logs: Logs = {}
+        for key, obj in self.objectives.items():
+            if cache is not None and key in cache:
+                loss, extra = obj(outputs, self.model, batch, cache=cache[key])
+                total = total + self.weights[key] * len(cache[key].features) * loss
+            else:
+                loss, extra = obj(outputs, self.model, batch)
+                total = total + self.weights[key] * loss
+            logs[f"{key}/loss"] = loss.detach()
+            logs.update({f"{key}/{k}": v for k, v in extra.items()})
+        logs["loss"] = sum(self.weights[k] * logs[f"{k}/loss"] for k in self.objectives)  # type: ignore[assignment]
+        return total, logs
+
+    def _outputs(self, batch: Mapping[str, Any], views: Mapping[str, View]) -> dict[str, ViewOutput]:
+        """Run each view once (masked views after the full ones they take lengths and targets from)."""
         outputs: dict[str, ViewOutput] = {}
         single_masks: dict[str, torch.Tensor] = {}
-        for name, view in self.views().items():
+        for name, view in views.items():
             inputs = {m: batch[m] for m in view.modalities}
             if not view.masked:
                 out = self.model.forward_features(inputs)
@@ -117,15 +187,7 @@ class Task(nn.Module):
                     order=list(view.modalities),
                 )
             outputs[name] = vo
-        total = torch.zeros((), device=next(self.model.parameters()).device)
-        logs: dict[str, float] = {}
-        for key, obj in self.objectives.items():
-            loss, extra = obj(outputs, self.model, batch)
-            total = total + self.weights[key] * loss
-            logs[f"{key}/loss"] = float(loss.detach())
-            logs.update({f"{key}/{k}": v for k, v in extra.items()})
-        logs["loss"] = float(total.detach())
-        return total, logs
+        return outputs
 
 
 def _full(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -23,6 +22,7 @@ from torch import nn
 from one_peace.extras import optional
 from one_peace.train.checkpointing import dist_info, latest_checkpoint, resume_checkpoint, save_checkpoint
 from one_peace.train.device import PRECISIONS, autocast_dtype, move_batch, resolve_device, resolve_precision
+from one_peace.train.objectives import FeatureCache, Logs
 from one_peace.train.optim import build_optimizer, lr_at, parameter_groups
 
 #: Environment variable naming a file prefix where DDP's gradient all-reduce calls are counted per micro-step (tests).
@@ -48,7 +48,8 @@ class TrainerConfig:
             ``momentum``).
         grad_clip: Max gradient norm (0 disables).
         accumulation: Micro-batches per optimizer step; gradients are communicated only in the last one's backward
-            (DDP ``no_sync`` / FSDP2 ``set_requires_gradient_sync`` on the others).
+            (DDP ``no_sync`` / FSDP2 ``set_requires_gradient_sync`` on the others). A contrastive objective sees
+            the k-times batch of negatives (cached features, :class:`~one_peace.train.objectives.FeatureCache`).
         layer_decay: Layer-wise lr decay for fine-tuning (``None`` disables): layer i of L gets ``decay**(L-i)``.
         device: ``auto`` (``cuda:$LOCAL_RANK`` under torchrun when CUDA exists, else ``cuda``, else ``cpu``), or
             ``cpu`` / ``cuda`` / ``cuda:N``; the task is placed there before DDP/FSDP2 wrapping, and batches are
@@ -219,14 +220,19 @@ class Trainer:
             task.to(torch.bfloat16)
         self.forward_module: nn.Module = task
         self.sharded = False
-        if self.world > 1:
+        self.autocast = autocast_dtype(self.precision)
+        import torch.distributed as dist
+
+        in_group = dist.is_available() and dist.is_initialized()
+        if self.world > 1 or (in_group and config.distributed == "fsdp2"):  # FSDP2 also on one rank (tests, 1 GPU)
             if config.distributed == "ddp":
                 from torch.nn.parallel import DistributedDataParallel
 
                 ids = None
                 if self.device.type == "cuda":
                     ids = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
-                self.forward_module = DistributedDataParallel(task, device_ids=ids, find_unused_parameters=True)
+                unused = bool(getattr(task, "leaves_parameters_unused", True))  # the task knows; else assume so
+                self.forward_module = DistributedDataParallel(task, device_ids=ids, find_unused_parameters=unused)
             elif config.distributed == "fsdp2":
                 self._fully_shard(task, config)
                 self.autocast = None  # FSDP2's MixedPrecisionPolicy casts instead
@@ -241,7 +247,6 @@ class Trainer:
         if config.grad_checkpointing:
             task.model.set_grad_checkpointing(True)  # type: ignore[union-attr,operator]
         self._install_comm_log()
-        self.autocast = autocast_dtype(self.precision)
         self.batch_dtype = torch.bfloat16 if self.precision == "bf16" else None
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self._tb: Any = None
@@ -350,13 +355,52 @@ class Trainer:
             fh.write(json.dumps({"step": self.step, "micro": micro, "allreduce_calls": self._comm_calls}) + "\n")
         self._comm_calls = 0
 
-    def _mean_over_ranks(self, logs: dict[str, float]) -> dict[str, float]:
-        import torch.distributed as dist
+    def _host_logs(self, logs: Logs) -> dict[str, float]:
+        """The step's logs on the host: one stacked transfer of the device values (and, under torchrun, one
+        all-reduce averaging them over ranks). Called at log steps only: the only synchronisation of a step."""
+        keys = sorted(logs)
+        values = torch.stack(
+            [torch.as_tensor(logs[k], dtype=torch.float64, device=self.device).detach().reshape(()) for k in keys]
+        )
+        if self.world > 1:
+            import torch.distributed as dist
 
-        keys = sorted(k for k, v in logs.items() if isinstance(v, float))
-        t = torch.tensor([logs[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(t)
-        return {**logs, **{k: float(v) / self.world for k, v in zip(keys, t.tolist())}}
+            dist.all_reduce(values)
+            values /= self.world
+        return dict(zip(keys, values.tolist()))
+
+    def _cast(self) -> Any:
+        return torch.autocast(self.device.type, self.autocast) if self.autocast else contextlib.nullcontext()
+
+    def accumulate(self) -> Logs:
+        """Forward and backward ``trainer.accumulation`` micro-batches into the gradients; returns their mean logs.
+
+        When the task has objectives that cache features (``task.caches_features``, e.g. contrastive), the k
+        micro-batches are read first and their features computed without gradient, so those objectives see the
+        whole k-times batch (:class:`~one_peace.train.objectives.FeatureCache`); otherwise one micro-batch at a
+        time. Gradients are communicated only in the last micro-step's backward.
+        """
+        k = self.cfg.accumulation
+        batches: Iterator[Any] | list[Any] = (
+            move_batch(self._next_batch(), self.device, self.batch_dtype) for _ in range(k)
+        )
+        caches: list[dict[str, FeatureCache]] | None = None
+        if k > 1 and getattr(self.task, "caches_features", False):
+            batches = list(batches)
+            with torch.no_grad(), self._cast():
+                feats = [self.forward_module(b, features_only=True) for b in batches]
+            caches = [{key: FeatureCache([f[key] for f in feats], i) for key in feats[0]} for i in range(k)]
+        agg: Logs = {}
+        for micro, batch in enumerate(batches):
+            kwargs = {} if caches is None else {"cache": caches[micro]}
+            with self._gradient_sync(micro == k - 1), self._cast():
+                loss, logs = self.forward_module(batch, **kwargs)
+                scaled = loss / k
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            self._comm_record(micro)
+            for key, v in logs.items():
+                agg[key] = agg.get(key, 0.0) + v / k  # device tensors stay there (no synchronisation)
+        return agg
 
     def fit(self) -> Path:
         """Train to ``max_steps`` (resuming when configured); returns the final checkpoint folder."""
@@ -386,46 +430,42 @@ class Trainer:
         )
         last = None
         start = time.perf_counter()
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first step with a non-finite loss
         while self.step < self.cfg.max_steps:
             for group in self.opt.param_groups:
                 group["lr"] = self.cfg.lr * lr_at(self.step, self.cfg) * group.get("lr_scale", 1.0)
             self.opt.zero_grad(set_to_none=True)
-            agg: dict[str, float] = {}
-            for micro in range(self.cfg.accumulation):
-                last_micro = micro == self.cfg.accumulation - 1
-                batch = move_batch(self._next_batch(), self.device, self.batch_dtype)
-                cast = torch.autocast(self.device.type, self.autocast) if self.autocast else contextlib.nullcontext()
-                with self._gradient_sync(last_micro), cast:
-                    loss, logs = self.forward_module(batch)
-                    scaled = loss / self.cfg.accumulation
-                    (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-                self._comm_record(micro)
-                for k, v in logs.items():
-                    agg[k] = agg.get(k, 0.0) + v / self.cfg.accumulation
-            if not math.isfinite(agg.get("loss", 0.0)):
-                raise FloatingPointError(f"non-finite loss at step {self.step}: {agg}")
+            agg = self.accumulate()
+            loss_value = torch.as_tensor(agg.get("loss", 0.0), device=self.device)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_value), self.step, first_bad)
             params = [p for p in self.task.parameters() if p.grad is not None]
             if self.scaler is not None:
                 self.scaler.unscale_(self.opt)
             if self.cfg.grad_clip > 0:
                 norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
-                agg["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+                agg["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
             if self.scaler is not None:
                 self.scaler.step(self.opt)
                 self.scaler.update()
             else:
                 self.opt.step()
             self.step += 1
-            agg.update(step=self.step, lr=self.opt.param_groups[0]["lr"], seconds=time.perf_counter() - start)
-            if self.world > 1:
-                agg = self._mean_over_ranks(agg)
-            if self.rank == 0 and (self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps):
-                self._log(agg)
+            log_now = self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps
+            save_now = self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps
+            if log_now or save_now:  # the step's only host synchronisations: logs, and the loss check before saving
+                bad = int(first_bad)
+                if bad >= 0:
+                    raise FloatingPointError(f"non-finite loss at step {bad} (detected at step {self.step})")
+            if log_now:
+                logs = self._host_logs(agg)
+                logs.update(step=self.step, lr=self.opt.param_groups[0]["lr"], seconds=time.perf_counter() - start)
+                if self.rank == 0:
+                    self._log(logs)
+                bar.set_postfix(loss=f"{logs['loss']:.3f}")
             bar.update(1)
-            bar.set_postfix(loss=f"{agg['loss']:.3f}")
             if self.evaluate is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
                 self._evaluate()
-            if self.step % self.cfg.save_every == 0 or self.step == self.cfg.max_steps:
+            if save_now:
                 last = self.save()
         bar.close()
         if self._batches is not None:
