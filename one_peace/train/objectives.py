@@ -339,15 +339,16 @@ def denoise_loss(
     is a negative. Features are L2-normalised; logits are cosine similarities / ``temperature``.
     """
     valid = torch.ones_like(masked) if valid is None else valid
-    p = F.normalize(pred[masked].float(), dim=-1)
-    if p.shape[0] == 0:
-        return pred.sum() * 0.0, {"acc": 0.0, "tokens": 0.0}
-    t = F.normalize(target[valid].float(), dim=-1)
-    # index of each masked position within the flattened valid positions
-    order = torch.cumsum(valid.flatten().long(), 0) - 1
-    labels = order[masked.flatten()]
-    logits = p @ t.T / temperature
-    loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    b, length, d = pred.shape
+    # fixed shapes (no boolean indexing, so no host synchronisation): every position is a row, the valid ones are the
+    # columns, the masked rows are averaged; row i's positive is column i
+    p = F.normalize(pred.reshape(b * length, d).float(), dim=-1)
+    t = F.normalize(target.reshape(b * length, d).float(), dim=-1)
+    rows = masked.reshape(-1).float()
+    labels = torch.arange(b * length, device=pred.device)
+    per_row, correct = _masked_smoothed_ce(p @ t.T / temperature, labels, valid.reshape(-1).bool(), label_smoothing)
+    n = rows.sum()
+    loss = (per_row * rows).sum() / n.clamp(min=1)
     with torch.no_grad():
-        acc = (logits.argmax(1) == labels).float().mean()
-    return loss, {"acc": acc, "tokens": float(p.shape[0])}
+        acc = (correct.float() * rows).sum() / n.clamp(min=1)
+    return loss, {"acc": acc, "tokens": n}
