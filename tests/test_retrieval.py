@@ -499,3 +499,19 @@ def test_zero_shot_cli_reads_a_class_file_and_draws_the_confusion_matrix(checkpo
                 out=str(out),
             )
         )
+
+
+@pytest.mark.slow
+def test_compiled_encode_equals_eager_for_images_and_texts_of_several_lengths(model):
+    """``encode(compile=True)`` (one torch.compile per model, dynamic shapes) gives the eager embeddings, for a
+    partial last batch and for texts of different lengths (no recompilation per length), and reuses its compiled
+    forward."""
+    from one_peace.models.encoding import compiled_forward
+
+    images = [_png(i) for i in range(5)]
+    texts = ["a red circle", "a dog barking on a white background", "cat", "a blue square on black", "green"]
+    for modality, items in (("image", images), ("text", texts)):
+        want = model.encode(modality, items, batch_size=2)
+        got = model.encode(modality, items, batch_size=2, compile=True)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert compiled_forward(model) is compiled_forward(model)

@@ -334,6 +334,7 @@ class OnePeaceModel(nn.Module):
         output: str = "torch",
         progress: bool = False,
         long_text: str = "truncate",
+        compile: bool = False,
     ) -> Any:
         """``(N, D)`` embeddings of one modality in input order, L2-normalised unless ``normalize=False``.
 
@@ -343,7 +344,7 @@ class OnePeaceModel(nn.Module):
         """
         from one_peace.models.encoding import encode
 
-        return encode(self, modality, items, batch_size, normalize, output, progress, long_text)
+        return encode(self, modality, items, batch_size, normalize, output, progress, long_text, compile)
 
     def encode_multimodal(
         self,

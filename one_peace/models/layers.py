@@ -44,9 +44,9 @@ class GeGLUFFN(nn.Module):
         self.norm = nn.LayerNorm(hidden, eps=1e-5)
         self.wo = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Apply the FFN to ``(..., dim)`` tokens."""
-        return self.wo(self.norm(F.gelu(self.wi_0(x)) * self.wi_1(x)))
+    def forward(self, x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the FFN to ``(..., dim)`` tokens; ``out_scale`` (a layer scale) is folded into ``wo``."""
+        return _linear(self.wo, self.norm(F.gelu(self.wi_0(x)) * self.wi_1(x)), out_scale)
 
 
 class SharedAttention(nn.Module):
@@ -67,12 +67,23 @@ class SharedAttention(nn.Module):
         """The query, key and value projections."""
         return self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor | FlexBias | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor | FlexBias | None, out_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Attend over ``x (B, S, D)`` with an additive ``bias`` broadcastable to ``(B, H, S, S)`` (or a
-        :class:`~one_peace.models.attention.FlexBias`)."""
+        :class:`~one_peace.models.attention.FlexBias`); ``out_scale`` (a layer scale) is folded into ``out_proj``."""
         q, k, v = (rearrange(proj(x), "b s (h d) -> b h s d", h=self.heads) for proj in self.projections)
         out = attention(q, k, v, bias, backend=self.backend)
-        return self.out_proj(self.inner_norm(rearrange(out, "b h s d -> b s (h d)")))
+        return _linear(self.out_proj, self.inner_norm(rearrange(out, "b h s d -> b s (h d)")), out_scale)
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor, out_scale: torch.Tensor | None) -> torch.Tensor:
+    """``layer(x) * out_scale`` as one matmul: the scale folded into the weight rows and the bias (``D x D`` work
+    instead of a pass over every token's output)."""
+    if out_scale is None:
+        return layer(x)  # type: ignore[no-any-return]
+    bias = None if layer.bias is None else layer.bias * out_scale
+    return F.linear(x, layer.weight * out_scale[:, None], bias)
 
 
 def route_ffn(
@@ -81,8 +92,9 @@ def route_ffn(
     segments: Segments | None = None,
     modality_ids: torch.Tensor | None = None,
     id_to_group: Sequence[str] | None = None,
+    out_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Send each token through exactly its modality's FFN.
+    """Send each token through exactly its modality's FFN (its output times ``out_scale``, a layer scale, if given).
 
     Args:
         ffns: FFN per group name.
@@ -96,7 +108,7 @@ def route_ffn(
         outs = []
         start = 0
         for group, length in segments:
-            outs.append(ffns[group](x[:, start : start + length]))
+            outs.append(_ffn(ffns[group], x[:, start : start + length], out_scale))
             start += length
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
     if modality_ids is None or id_to_group is None:
@@ -107,8 +119,16 @@ def route_ffn(
     for idx, group in enumerate(id_to_group):
         sel = (ids == idx).nonzero(as_tuple=True)[0]
         if sel.numel():
-            out.index_copy_(0, sel, ffns[group](flat.index_select(0, sel)))
+            out.index_copy_(0, sel, _ffn(ffns[group], flat.index_select(0, sel), out_scale))
     return out.view_as(x)
+
+
+def _ffn(ffn: nn.Module, x: torch.Tensor, out_scale: torch.Tensor | None) -> torch.Tensor:
+    """``ffn(x) * out_scale``; folded into the output projection for GeGLU FFNs (plugins' own FFNs: multiplied)."""
+    if isinstance(ffn, GeGLUFFN):
+        return ffn(x, out_scale)
+    out = ffn(x)
+    return out if out_scale is None else out * out_scale
 
 
 class SharedLayer(nn.Module):
@@ -138,11 +158,13 @@ class SharedLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | FlexBias | None, **route: Any) -> torch.Tensor:
         """Apply the layer; ``route`` is passed to :func:`route_ffn` (segments or modality ids)."""
-        a = self.attn(self.attn_norm(x), bias)
-        if self.gamma_1 is not None:
-            a = a * self.gamma_1
+        a = self.attn(self.attn_norm(x), bias, out_scale=_arg(self.gamma_1))  # layer scales folded into projections
         x = x + self.drop_path(a)
-        f = route_ffn(self.ffns, self.ffn_norm(x), **route)
-        if self.gamma_2 is not None:
-            f = f * self.gamma_2
+        f = route_ffn(self.ffns, self.ffn_norm(x), **route, out_scale=_arg(self.gamma_2))
         return x + self.drop_path(f)
+
+
+def _arg(p: torch.Tensor | None) -> torch.Tensor | None:
+    """A parameter handed to a submodule's call: detached when no gradient is recorded (module hooks such as the
+    flop counter's treat a parameter argument as needing a gradient, which inference mode cannot give)."""
+    return p if p is None or torch.is_grad_enabled() else p.detach()
