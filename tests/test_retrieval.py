@@ -503,9 +503,8 @@ def test_zero_shot_cli_reads_a_class_file_and_draws_the_confusion_matrix(checkpo
 
 @pytest.mark.slow
 def test_compiled_encode_equals_eager_for_images_and_texts_of_several_lengths(model):
-    """``encode(compile=True)`` (one torch.compile per model, dynamic shapes) gives the eager embeddings, for a
-    partial last batch and for texts of different lengths (no recompilation per length), and reuses its compiled
-    forward."""
+    """``encode(compile=True)`` (one torch.compile per model) gives the eager embeddings, for a partial last batch
+    and for texts of different lengths, and reuses its compiled forward."""
     from one_peace.models.encoding import compiled_forward
 
     images = [_png(i) for i in range(5)]

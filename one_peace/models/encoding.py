@@ -92,15 +92,17 @@ _COMPILED: weakref.WeakKeyDictionary[OnePeaceModel, Callable[..., Any]] = weakre
 
 
 def compiled_forward(model: OnePeaceModel) -> Callable[..., Any]:
-    """``model.forward_features`` through ``torch.compile`` (dynamic shapes), built once per model and reused.
+    """``model.forward_features`` through ``torch.compile``, built once per model and reused.
 
-    The first batch pays the compilation (about 30 s for the base model on 2 CPU cores); every batch after it runs
-    the fused kernels (the base image tower: ~1.05x open_clip's eager ViT-B/16 per FLOP here, against ~0.95x eager;
-    ``benchmarks/RESULTS.md``). Worth it for corpora, not for a handful of items.
+    The first batch pays the compilation (about 30 s for the base model on 2 CPU cores; a second batch shape, e.g.
+    another text length or a partial last batch, recompiles once with dynamic sizes, torch.compile's default);
+    every batch after it runs the fused kernels (the base image tower: ~1.09x open_clip's eager ViT-B/16 per FLOP in
+    fp32 and ~1.02x in pure bf16 here, against ~0.98x and ~0.83x eager; ``benchmarks/RESULTS.md``). Worth it for
+    corpora, not for a handful of items.
     """
     fn = _COMPILED.get(model)
     if fn is None:
-        fn = torch.compile(model.forward_features, dynamic=True)
+        fn = torch.compile(model.forward_features)
         _COMPILED[model] = fn
     return fn
 
