@@ -277,3 +277,27 @@ def test_ddp_looks_for_unused_parameters_only_when_a_step_can_leave_some_unused(
     loss, _ = partial({m: batch[m] for m in ("text", "image")} | {"valid": batch["valid"]})
     loss.backward()
     assert any(p.grad is None for n, p in partial.named_parameters() if ".audio" in n)
+
+
+def test_a_non_finite_loss_stops_training_before_any_checkpoint_holds_it(tmp_path):
+    """The non-finite-loss check is a device flag read at log and save steps: the run stops at the first such step
+    after the bad one, names the bad step, and writes no checkpoint of the diverged weights."""
+
+    class Diverging(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = torch.nn.Linear(2, 1)
+            self.calls = 0
+
+        def forward(self, batch):
+            self.calls += 1
+            loss = self.model(batch["x"]).square().mean()
+            if self.calls == 2:
+                loss = loss * float("nan")
+            return loss, {"loss": loss.detach()}
+
+    cfg = TrainerConfig(max_steps=6, batch_size=2, save_every=3, log_every=3, warmup_steps=0, device="cpu")
+    trainer = Trainer(Diverging(), BatchList([{"x": torch.ones(2, 2)}]), cfg, tmp_path)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1 \(detected at step 3\)"):
+        trainer.fit()
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
