@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -394,6 +394,16 @@ class AudioModality(ModalityPlugin):
         info = sf.info(io.BytesIO(value) if isinstance(value, bytes) else str(value))
         seconds = min(info.frames / info.samplerate, float(o["max_seconds"]))
         return max(1, int(num_frames(int(seconds * SAMPLE_RATE), FRONTENDS.get(o["frontend"], CONV_SPEC))))
+
+    def position_padding(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """The batch's frame-level ``padding_mask`` (B, T+1), as the collator writes it; ``None`` without padding.
+        Batches padded by ``lengths`` only are left to the adapter (their frame count depends on its front end)."""
+        mask = batch.get("padding_mask")
+        if isinstance(mask, torch.Tensor):
+            return mask.bool()
+        if batch.get("lengths") is not None:
+            raise NotImplementedError
+        return None
 
     def decoder_positions(self) -> int:
         """The official decoder's 1026 rows."""

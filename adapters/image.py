@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,6 +220,10 @@ class ImageModality(ModalityPlugin):
         """Return ``path/bytes/PIL/array -> {"pixels": (3, S, S)}``."""
         size = self.options(config)["image_size"]
         return lambda item: {"pixels": preprocess_image(item, size)}
+
+    def position_padding(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """Images are never padded."""
+        return None
 
     def decoder_positions(self) -> int:
         """The official decoder's 257 rows (a 16 x 16 grid + CLS), resized to other grids at run time."""

@@ -306,6 +306,11 @@ class TextModality(ModalityPlugin):
         """Tokens up to EOS, plus the CLS the adapter adds."""
         return [int(n) + 1 for n in batch["tokens"].ne(PAD_ID).sum(1)]
 
+    def position_padding(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """The pad-id positions, after a never-padded CLS."""
+        pad = batch["tokens"].eq(PAD_ID)
+        return torch.cat([torch.zeros_like(pad[:, :1]), pad], dim=1)
+
     def word_starts(self, batch: Mapping[str, Any], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Word starts from the tokenizer's table (every token without one); EOS protected. CLS comes first."""
         tokens = batch["tokens"]

@@ -316,6 +316,16 @@ class ModalityPlugin:
             raise ValueError(f"cannot pack {self.name!r}: its batches have no padding (a fixed length)")
         return [int(n) for n in (~pad).sum(1)]
 
+    def position_padding(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """The ``(B, T)`` padding of the adapter's positions (CLS at 0) for a collated batch, exactly as the adapter
+        computes it, from the batch alone; ``None``: nothing is padded.
+
+        With it, masking for denoising runs on the host copy of the batch before anything is read from the device
+        (the task checks it against the adapter's own mask when both are on the CPU). The default raises
+        ``NotImplementedError``: the task then masks from the adapter's output (one device read per masked view).
+        """
+        raise NotImplementedError
+
     def word_starts(self, batch: Mapping[str, Any], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
         """For whole-word masking: ``(starts, protect)``, two ``(B, T)`` bool masks over the adapter's positions
         (CLS at 0): where a word begins, and positions never masked (EOS). ``None``: no notion of words."""

@@ -301,3 +301,24 @@ def test_a_non_finite_loss_stops_training_before_any_checkpoint_holds_it(tmp_pat
     with pytest.raises(FloatingPointError, match=r"non-finite loss at step 1 \(detected at step 3\)"):
         trainer.fit()
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_a_training_step_reads_no_device_value_on_the_host():
+    """The whole step of a contrastive + denoising task (text, image, audio: random, whole-word and span masking,
+    the decoder, both losses, the backward) runs with the model and the batch on the ``meta`` device, whose tensors
+    hold no values: any ``.item()``, ``bool(tensor)``, ``.tolist()`` or boolean indexing of a device tensor would
+    raise. Masking reads only the host copy of the batch the trainer hands over (``HostBatch``)."""
+    from one_peace.train.device import HOST_KEY, HostBatch
+
+    task, batch = _task_and_batch("objectives")
+    batch["text"]["tokens"][0, -2:] = 1  # padded text rows
+    reference = task(dict(batch, **{HOST_KEY: HostBatch(batch)}))[1]  # on the CPU: host and adapter masks agree
+    assert float(reference["loss"]) > 0
+    task.to("meta")
+    meta = move_batch(batch, torch.device("meta"))
+    meta[HOST_KEY] = HostBatch(batch)
+    _clear_caches()
+    loss, logs = task(meta)
+    loss.backward()
+    assert loss.device.type == "meta" and all(v.device.type == "meta" for v in logs.values() if torch.is_tensor(v))
+    assert all(p.grad is not None for n, p in task.named_parameters() if n.startswith("model.layers."))

@@ -59,7 +59,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     Biases are built once per forward in this dtype, so autocast does not recast them in every layer.
     """
     device = x.device.type
-    if torch.is_autocast_enabled(device):
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
 

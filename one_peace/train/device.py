@@ -79,6 +79,32 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"bf16-autocast": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
 
+#: Key under which the trainer hands a task the batch as it was before the transfer (a :class:`HostBatch`).
+HOST_KEY = "_host"
+
+
+class HostBatch:
+    """The host (CPU) copy of a batch, carried next to its device copy under :data:`HOST_KEY`.
+
+    Tasks read sizes from it that would otherwise take a device read (e.g. the padding masks masking starts from).
+    An opaque object, so that the transfer step, DDP and FSDP2 leave it where it is.
+    """
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: Any) -> None:
+        self.batch = batch
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; a CPU tensor going to CUDA is pinned and copied without blocking the host."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def move_batch(batch: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
     """``batch`` with every tensor on ``device`` (dicts, lists and tuples followed); one transfer step.
 

@@ -9,9 +9,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from one_peace.models.adapter import host_checks
 from one_peace.models.decoder import DenoiseDecoder
 from one_peace.models.encoder import OnePeaceModel
 from one_peace.registry import get_plugin
+from one_peace.train.device import HOST_KEY, HostBatch, to_device
 from one_peace.train.masking import complementary_mask, keep_ids_from_mask, mask_for
 from one_peace.train.objectives import FeatureCache, Logs, Objective, View
 
@@ -57,6 +59,9 @@ class Task(nn.Module):
         self.decoder = decoder
         self.tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
         self.generator = torch.Generator().manual_seed(seed)
+
+    #: The trainer hands this task the host copy of each batch (:class:`~one_peace.train.device.HostBatch`).
+    uses_host_batch = True
 
     @property
     def caches_features(self) -> bool:
@@ -107,6 +112,40 @@ class Task(nn.Module):
     def _single_mask(self, modality: str, valid: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
         return mask_for(get_plugin(modality), valid, batch[modality], self.tokenizer, self.generator)
 
+    def _valid(
+        self, modality: str, full: ViewOutput, batch: Mapping[str, Any]
+    ) -> tuple[torch.Tensor, Mapping[str, Any]]:
+        """The valid positions masking starts from, and the batch it reads (word starts) from.
+
+        From the host copy of the batch when the trainer gave one and the plugin can tell its adapter's padding
+        (``position_padding``): then masking runs on the CPU and nothing is read from the device. Otherwise from
+        the adapter's padding mask. On CPU tensors both exist for free and must agree (a plugin bug otherwise).
+        """
+        hidden = full.hidden[modality]
+        pad = full.padding_mask[modality]
+        host = batch.get(HOST_KEY)
+        if isinstance(host, HostBatch):
+            try:
+                host_pad = get_plugin(modality).position_padding(host.batch[modality])
+            except NotImplementedError:
+                host_pad = None
+            else:
+                shape = tuple(hidden.shape[:2])
+                valid = torch.ones(shape, dtype=torch.bool) if host_pad is None else ~host_pad.bool().cpu()
+                if tuple(valid.shape) != shape:
+                    raise ValueError(
+                        f"{modality}: the plugin's position_padding has shape {tuple(valid.shape)}, its adapter "
+                        f"produced {shape} positions"
+                    )
+                if host_checks(hidden):
+                    own = ~pad.cpu() if pad is not None else torch.ones(shape, dtype=torch.bool)
+                    if not torch.equal(own, valid):
+                        raise ValueError(f"{modality}: the plugin's position_padding disagrees with its adapter's mask")
+                return valid, host.batch
+        if pad is not None:
+            return ~pad, batch
+        return torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device), batch
+
     def forward(
         self,
         batch: Mapping[str, Any],
@@ -156,26 +195,22 @@ class Task(nn.Module):
                 if full is None:
                     full = ViewOutput(*_full(self.model, m, batch[m]))
                     outputs[m] = full
-                pad = full.padding_mask[m]
-                valid = (
-                    ~pad
-                    if pad is not None
-                    else torch.ones(full.hidden[m].shape[:2], dtype=torch.bool, device=full.hidden[m].device)
-                )
+                valid, source = self._valid(m, full, batch)
                 if len(view.modalities) == 1:
-                    mk = self._single_mask(m, valid, batch)
+                    mk = self._single_mask(m, valid, source)
                     single_masks[m] = mk
                 else:
                     base = single_masks.get(m)
                     if base is None:
-                        base = self._single_mask(m, valid, batch)
+                        base = self._single_mask(m, valid, source)
                         single_masks[m] = base
                     policy = get_plugin(m).masking
                     mk = complementary_mask(
                         base, valid, policy.paired_ratio, self.generator, from_visible=policy.paired_from_visible
                     )
-                masked[m] = mk
-                keep[m] = keep_ids_from_mask(mk, valid)
+                device = full.hidden[m].device
+                masked[m] = to_device(mk, device)
+                keep[m] = to_device(keep_ids_from_mask(mk, valid), device)
             student = self.model.forward_features(inputs, keep_ids=keep)
             vo = ViewOutput(student.hidden, student.padding_mask, keep, masked)
             if self.decoder is not None:

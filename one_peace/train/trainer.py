@@ -21,7 +21,15 @@ from torch import nn
 
 from one_peace.extras import optional
 from one_peace.train.checkpointing import dist_info, latest_checkpoint, resume_checkpoint, save_checkpoint
-from one_peace.train.device import PRECISIONS, autocast_dtype, move_batch, resolve_device, resolve_precision
+from one_peace.train.device import (
+    HOST_KEY,
+    PRECISIONS,
+    HostBatch,
+    autocast_dtype,
+    move_batch,
+    resolve_device,
+    resolve_precision,
+)
 from one_peace.train.objectives import FeatureCache, Logs
 from one_peace.train.optim import build_optimizer, lr_at, parameter_groups
 
@@ -372,6 +380,13 @@ class Trainer:
     def _cast(self) -> Any:
         return torch.autocast(self.device.type, self.autocast) if self.autocast else contextlib.nullcontext()
 
+    def _device_batch(self, batch: Any) -> Any:
+        """The transfer step; tasks that ask for it (``uses_host_batch``) also get the host copy under ``HOST_KEY``."""
+        moved = move_batch(batch, self.device, self.batch_dtype)
+        if getattr(self.task, "uses_host_batch", False) and isinstance(moved, dict):
+            moved[HOST_KEY] = HostBatch(batch)
+        return moved
+
     def accumulate(self) -> Logs:
         """Forward and backward ``trainer.accumulation`` micro-batches into the gradients; returns their mean logs.
 
@@ -381,9 +396,7 @@ class Trainer:
         time. Gradients are communicated only in the last micro-step's backward.
         """
         k = self.cfg.accumulation
-        batches: Iterator[Any] | list[Any] = (
-            move_batch(self._next_batch(), self.device, self.batch_dtype) for _ in range(k)
-        )
+        batches: Iterator[Any] | list[Any] = (self._device_batch(self._next_batch()) for _ in range(k))
         caches: list[dict[str, FeatureCache]] | None = None
         if k > 1 and getattr(self.task, "caches_features", False):
             batches = list(batches)
