@@ -244,10 +244,8 @@ def generate(
     tokens = torch.full((samples * beam,), BOS, dtype=torch.long, device=device)
     for position in range(max_len):
         logp = F.log_softmax(decoder.step(tokens, position, cache).float(), dim=-1).view(len(active), beam, vocab)
-        scores = torch.full((len(active), beam), float("-inf"))
-        for a, s in enumerate(active):
-            scores[a, : len(live[s])] = torch.tensor([score for _, score, _ in live[s]])
-        scores = scores.to(device)[:, :, None] + logp
+        beam_scores = [[score for _, score, _ in live[s]] + [float("-inf")] * (beam - len(live[s])) for s in active]
+        scores = torch.tensor(beam_scores, device=device)[:, :, None] + logp  # padding rows: -inf
         if trie is not None:
             scores = scores + _trie_mask(live, active, beam, vocab, device)
         top = scores.view(len(active), -1).topk(min(2 * beam, beam * vocab))

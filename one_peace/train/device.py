@@ -113,12 +113,8 @@ def move_batch(batch: Any, device: torch.device, dtype: torch.dtype | None = Non
     """
     if isinstance(batch, torch.Tensor):
         cast = dtype if dtype is not None and batch.is_floating_point() and batch.dtype != dtype else None
-        if batch.device == device:
-            return batch.to(cast) if cast is not None else batch
-        if device.type == "cuda" and batch.device.type == "cpu":
-            batch = batch.pin_memory().to(device, non_blocking=True)
-            return batch.to(cast) if cast is not None else batch
-        return batch.to(device, dtype=cast) if cast is not None else batch.to(device)
+        moved = to_device(batch, device)
+        return moved.to(cast) if cast is not None else moved
     if isinstance(batch, Mapping):
         return {k: move_batch(v, device, dtype) for k, v in batch.items()}
     if isinstance(batch, list):
