@@ -33,7 +33,8 @@ def manifest_format(path: Path) -> str:
     raise ManifestError(f"{path}: unknown manifest format {suffix!r} (use .jsonl or .tsv)")
 
 
-def _parse(line: str, fmt: str, header: list[str] | None, path: Path, line_no: int) -> dict[str, Any]:
+def parse_line(line: str, fmt: str, header: list[str] | None, path: Path, line_no: int) -> dict[str, Any]:
+    """One manifest line as a row dict; :class:`ManifestError` names the file and line when it does not parse."""
     if fmt == "jsonl":
         try:
             row = json.loads(line)
@@ -42,7 +43,8 @@ def _parse(line: str, fmt: str, header: list[str] | None, path: Path, line_no: i
         if not isinstance(row, dict):
             raise ManifestError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
         return row
-    assert header is not None
+    if header is None:
+        raise ManifestError(f"{path}:{line_no}: a TSV manifest needs a header line first")
     values = next(csv.reader([line.rstrip("\r\n")], delimiter="\t", quoting=csv.QUOTE_NONE))
     if len(values) != len(header):
         raise ManifestError(f"{path}:{line_no}: {len(values)} columns, the header has {len(header)}")
@@ -50,10 +52,8 @@ def _parse(line: str, fmt: str, header: list[str] | None, path: Path, line_no: i
 
 
 class ManifestReader:
-    """Picklable iterator over ``(line_no, row)`` of a manifest; its pickled state is the file offset.
-
-    fairseq2's ``read_iterator`` pickles it for the pipeline state, so a resumed run reopens the file at the
-    saved offset: memory stays flat however large the manifest is.
+    """Streaming iterator over ``(line_no, row)`` of a manifest (validation, tokenizer training, ``embed``);
+    picklable, its state is the file offset. The loader reads rows by index instead (:mod:`one_peace.data.rows`).
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -65,7 +65,7 @@ class ManifestReader:
         self._fh: io.BufferedReader | None = None
 
     def reset(self) -> ManifestReader:
-        """Start again from the top (fairseq2 ``reset_fn``)."""
+        """Start again from the top."""
         self.close()
         self.offset = 0
         self.line_no = 0
@@ -120,7 +120,7 @@ class ManifestReader:
             if self.fmt == "tsv" and self.header is None:
                 self.header = line.rstrip("\r\n").split("\t")
                 continue
-            return self.line_no, _parse(line, self.fmt, self.header, self.path, self.line_no)
+            return self.line_no, parse_line(line, self.fmt, self.header, self.path, self.line_no)
 
 
 def iter_manifest(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:

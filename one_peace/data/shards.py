@@ -36,6 +36,24 @@ def list_shards(source: str | Path | Sequence[str | Path]) -> list[Path]:
     return files
 
 
+def shard_counts(files: Sequence[str | Path]) -> list[int] | None:
+    """Each shard's sample count from the ``shards.json`` beside it; ``None`` when any is not recorded."""
+    counts: list[int] = []
+    indexes: dict[Path, dict[str, Any]] = {}
+    for f in files:
+        index = Path(f).parent / INDEX
+        if index not in indexes:
+            try:
+                indexes[index] = json.loads(index.read_text()).get("counts", {}) if index.is_file() else {}
+            except (OSError, ValueError, AttributeError):
+                indexes[index] = {}
+        count = indexes[index].get(Path(f).name)
+        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+            return None
+        counts.append(count)
+    return counts
+
+
 class ShardReader:
     """Picklable iterator over ``(index, row)`` of WebDataset shards; its state is (shard, samples read in it)."""
 
@@ -54,16 +72,8 @@ class ShardReader:
 
     def count(self) -> int | None:
         """Total samples from ``shards.json`` when present (``None`` otherwise)."""
-        total = 0
-        for f in self.files:
-            index = Path(f).parent / INDEX
-            if not index.is_file():
-                return None
-            counts = json.loads(index.read_text()).get("counts", {})
-            if Path(f).name not in counts:
-                return None
-            total += counts[Path(f).name]
-        return total
+        counts = shard_counts(self.files)
+        return None if counts is None else sum(counts)
 
     def _close(self) -> None:
         if self._tar is not None:

@@ -167,7 +167,7 @@ def test_shards_of_it_train(demo, tmp_path):
         fields={"pointcloud": "pointcloud", "text": "text"},
         model_config=one_peace.model_config("tiny", ("pointcloud", "text")),
         tokenizer=train_tokenizer([r["text"] for r in rows], 300),
-        config=LoaderConfig(batch_size=32, shuffle_window=0, num_parallel_calls=1),
+        config=LoaderConfig(batch_size=32, shuffle_window=0, num_workers=0),
     )
     try:
         batches = list(loader)

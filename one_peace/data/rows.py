@@ -1,0 +1,275 @@
+"""Rows addressed by index: manifests (byte offsets), in-memory rows, and WebDataset shards (member offsets).
+
+A row source is what the sampler and the decoding workers share: ``len(source)`` rows, ``source[i]`` gives
+``(line_no_or_index, row)``. Sources are picklable and open their files lazily in each process (a handle opened
+before a ``fork`` is never shared: its file position would be), so ``DataLoader`` worker processes started by
+``fork``, ``spawn`` or ``forkserver`` all read the same rows. A row that cannot be read (a damaged line, a broken
+shard) is returned as ``{"id": ..., "__error__": reason}``: the loader counts it as a bad sample, it never stops the
+run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from one_peace.data.manifest import ManifestError, manifest_format, parse_line
+
+Row = tuple[int, Mapping[str, Any]]
+
+
+class RowSource:
+    """Base class: ``len(source)`` rows, ``source[i] -> (line_no_or_index, row)``, picklable."""
+
+    #: the folder relative media paths are resolved against
+    base_dir: Path = Path(".")
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> Row:
+        raise NotImplementedError
+
+    def files(self) -> list[Path]:
+        """The files this source reads (for the resume identity check); none for in-memory rows."""
+        return []
+
+    def close(self) -> None:
+        """Close open file handles (they are reopened on demand)."""
+
+
+class MemoryRows(RowSource):
+    """Rows held in memory (values may be raw bytes); row ``i`` reports line number ``i + 1``."""
+
+    def __init__(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not all(isinstance(r, Mapping) for r in rows):
+            raise TypeError("in-memory data must be a sequence of dict rows")
+        self.rows = list(rows)
+        self.base_dir = Path.cwd()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> Row:
+        return index + 1, self.rows[index]
+
+
+class _Handles:
+    """Open file handles of the current process only (reopened after ``fork``), at most ``keep`` of them."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self.keep = keep
+        self.pid = -1
+        self.open: OrderedDict[str, IO[bytes]] = OrderedDict()
+
+    def get(self, path: str) -> IO[bytes]:
+        if self.pid != os.getpid():  # a forked child: never share the parent's file positions
+            self.open = OrderedDict()
+            self.pid = os.getpid()
+        fh = self.open.get(path)
+        if fh is None:
+            fh = open(path, "rb")  # noqa: SIM115 - kept open across reads, closed by close()
+            self.open[path] = fh
+            while len(self.open) > self.keep:
+                self.open.popitem(last=False)[1].close()
+        else:
+            self.open.move_to_end(path)
+        return fh
+
+    def close(self) -> None:
+        if self.pid == os.getpid():
+            for fh in self.open.values():
+                fh.close()
+        self.open = OrderedDict()
+
+
+class ManifestRows(RowSource):
+    """The rows of a JSONL or TSV manifest, read by byte offset (one scan at construction, no parsing).
+
+    The index is two int64 arrays (offset and line number of every non-blank data line): 16 bytes a row.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.fmt = manifest_format(self.path)
+        self.base_dir = self.path.parent
+        self.header: list[str] | None = None
+        offsets: list[int] = []
+        line_nos: list[int] = []
+        with open(self.path, "rb") as fh:
+            offset = 0
+            for line_no, raw in enumerate(fh, start=1):
+                if raw.strip():
+                    if self.fmt == "tsv" and self.header is None:
+                        self.header = raw.decode("utf-8", errors="replace").rstrip("\r\n").split("\t")
+                    else:
+                        offsets.append(offset)
+                        line_nos.append(line_no)
+                offset += len(raw)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.line_nos = np.asarray(line_nos, dtype=np.int64)
+        self._handles = _Handles(keep=1)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handles"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._handles = _Handles(keep=1)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, index: int) -> Row:
+        line_no = int(self.line_nos[index])
+        fh = self._handles.get(str(self.path))
+        fh.seek(int(self.offsets[index]))
+        raw = fh.readline()
+        try:
+            line = raw.decode("utf-8")
+            return line_no, parse_line(line, self.fmt, self.header, self.path, line_no)
+        except UnicodeDecodeError as exc:
+            reason = f"{self.path}:{line_no}: not valid UTF-8 (byte {exc.start})"
+        except ManifestError as exc:
+            reason = str(exc)
+        return line_no, {"id": f"line {line_no}", "__error__": reason}
+
+    def files(self) -> list[Path]:
+        """The manifest."""
+        return [self.path]
+
+    def close(self) -> None:
+        """Close the manifest (reopened on demand)."""
+        self._handles.close()
+
+
+class ShardRows(RowSource):
+    """The samples of WebDataset shards, addressed as (shard, sample within it).
+
+    Sample counts come from ``shards.json`` (written by ``python -m one_peace.data.shard``) or, without it, from one
+    scan of the tar headers. Each process indexes a shard's members (name, offset, size: headers only) the first
+    time it reads from it and keeps the index of the last few shards, so memory does not grow with the data. A shard
+    that cannot be read, or holds fewer samples than its count, yields error rows for what is missing (counted as
+    bad samples).
+    """
+
+    def __init__(self, files: Sequence[str | Path]) -> None:
+        from one_peace.data.shards import shard_counts
+
+        self.paths = [str(f) for f in files]
+        self.base_dir = Path(self.paths[0]).parent if self.paths else Path(".")
+        self._indexes: OrderedDict[int, list[Any]] = OrderedDict()
+        self._handles = _Handles(keep=2)
+        counts = shard_counts(self.paths)
+        if counts is None:
+            counts = [len(self._index(i)) for i in range(len(self.paths))]
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_indexes"] = OrderedDict()
+        state["_handles"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._handles = _Handles(keep=2)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def files(self) -> list[Path]:
+        """The shard files."""
+        return [Path(p) for p in self.paths]
+
+    def close(self) -> None:
+        """Close open shards (reopened on demand)."""
+        self._handles.close()
+
+    def _index(self, shard: int) -> list[Any]:
+        """The samples of one shard: ``(key, [(field, offset, size), ...], json (offset, size))``, plus an error
+        string as the last entry when the shard breaks off."""
+        cached = self._indexes.get(shard)
+        if cached is not None:
+            self._indexes.move_to_end(shard)
+            return cached
+        path = self.paths[shard]
+        samples: list[Any] = []
+        current: dict[str, Any] | None = None
+        try:
+            with tarfile.open(path, mode="r:") as tar:
+                for member in tar:
+                    name = Path(member.name).name
+                    key, _, rest = name.partition(".")
+                    if current is None:
+                        current = {"key": key, "members": [], "json": None, "expected": None}
+                    if rest == "json":
+                        fh = tar.extractfile(member)
+                        meta = json.loads(fh.read()) if fh is not None else None
+                        if not isinstance(meta, dict) or "__members__" not in meta:
+                            raise ValueError(f"{name}: not a one-peace sample header")
+                        current["json"] = (member.offset_data, member.size)
+                        current["expected"] = set(meta["__members__"])
+                    else:
+                        current["members"].append((rest.split(".", 1)[0], member.offset_data, member.size))
+                    got = {m[0] for m in current["members"]}
+                    if current["expected"] is not None and current["expected"] <= got:
+                        samples.append((current["key"], current["members"], current["json"]))
+                        current = None
+            if current is not None:
+                raise ValueError("truncated sample at the end of the shard")
+        except (tarfile.TarError, OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+            samples.append(f"unreadable shard: {type(exc).__name__}: {exc}")
+        self._indexes[shard] = samples
+        while len(self._indexes) > 2:
+            self._indexes.popitem(last=False)
+        return samples
+
+    def __getitem__(self, index: int) -> Row:
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        within = index - int(self.starts[shard])
+        path = self.paths[shard]
+        samples = self._index(shard)
+        complete = [s for s in samples if not isinstance(s, str)]
+        if within >= len(complete):
+            broken = samples[-1] if samples and isinstance(samples[-1], str) else None
+            reason = broken or f"sample {within} missing (the shard holds {len(complete)}; shards.json is stale)"
+            return index + 1, {"id": f"{Path(path).name}#{within}", "__error__": reason, "__shard__": path}
+        key, members, json_at = complete[within]
+        try:
+            fh = self._handles.get(path)
+            fh.seek(json_at[0])
+            row: dict[str, Any] = {"__key__": key, "__shard__": path}
+            meta = json.loads(fh.read(json_at[1]))
+            meta.pop("__members__", None)
+            row.update(meta)
+            for fld, offset, size in members:
+                fh.seek(offset)
+                row[fld] = fh.read(size)
+        except (OSError, ValueError) as exc:
+            return index + 1, {"id": f"{Path(path).name}#{within}", "__error__": f"unreadable sample: {exc}"}
+        return index + 1, row
+
+
+def open_rows(source: str | Path | Sequence[Mapping[str, Any]] | Sequence[str | Path]) -> RowSource:
+    """The row source of a manifest path, a shard folder / file / list of shard files, or in-memory rows."""
+    from one_peace.data.shards import list_shards
+
+    if isinstance(source, str | Path):
+        path = Path(source)
+        if path.is_file() and path.suffix != ".tar":
+            return ManifestRows(path)
+        return ShardRows(list_shards(path))
+    if source and all(isinstance(s, str | Path) for s in source):
+        return ShardRows(list_shards(list(source)))  # type: ignore[arg-type]
+    return MemoryRows(source)  # type: ignore[arg-type]
