@@ -7,16 +7,15 @@ The core install (``pip install one-peace``) covers the model, checkpoints, ``en
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import warnings
+from types import ModuleType
 
 #: extra -> (import name, what it is for) of the packages code checks for. Mirrors pyproject.toml's extras.
 EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
-    "train": (
-        ("fairseq2", "the training data pipeline (one_peace.data.MultimodalLoader)"),
-        ("tensorboard", "TensorBoard logs"),
-        ("matplotlib", "loss plots"),
-    ),
+    "train": (("tensorboard", "TensorBoard logs"), ("matplotlib", "loss plots")),
+    "fairseq2": (("fairseq2", "the fairseq2 loader backend (data.backend=fairseq2)"),),
     "retrieval": (("faiss", "vector indexes"), ("pyarrow", "embedding metadata"), ("matplotlib", "evaluation plots")),
     "video": (("av", "video decoding (PyAV)"),),
     "serve": (("fastapi", "the search page"), ("uvicorn", "its server"), ("multipart", "uploads (python-multipart)")),
@@ -45,7 +44,8 @@ def require(extra: str, *modules: str, feature: str | None = None) -> None:
     """Raise :class:`MissingExtraError` naming ``extra`` unless every module of it (or those given) imports.
 
     Args:
-        extra: The extra's name in ``pyproject.toml`` (``train``, ``retrieval``, ``video``, ``gpu``).
+        extra: The extra's name in ``pyproject.toml`` (``train``, ``fairseq2``, ``retrieval``, ``video``, ``serve``,
+            ``gpu``).
         modules: Import names to check; default: the extra's packages listed in :data:`EXTRAS` that are essential
             (the first one).
         feature: What the caller is about to do, for the message.
@@ -62,18 +62,36 @@ def require(extra: str, *modules: str, feature: str | None = None) -> None:
 
 
 def optional(module: str, extra: str, feature: str) -> bool:
-    """Whether ``module`` imports; if not, warn once that ``feature`` is skipped and which extra brings it."""
-    if available(module):
-        return True
-    key = (module, feature)
+    """Whether ``module`` imports; if not, warn once that ``feature`` is skipped (see :func:`optional_import`)."""
+    return optional_import(module, extra, feature) is not None
+
+
+def optional_import(module: str, extra: str, feature: str) -> ModuleType | None:
+    """``module`` imported, or ``None`` with one warning that ``feature`` is skipped.
+
+    The import itself is tried, not only looked up: an installed package that fails to import (TensorBoard or
+    matplotlib beside an incompatible protobuf or numpy, say) is skipped the same way as a missing one, with the
+    error in the warning, and the work goes on.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        if available(module.split(".")[0]):
+            why = f"{module} is installed but fails to import ({type(exc).__name__}: {exc})"
+        else:
+            why = f"{module} is not installed (it comes with {install_hint(extra)})"
+    except Exception as exc:  # a broken install raises anything at import time (TypeError from protobuf, ...)
+        why = f"{module} is installed but fails to import ({type(exc).__name__}: {exc})"
+    warn_once(f"{feature} skipped: {why}", key=(module, feature))
+    return None
+
+
+def warn_once(message: str, key: object = None) -> None:
+    """A ``RuntimeWarning`` shown once per ``key`` (default: the message) in this process."""
+    key = message if key is None else key
     if key not in _WARNED:
         _WARNED.add(key)
-        warnings.warn(
-            f"{feature} skipped: {module} is not installed (it comes with {install_hint(extra)})",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    return False
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-_WARNED: set[tuple[str, str]] = set()
+_WARNED: set[object] = set()

@@ -28,23 +28,24 @@ register()
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run a composed recipe config; returns the evaluation results (also written to ``eval.json``).
 
-    The output folder's lock is released when the run ends, however it ends.
+    However the run ends, its loaders' worker processes are stopped, the output folder's lock is released and the
+    process group (under ``torchrun``) is destroyed.
     """
     held: list[Any] = []
     try:
         return _run(cfg, held)
     finally:
-        for fh in held:
-            fh.close()
+        for resource in reversed(held):
+            resource.close()
+        shutdown()
 
 
 def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
     from one_peace.data.loader import MultimodalLoader
-    from one_peace.extras import require
     from one_peace.runner.evaluate import check_eval_section, evaluate_all
+    from one_peace.train.device import resolve_device
     from one_peace.train.trainer import Trainer
 
-    require("train", "fairseq2", feature="training with python -m one_peace.run")
     specs = build.task_specs(cfg)
     needs = {name: build.task_needs(cfg, spec) for name, spec in specs.items()}
     modalities = list(dict.fromkeys(m for n in needs.values() for m in n["modalities"]))
@@ -77,6 +78,7 @@ def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
         tokenizer = rank0_first(rank, world, build.build_tokenizer, cfg, train, text_fields, out, plain)
         model = build.build_model(cfg, modalities, tokenizer)
     multi = cfg.task.type == "multitask"
+    pin = resolve_device(tcfg.device).type == "cuda"  # collate into pinned memory for the copy to the GPU
     tasks, loaders, eval_loaders = {}, {}, {}
     for name, spec in specs.items():
         n = needs[name]
@@ -87,12 +89,14 @@ def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
             data.get("train") or train,
             rank=rank,
             world_size=world,
-            config=build.loader_config(cfg, tcfg.batch_size, train=True),
+            config=build.loader_config(cfg, tcfg.batch_size, train=True, pin_memory=pin),
             **common,
         )
+        held.append(loaders[name])
         eval_loaders[name] = MultimodalLoader(
             data.get("valid") or valid, config=build.loader_config(cfg, tcfg.batch_size, train=False), **common
         )
+        held.append(eval_loaders[name])
     if multi:
         from one_peace.train.multitask import MultiLoader, MultiTask
 
@@ -118,27 +122,25 @@ def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
     ckpt = trainer.fit()
     if trainer.sharded:  # evaluation calls submodules directly: gather the root's sharded parameters first
         task.unshard()
+    loader.close()  # the training workers are not needed for the evaluation
     results = evaluate(trainer.step)
-    loader.close()
-    for ev in eval_loaders.values():
-        ev.close()
     results["checkpoint"] = str(Path(ckpt).resolve())
     if rank == 0:
         (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
         print(f"checkpoint: {results['checkpoint']}")
-    shutdown(world)
     return results
 
 
 @hydra.main(version_base=None, config_path="pkg://one_peace.recipes", config_name="config")
 def main(cfg: DictConfig) -> None:
     """Hydra entry point: a configuration or input error ends the run with one line naming the key or file."""
+    from one_peace.data.loader import TooManyBadSamples
     from one_peace.data.manifest import ManifestError
     from one_peace.extras import MissingExtraError
 
     try:
         run(cfg)
-    except (ValueError, MissingExtraError, ManifestError, FileNotFoundError, OutputDirInUse) as exc:
+    except (ValueError, MissingExtraError, ManifestError, FileNotFoundError, OutputDirInUse, TooManyBadSamples) as exc:
         raise SystemExit(f"error: {exc}") from None
 
 

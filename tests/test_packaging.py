@@ -68,33 +68,39 @@ for name in {names!r}:
 """
 
 
-def test_missing_train_extra_fails_at_start_naming_the_extra(tmp_path):
-    """``python -m one_peace.run`` without fairseq2: one clear message before any work (no demo data written)."""
+def test_missing_fairseq2_extra_fails_at_start_naming_the_extra(tmp_path):
+    """Training needs no fairseq2; ``data.backend=fairseq2`` without it: one clear message before any work."""
     code = _BLOCK.format(names=["fairseq2", "fairseq2n"]) + textwrap.dedent(
         """
-        sys.argv = ["one_peace.run", "recipe=vl_seq2seq", "output_dir=out", "hydra.run.dir=."]
+        sys.argv = ["one_peace.run", "recipe=vl_seq2seq", "output_dir=out", "hydra.run.dir=.", "data.backend=fairseq2"]
         import one_peace.run
         one_peace.run.main()
         """
     )
     out = _python(code, tmp_path)
     assert out.returncode != 0
-    assert "the 'train' extra" in out.stderr and "pip install 'one-peace[train]'" in out.stderr, out.stderr[-2000:]
+    assert "the 'fairseq2' extra" in out.stderr and "pip install 'one-peace[fairseq2]'" in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "out" / "demo_data").exists(), "the command did work before failing"
-    # the loader itself says the same when constructed directly
+    # the loader itself says the same when constructed directly; the default backend needs nothing more
     code = _BLOCK.format(names=["fairseq2", "fairseq2n"]) + textwrap.dedent(
         """
         from one_peace.extras import MissingExtraError
         from one_peace.data import LoaderConfig, MultimodalLoader
+        from one_peace.tokenizer import train_tokenizer
+        tok = train_tokenizer(["a b c"] * 4, vocab_size=260)
+        rows = [{"text": "a b"}, {"text": "c"}]
+        loader = MultimodalLoader(rows, tokenizer=tok, config=LoaderConfig(batch_size=2, num_workers=1))
+        print("BATCHES:", len(list(loader)))
+        loader.close()
         try:
-            MultimodalLoader([{"text": "a"}], fields={"text": "text"}, config=LoaderConfig(batch_size=1))
+            MultimodalLoader(rows, tokenizer=tok, config=LoaderConfig(batch_size=1, backend="fairseq2"))
         except MissingExtraError as exc:
             print("MISSING:", exc)
         """
     )
     out = _python(code, tmp_path)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "MISSING:" in out.stdout and "'train' extra" in out.stdout, out.stdout
+    assert "BATCHES: 1" in out.stdout and "MISSING:" in out.stdout and "'fairseq2' extra" in out.stdout, out.stdout
 
 
 def test_missing_video_extra_names_the_extra(tmp_path):

@@ -113,7 +113,7 @@ def test_half_written_checkpoint_is_never_the_latest(tmp_path):
     assert latest_checkpoint(tmp_path) == good
 
 
-def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path):
+def _kill_and_resume(tmp_path: Path, *overrides: str) -> None:
     """SIGKILL after the step-3 checkpoint, resume, and compare with an uninterrupted run at step 6."""
     args = [
         sys.executable,
@@ -124,7 +124,8 @@ def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path):
         "trainer.max_steps=6",
         "trainer.save_every=3",
         "trainer.keep_last=5",
-        "data.num_parallel_calls=2",
+        "data.num_workers=2",  # decoding worker processes, prefetching ahead of what the loop consumed
+        *overrides,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     ref = tmp_path / "ref"
@@ -152,6 +153,54 @@ def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path):
     ta = load_file(str(ref / "checkpoints" / "step_0000006" / "task.safetensors"))
     tb = load_file(str(out / "checkpoints" / "step_0000006" / "task.safetensors"))
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4, 6] and all("data_wait" in r and "mfu" in r for r in rows)
+
+
+def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path):
+    """2 decoding workers and length buckets (several epochs of 2-3 batches): the resume position is what the loop
+    consumed, whatever the workers had prefetched."""
+    _kill_and_resume(tmp_path, "data.length_buckets=[10,13,20]", "data.remainder=pad")
+
+
+@pytest.mark.slow
+def test_killed_run_on_shards_resumes_to_bitwise_identical_weights(tmp_path):
+    """The same from WebDataset shards (rows addressed as shard members)."""
+    from one_peace.data.demo import make_demo_dataset
+    from one_peace.data.shards import write_shards
+
+    paths = make_demo_dataset(tmp_path / "data", n_train=32, n_valid=16, image_size=32, video=False)
+    write_shards(paths["train"], tmp_path / "shards", shard_size=10)
+    _kill_and_resume(tmp_path, f"data.train={tmp_path / 'shards'}", f"data.valid={paths['valid']}")
+
+
+def test_too_many_bad_samples_saves_the_last_step_and_resumes_exactly_with_a_higher_limit(tmp_path):
+    """7 corrupt images in 100 rows (7 % > the 1 % limit): the run stops at the end of the epoch with the bad rows'
+    reasons and how to go on, after saving its last completed step (it used to stop with a traceback and nothing
+    saved). Resumed with a higher limit it ends bitwise where an unbroken run with that limit ends."""
+    from one_peace.data.demo import make_demo_dataset
+    from one_peace.data.loader import TooManyBadSamples
+
+    paths = make_demo_dataset(tmp_path / "data", n_train=100, n_valid=16, image_size=32, video=False)
+    rows = [json.loads(x) for x in paths["train"].read_text().splitlines()]
+    for row in rows[3:100:14]:  # 7 rows
+        (tmp_path / "data" / row["image"]).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    data = [f"data.train={paths['train']}", f"data.valid={paths['valid']}", "trainer.max_steps=16"]
+    data += ["trainer.save_every=100", "data.shuffle_window=0", "data.num_workers=0", "trainer.log_every=4"]
+    with pytest.raises(TooManyBadSamples) as err:
+        run(_cfg("vl_contrastive", tmp_path / "stopped", *data))
+    message = str(err.value)
+    assert "7 of 96 distinct samples were bad (7.3% > 1.0%" in message  # 12 full batches of 8 read and "undecodable image" in message
+    assert "data.max_bad_fraction" in message and "trainer.resume=true" in message
+    ckpt = tmp_path / "stopped" / "checkpoints" / "step_0000012"  # 12 batches of 8 in the epoch, all trained
+    assert f"the last completed step 12 was saved to {ckpt}" in message and (ckpt / "COMPLETE").is_file()
+    assert len(err.value.bad_rows) == 7
+    higher = [*data, "data.max_bad_fraction=0.1"]
+    run(_cfg("vl_contrastive", tmp_path / "stopped", *higher, "trainer.resume=true"))
+    run(_cfg("vl_contrastive", tmp_path / "unbroken", *higher))
+    a = _weights(tmp_path / "stopped" / "checkpoints" / "step_0000016")
+    b = _weights(tmp_path / "unbroken" / "checkpoints" / "step_0000016")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_torchrun_ddp_matches_the_single_process_loss_curve(tmp_path):

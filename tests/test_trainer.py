@@ -117,3 +117,113 @@ def test_accumulated_contrastive_micro_batches_equal_one_k_times_batch(tmp_path)
     with torch.no_grad():
         naive = sum(float(task(m)[0]) for m in micro) / 3
     assert abs(naive - logs["c/loss"]) > 1e-3
+
+
+class _SlowBatches:
+    """A BatchList that takes ``delay`` seconds to hand out each batch (a slow data pipeline)."""
+
+    def __init__(self, batches, delay: float) -> None:
+        from one_peace.train.batches import BatchList
+
+        self.inner, self.delay = BatchList(batches), delay
+        self.epoch = 0
+
+    def __iter__(self):
+        import time
+
+        for batch in self.inner:
+            time.sleep(self.delay)
+            yield batch
+        self.epoch = self.inner.epoch
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state):
+        self.inner.load_state_dict(state)
+
+
+def _throughput_run(tmp_path, delay: float, **cfg):
+    import json
+
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from one_peace.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    model = one_peace.build_model("tiny", modalities=("text", "image"), modality_options={"image": {"image_size": 32}})
+    task = Task(model, {"c": (ContrastiveObjective(("image", "text")), 1.0)})
+    batch = one_peace.example_inputs(("text", "image"), 4, model.config)
+    batch["valid"] = torch.tensor([True, True, True, False])
+    # the FLOPs and tokens of one step, counted independently of the trainer
+    with FlopCounterMode(display=False) as counter:
+        task(batch)[0].backward()
+    flops = counter.get_total_flops()
+    tokens = sum(model.adapters[m](batch[m]).tokens.shape[:2].numel() for m in ("text", "image"))
+    task.zero_grad(set_to_none=True)
+    config = TrainerConfig(max_steps=4, log_every=2, save_every=4, device="cpu", precision="fp32", warmup_steps=1)
+    for key, value in cfg.items():
+        setattr(config, key, value)
+    Trainer(task, _SlowBatches([batch] * 2, delay), config, tmp_path).fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return rows, flops, tokens
+
+
+def test_metrics_carry_samples_tokens_data_wait_and_mfu(tmp_path):
+    """samples/s counts valid samples, tokens/s the positions entering the shared stack, MFU charges the counted
+    FLOPs of a step per token against the given peak; a slow data source shows up as the data-wait fraction."""
+    rows, flops, tokens = _throughput_run(tmp_path / "slow", delay=0.3, peak_tflops=0.5)
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert {"samples_per_s", "tokens_per_s", "data_wait", "mfu"} <= set(r)
+        assert math.isclose(r["tokens_per_s"] / r["samples_per_s"], tokens / 3, rel_tol=1e-9)  # 3 valid of 4
+        assert math.isclose(r["mfu"] * 0.5e12, flops / tokens * r["tokens_per_s"], rel_tol=1e-9)
+        seconds = 2 * 3 / r["samples_per_s"]  # the interval: 2 steps of 3 valid samples
+        assert 0.6 <= r["data_wait"] * seconds < seconds, r  # each of its 2 batches took >= 0.3 s to arrive
+    fast, _, _ = _throughput_run(tmp_path / "fast", delay=0.0)  # the peak measured at start
+    assert all(0 < r["mfu"] < 1.5 and r["data_wait"] * 2 * 3 / r["samples_per_s"] < 0.1 for r in fast), fast
+
+
+def test_a_broken_tensorboard_or_matplotlib_warns_once_and_training_goes_on(tmp_path):
+    """An installed package that fails at import (as TensorBoard does beside an incompatible protobuf) used to crash
+    the run at its first log step: the trainer asked whether the package exists, not whether it imports."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    fake = tmp_path / "site"
+    for name in ("tensorboard", "matplotlib"):
+        (fake / name).mkdir(parents=True)
+        (fake / name / "__init__.py").write_text(
+            "raise TypeError('Descriptors cannot be created directly. If this call came from a _pb2.py file, "
+            "your generated code is out of date')\n"
+        )
+    code = textwrap.dedent(
+        f"""
+        import torch, one_peace
+        from one_peace.train.batches import BatchList
+        from one_peace.train.objectives import ContrastiveObjective
+        from one_peace.train.task import Task
+        from one_peace.train.trainer import Trainer, TrainerConfig
+        model = one_peace.build_model("tiny", modalities=("text", "image"),
+                                      modality_options={{"image": {{"image_size": 32}}}})
+        task = Task(model, {{"c": (ContrastiveObjective(("image", "text")), 1.0)}})
+        batch = one_peace.example_inputs(("text", "image"), 2, model.config)
+        batch["valid"] = torch.ones(2, dtype=torch.bool)
+        cfg = TrainerConfig(max_steps=3, log_every=1, save_every=3, device="cpu", peak_tflops=1.0)
+        print("DONE", Trainer(task, BatchList([batch]), cfg, {str(tmp_path / "out")!r}).fit())
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "DONE" in out.stdout
+    assert out.stderr.count("TensorBoard logging skipped") == 1, out.stderr
+    assert "fails to import (TypeError: Descriptors cannot be created directly" in out.stderr
+    assert out.stderr.count("the loss plot (loss.png) skipped") == 1, out.stderr
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and (tmp_path / "out" / "checkpoints" / "step_0000003").is_dir()
+    assert not (tmp_path / "out" / "loss.png").exists()

@@ -193,26 +193,6 @@ def _classify(modality: str, exc: DataError) -> str:
     return exc.reason
 
 
-@dataclass
-class _Bad:
-    sid: str
-    reason: str
-    detail: str
-
-
-def _stats_from_dict(d: Mapping[str, Any]) -> EpochStats:
-    st = EpochStats(**{k: v for k, v in d.items() if k != "bad"})
-    st.bad = Counter(d.get("bad", {}))
-    return st
-
-
-def _classify(modality: str, exc: DataError) -> str:
-    """The count category of a bad sample: the error's own reason, with the modality for media problems."""
-    if exc.reason in ("undecodable", "empty"):
-        return f"{exc.reason} {modality}"
-    return exc.reason
-
-
 #: key of the per-batch report (samples read, bad rows) a decoded batch carries to the training process
 REPORT_KEY = "_report"
 
@@ -464,6 +444,8 @@ class MultimodalLoader:
         self.bad_reasons: Counter[str] = Counter()  # this epoch's bad rows by reason (each row is read once)
         self.bad_ids: set[str] = set()  # distinct bad rows over all epochs
         self._bad_examples: dict[str, str] = {}  # id -> reason, the first few (for the stop message)
+        self._logged: set[str] = set()  # bad rows already logged
+        self._identity: dict[str, Any] | None = None
         self._feed = _PlanFeed()
         self._dataloader: torch.utils.data.DataLoader[Any] | None = None
         self._live: Any = None  # the running DataLoader iterator or fairseq2 pipeline
@@ -542,30 +524,45 @@ class MultimodalLoader:
         return self._torch_batches(plans)
 
     # ---------------------------------------------------------------------------------------- accounting
-    def _take_report(self, report: Mapping[str, Any]) -> None:
-        """Count a consumed batch's samples and bad rows (in the training process, in consumption order)."""
-        self.total_seen += int(report["seen"])
+    def _take_report(self, report: Mapping[str, Any]) -> bool:
+        """Count a consumed batch's samples and bad rows (in the training process, in consumption order).
+
+        Returns False, committing nothing, when the batch takes the bad fraction over the limit: the stop then
+        leaves the position before it, so a run resumed with a higher limit trains on it.
+        """
+        seen = self.total_seen + int(report["seen"])
+        bad = self.total_bad + len(report["bad"])
         for sid, reason, detail in report["bad"]:
-            self.total_bad += 1
-            self.bad_reasons[reason] += 1
-            if sid not in self.bad_ids:  # logged once per row, not once per epoch
-                self.bad_ids.add(sid)
-                if len(self._bad_examples) < 20:
-                    self._bad_examples[sid] = reason
+            if sid not in self.bad_ids and sid not in self._logged:  # logged once per row, not once per epoch
+                self._logged.add(sid)
                 logger.warning("skipping sample %s: %s (%s)", sid, reason, detail)
-        if self.total_seen >= self.config.min_samples_for_bad_check:
-            self._judge_bad_fraction()
+        reasons = self.bad_reasons + Counter(reason for _, reason, _ in report["bad"])
+        examples = dict(self._bad_examples)
+        for sid, reason, _ in report["bad"]:
+            if len(examples) < 20:
+                examples.setdefault(sid, reason)
+        limit = self.config.max_bad_fraction
+        if seen >= self.config.min_samples_for_bad_check and seen and bad / seen > limit:
+            self._abort = self._report_stop(seen, bad, reasons, examples)
+            self._bad_examples = examples
+            return False
+        self.total_seen, self.total_bad, self.bad_reasons, self._bad_examples = seen, bad, reasons, examples
+        self.bad_ids.update(sid for sid, _, _ in report["bad"])
+        return True
+
+    def _report_stop(self, seen: int, bad: int, reasons: Mapping[str, int], examples: Mapping[str, str]) -> str:
+        shown = ", ".join(f"{sid} ({reason})" for sid, reason in list(examples.items())[:5])
+        limit = self.config.max_bad_fraction
+        return (
+            f"epoch {self.epoch}: {bad} of {seen} distinct samples were bad ({bad / seen:.1%} > {limit:.1%}, the "
+            f"limit data.max_bad_fraction={limit}); reasons: {dict(reasons)}; first bad rows: {shown}"
+        )
 
     def _judge_bad_fraction(self) -> None:
         """Set the abort report when this epoch's bad fraction (of distinct rows read) exceeds the limit."""
-        c = self.config
-        if self.total_seen and self.total_bad / self.total_seen > c.max_bad_fraction and self._abort is None:
-            examples = ", ".join(f"{sid} ({reason})" for sid, reason in list(self._bad_examples.items())[:5])
-            self._abort = (
-                f"epoch {self.epoch}: {self.total_bad} of {self.total_seen} distinct samples were bad "
-                f"({self.total_bad / self.total_seen:.1%} > {c.max_bad_fraction:.1%}); "
-                f"reasons: {dict(self.bad_reasons)}; first bad rows: {examples}"
-            )
+        seen, bad = self.total_seen, self.total_bad
+        if seen and bad / seen > self.config.max_bad_fraction and self._abort is None:
+            self._abort = self._report_stop(seen, bad, self.bad_reasons, self._bad_examples)
 
     def _stop(self) -> TooManyBadSamples:
         assert self._abort is not None
@@ -599,6 +596,7 @@ class MultimodalLoader:
         collated batch per modality.
         """
         self._release()
+        self._abort = None
         restored, self._restored = self._restored, None
         if restored is not None and self.position > 0:  # resumed mid-epoch: the counters of the saved run
             self.stats = _stats_from_dict(restored["stats"])
@@ -608,16 +606,14 @@ class MultimodalLoader:
             self.stats = EpochStats(epoch=self.epoch, rows=self.per_rank_rows())
             # counts are per epoch: a bad row read again in the next epoch is the same bad row, not a new one
             self.total_seen, self.total_bad, self.bad_reasons = 0, 0, Counter()
-            self._abort = None
         plans = self.sampler.plans(self.epoch)
         resumed_mid_epoch = self.position > 0
         yielded = 0
         for batch in self._batches(plans[self.position :]):
-            self.position += 1  # consumed: the training loop holds it from here on (what resume must skip)
-            self._take_report(batch.pop(REPORT_KEY))
-            if self._abort:
+            if not self._take_report(batch.pop(REPORT_KEY)):
                 self._release()
                 raise self._stop()
+            self.position += 1  # consumed: the training loop holds it from here on (what resume must skip)
             if batch.get("empty"):  # every sample of this batch was bad: nothing to yield
                 self.stats.batches += 1
                 self.stats.slots += len(batch["valid"])
@@ -686,10 +682,13 @@ class MultimodalLoader:
         }
 
     def data_identity(self) -> dict[str, Any]:
-        """What data this loader reads: path(s), sizes, a hash of each file's first and last KiB, row count."""
+        """What data this loader reads: path(s), sizes, a hash of each file's first and last KiB, row count (read
+        once)."""
         from one_peace.data.shards import files_identity
 
-        return {"files": files_identity(self.source.files()), "rows": self.num_rows}
+        if self._identity is None:  # once: the files are not expected to change under a running loader
+            self._identity = {"files": files_identity(self.source.files()), "rows": self.num_rows}
+        return self._identity
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict`; the next iteration continues exactly where the saved run's loop was.

@@ -43,21 +43,27 @@ def data_fields(cfg: DictConfig) -> dict[str, str]:
     return fields
 
 
-def loader_config(cfg: DictConfig, batch_size: int, train: bool) -> Any:
+def loader_config(cfg: DictConfig, batch_size: int, train: bool, pin_memory: bool = False) -> Any:
     """The loader's options from ``data.*`` (training: shuffled and bucketed; validation: in order, padded)."""
     from one_peace.data.loader import LoaderConfig
 
     d = cfg.data
     common = dict(
         batch_size=batch_size,
+        backend=d.backend,
+        num_workers=d.num_workers,
+        prefetch_factor=d.prefetch_factor,
+        persistent_workers=d.persistent_workers,
+        worker_start=d.worker_start,
+        pin_memory=pin_memory,
         num_parallel_calls=d.num_parallel_calls,
         seed=cfg.seed,
         max_bad_fraction=d.max_bad_fraction,
         min_samples_for_bad_check=d.min_samples_for_bad_check,
         allow_changed=d.allow_changed,
     )
-    if not train:
-        return LoaderConfig(shuffle_window=0, remainder="pad", **common)
+    if not train:  # one pass after training: no worker kept alive for it
+        return LoaderConfig(shuffle_window=0, remainder="pad", **{**common, "persistent_workers": False})
     buckets = list(d.length_buckets) if d.length_buckets is not None else None
     return LoaderConfig(
         shuffle_window=d.shuffle_window, length_buckets=buckets, bucket_by=d.bucket_by, remainder=d.remainder, **common
@@ -334,5 +340,9 @@ def check_config(cfg: DictConfig, modalities: list[str]) -> None:
         model_config(cfg, modalities, vocab_size=None)
     trainer_config(cfg)
     loader_config(cfg, int(cfg.trainer.batch_size), train=True).validate()
+    if cfg.data.backend == "fairseq2":
+        from one_peace.extras import require
+
+        require("fairseq2", "fairseq2", feature="data.backend=fairseq2")
     if (cfg.data.train is None) != (cfg.data.valid is None):
         raise ValueError("data.train and data.valid go together (neither = the demo data)")

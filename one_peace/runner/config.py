@@ -68,8 +68,16 @@ class DataSection:
         demo_valid: Rows of generated demo validation data.
         image_size: Image resolution. ``null``: 64 for models built from scratch, the checkpoint's own for
             ``model.pretrained`` (an explicit value re-grids an official checkpoint, and says so).
-        shuffle_window: Rows held for shuffling (0 = in order).
-        num_parallel_calls: Decoding threads.
+        shuffle_window: 0 = in order; at least the row count = a full permutation per epoch; else blocks of this
+            many consecutive rows in a random order, shuffled within.
+        backend: ``auto`` (= ``torch``: ``DataLoader`` worker processes) or ``fairseq2`` (fairseq2's parallel map
+            over the same batches; the ``fairseq2`` extra, torch 2.9.1).
+        num_workers: Decoding worker processes (0 = in the training process); fairseq2: its parallel calls.
+        prefetch_factor: Batches each worker decodes ahead.
+        persistent_workers: Keep the workers across epochs.
+        worker_start: How workers start: ``fork``, ``spawn``, ``forkserver`` (``null``: the platform's default;
+            prefer ``spawn``/``forkserver`` when training on CUDA).
+        num_parallel_calls: Deprecated (one release): use ``num_workers``; when set, taken as ``num_workers``.
         vocab_size: BPE vocabulary trained on the training text (models from scratch).
         length_buckets: Upper bounds (tokens of ``bucket_by``) of length buckets; ``null`` = no bucketing.
         bucket_by: Modality whose length picks the bucket (default: the first non-image modality).
@@ -89,7 +97,12 @@ class DataSection:
     demo_valid: int = 64
     image_size: Optional[int] = None  # noqa: UP045
     shuffle_window: int = 512
-    num_parallel_calls: int = 2
+    backend: str = "auto"
+    num_workers: int = 2
+    prefetch_factor: int = 2
+    persistent_workers: bool = True
+    worker_start: Optional[str] = None  # noqa: UP045
+    num_parallel_calls: Optional[int] = None  # noqa: UP045
     vocab_size: int = 600
     length_buckets: Optional[List[int]] = None  # noqa: UP006, UP045
     bucket_by: Optional[str] = None  # noqa: UP045
@@ -138,6 +151,9 @@ class TrainerSection:
             (autocast + gradient scaler); ``null`` = the device's default.
         bf16: Deprecated: use ``precision`` (true = ``bf16-autocast``).
         grad_checkpointing: Recompute encoder layers in the backward pass.
+        compile: ``torch.compile`` each shared encoder layer (regional compilation: adapters and heads stay eager).
+        peak_tflops: The training device's peak TFLOP/s for MFU (``null``: measured once at start with a matmul in
+            the training precision).
         log_every: Steps between metric lines.
         save_every: Steps between checkpoints (and one at the end).
         eval_every: Steps between evaluations of the ``eval`` section on the validation data, logged to
@@ -167,6 +183,8 @@ class TrainerSection:
     precision: Optional[str] = None  # noqa: UP045
     bf16: Optional[bool] = None  # noqa: UP045
     grad_checkpointing: bool = False
+    compile: bool = False
+    peak_tflops: Optional[float] = None  # noqa: UP045
     log_every: int = 10
     save_every: int = 100
     eval_every: int = 0

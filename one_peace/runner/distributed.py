@@ -41,9 +41,13 @@ def rank0_first(rank: int, world: int, fn: Callable[..., Any], *args: Any) -> An
     return result
 
 
-def shutdown(world: int) -> None:
-    """Leave the process group (when one was joined)."""
-    if world > 1:
-        import torch.distributed as dist
+def shutdown() -> None:
+    """Leave the process group, when one was joined: at the end of every run, success or failure.
 
+    A process group still alive at interpreter exit is torn down during finalisation, where gloo can abort the
+    process after all work is done ("terminate called without an active exception").
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

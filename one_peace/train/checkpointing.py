@@ -159,7 +159,8 @@ def save_checkpoint(self: Any) -> Path:
             "epoch": self.epoch,
             "optimizer": None if self.sharded else self.opt.state_dict(),
             "rng": _rng_state(),
-            "loader": self.loader.state_dict(),
+            # the position at the start of an interrupted step when the trainer kept one (a stop mid-accumulation)
+            "loader": getattr(self, "_saved_loader_state", None) or self.loader.state_dict(),
             "history": self.history,
             "extra": self.extra_state[0]() if self.extra_state else None,
             "task_rngs": module_rng_states(self.task),

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from one_peace.extras import optional
+from one_peace.data.loader import TooManyBadSamples
+from one_peace.extras import optional, optional_import, warn_once
 from one_peace.train.checkpointing import dist_info, latest_checkpoint, resume_checkpoint, save_checkpoint
 from one_peace.train.device import (
     HOST_KEY,
@@ -32,6 +33,7 @@ from one_peace.train.device import (
 )
 from one_peace.train.objectives import FeatureCache, Logs
 from one_peace.train.optim import build_optimizer, lr_at, parameter_groups
+from one_peace.train.throughput import Throughput, TokenCounter, batch_samples, matmul_peak
 
 #: Environment variable naming a file prefix where DDP's gradient all-reduce calls are counted per micro-step (tests).
 COMM_LOG_ENV = "ONE_PEACE_COMM_LOG"
@@ -66,7 +68,11 @@ class TrainerConfig:
             or ``fp16`` (autocast with a gradient scaler).
         bf16: Deprecated alias (True: ``precision=bf16-autocast``, False: ``fp32``).
         grad_checkpointing: Recompute encoder layers in the backward pass.
-        log_every: Steps between metric lines.
+        compile: ``torch.compile`` each shared encoder layer in place (regional compilation: adapters, heads and
+            decoders stay eager; checkpoints keep their names).
+        peak_tflops: The device's peak TFLOP/s for MFU; ``None``: measured once at start (a dense matmul in the
+            training precision on the training device).
+        log_every: Steps between metric lines (loss, lr, samples/s, tokens/s, data-wait fraction, MFU).
         save_every: Steps between checkpoints (and one at the end).
         eval_every: Steps between calls of the trainer's ``evaluate`` callback (0: never), logged to
             ``eval.jsonl`` (rank 0; not with ``fsdp2``, whose parameters are sharded during training).
@@ -97,6 +103,8 @@ class TrainerConfig:
     precision: str | None = None
     bf16: bool | None = None
     grad_checkpointing: bool = False
+    compile: bool = False
+    peak_tflops: float | None = None
     log_every: int = 10
     save_every: int = 50
     eval_every: int = 0
@@ -134,6 +142,8 @@ class TrainerConfig:
             raise ValueError(f"trainer.precision must be one of {list(PRECISIONS)} or null, got {self.precision!r}")
         if self.device != "auto" and str(self.device).split(":")[0] not in ("cpu", "cuda"):
             raise ValueError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.peak_tflops is not None and not self.peak_tflops > 0:
+            raise ValueError(f"trainer.peak_tflops must be > 0 or null, got {self.peak_tflops!r}")
         if self.mixed_precision not in (None, "bf16", "fp32"):
             raise ValueError(f"trainer.mixed_precision must be 'bf16', 'fp32' or null, got {self.mixed_precision!r}")
 
@@ -226,6 +236,10 @@ class Trainer:
         task.to(self.device)  # model, decoder, heads: everything the task owns, before any wrapping
         if self.precision == "bf16":
             task.to(torch.bfloat16)
+        if config.compile:  # regional: each shared layer compiled in place, before any wrapping
+            for layer in getattr(task.model, "layers", []):
+                layer.compile()
+        self.tokens = TokenCounter(task.model)  # type: ignore[arg-type]
         self.forward_module: nn.Module = task
         self.sharded = False
         self.autocast = autocast_dtype(self.precision)
@@ -260,6 +274,10 @@ class Trainer:
         self._tb: Any = None
         self._batches: Iterator[Any] | None = None
         self._yielded = 0
+        self._empty_passes = 0
+        self.throughput = Throughput(self.world)
+        self._step_samples = 0
+        self._saved_loader_state: Any = None  # the loader's state at the start of the step (see fit)
 
     # ----------------------------------------------------------------------------------------- checkpoint
     def save(self) -> Path:
@@ -278,12 +296,17 @@ class Trainer:
                 self._batches = iter(self.loader)
                 self._yielded = 0
             try:
+                waited = time.perf_counter()
                 batch = next(self._batches)
+                self.throughput.add_wait(time.perf_counter() - waited)
+                self._step_samples += batch_samples(batch)
                 self._yielded += 1
                 return batch
             except StopIteration:
                 self._batches = None
-                if self._yielded == 0:
+                # a pass that yields nothing is fine once (a run resumed at the very end of an epoch), not twice
+                self._empty_passes = self._empty_passes + 1 if self._yielded == 0 else 0
+                if self._empty_passes >= 2:
                     raise RuntimeError(
                         f"the batch source {type(self.loader).__name__} yielded no batch in epoch {self.epoch}: "
                         "training cannot make progress"
@@ -295,16 +318,22 @@ class Trainer:
         self.history.append(logs)
         with open(self.out / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(logs) + "\n")
-        if self._tb is None:
+        if self._tb is None:  # metrics.jsonl is always written; TensorBoard when it imports and works
             self._tb = False
-            if optional("tensorboard", "train", "TensorBoard logging"):  # metrics.jsonl is always written
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.out / "tensorboard"))
+            board = optional_import("torch.utils.tensorboard", "train", "TensorBoard logging")
+            if board is not None:
+                try:
+                    self._tb = board.SummaryWriter(str(self.out / "tensorboard"))
+                except Exception as exc:  # an installed but broken TensorBoard: training goes on
+                    warn_once(f"TensorBoard logging skipped: {type(exc).__name__}: {exc}")
         if self._tb:
-            for k, v in logs.items():
-                if k != "step":
-                    self._tb.add_scalar(k, v, int(logs["step"]))
+            try:
+                for k, v in logs.items():
+                    if k != "step":
+                        self._tb.add_scalar(k, v, int(logs["step"]))
+            except Exception as exc:
+                warn_once(f"TensorBoard logging stopped: {type(exc).__name__}: {exc}")
+                self._tb = False
 
     def _evaluate(self) -> None:
         """Run the ``evaluate`` callback on rank 0 (the others wait at their next collective), log its results."""
@@ -415,8 +444,56 @@ class Trainer:
                 agg[key] = agg.get(key, 0.0) + v / k  # device tensors stay there (no synchronisation)
         return agg
 
+    def _peak_flops(self) -> float:
+        """``trainer.peak_tflops``, or a dense matmul measured now in the training precision on the device."""
+        if self.cfg.peak_tflops is not None:
+            return self.cfg.peak_tflops * 1e12
+        dtype = {"bf16": torch.bfloat16, "bf16-autocast": torch.bfloat16, "fp16": torch.float16}.get(
+            self.precision, torch.float32
+        )
+        n, seconds = (8192, 0.5) if self.device.type == "cuda" else (1024, 0.2)
+        return matmul_peak(dtype, n=n, seconds=seconds, device=self.device)
+
+    def _step(self) -> Logs:
+        """One optimizer step's forward and backward passes; the first of the process also counts its FLOPs."""
+        if self.throughput.flops_per_token is not None:
+            agg = self.accumulate()
+            self.throughput.add_step(self._step_samples, self.tokens.take())
+        else:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as counter:
+                agg = self.accumulate()
+            tokens = self.tokens.take()
+            self.throughput.add_step(self._step_samples, tokens)
+            self.throughput.set_step_flops(int(counter.get_total_flops()), tokens)
+        self._step_samples = 0
+        return agg
+
+    def _stop_on_bad_data(self, exc: TooManyBadSamples) -> TooManyBadSamples:
+        """Save the last completed step (unless saved already) before a too-many-bad-samples stop; the error to
+        raise names the checkpoint and how to go on."""
+        done = latest_checkpoint(self.out)
+        if self.step == 0:
+            saved = "no step had completed, nothing was saved"
+        elif done is not None and done.name == f"step_{self.step:07d}":
+            saved = f"the last completed step {self.step} is saved in {done}"
+        else:
+            saved = f"the last completed step {self.step} was saved to {self.save()}"
+        return TooManyBadSamples(
+            f"{exc}. Training stopped; {saved}. To go on, fix or remove the bad rows, or raise the limit "
+            "(data.max_bad_fraction), and run again with trainer.resume=true",
+            exc.bad_rows,
+        )
+
     def fit(self) -> Path:
-        """Train to ``max_steps`` (resuming when configured); returns the final checkpoint folder."""
+        """Train to ``max_steps`` (resuming when configured); returns the final checkpoint folder.
+
+        Every ``log_every`` steps ``metrics.jsonl`` (and TensorBoard, and the progress bar) get the loss, the
+        learning rate, ``samples_per_s`` and ``tokens_per_s`` (whole job), ``data_wait`` (fraction of the interval
+        spent waiting for a batch) and ``mfu`` (see :mod:`one_peace.train.throughput`). A stop on too many bad
+        samples first saves the last completed step.
+        """
         from tqdm import tqdm
 
         if self.cfg.resume and self.rank == 0:
@@ -428,10 +505,12 @@ class Trainer:
         elif self.cfg.resume:
             self.resume()
         self.task.train()
+        self.throughput.peak_flops = self._peak_flops()
         if self.rank == 0:
             backend = getattr(getattr(getattr(self.task, "model", None), "config", None), "attn_backend", "?")
             print(
-                f"training on {self.device} (world size {self.world}), precision {self.precision}, attention {backend}"
+                f"training on {self.device} (world size {self.world}), precision {self.precision}, attention "
+                f"{backend}; MFU against a peak of {self.throughput.peak_flops / 1e12:.3g} TFLOP/s"
             )
         bar = tqdm(
             total=self.cfg.max_steps,
@@ -443,12 +522,20 @@ class Trainer:
         )
         last = None
         start = time.perf_counter()
+        self.throughput.restart()
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first step with a non-finite loss
         while self.step < self.cfg.max_steps:
             for group in self.opt.param_groups:
                 group["lr"] = self.cfg.lr * lr_at(self.step, self.cfg) * group.get("lr_scale", 1.0)
             self.opt.zero_grad(set_to_none=True)
-            agg = self.accumulate()
+            if self.cfg.accumulation > 1:  # a stop in a later micro-batch saves the position of the step's start
+                self._saved_loader_state = self.loader.state_dict()
+            try:
+                agg = self._step()
+            except TooManyBadSamples as exc:
+                bar.close()
+                raise self._stop_on_bad_data(exc) from None
+            self._saved_loader_state = None
             loss_value = torch.as_tensor(agg.get("loss", 0.0), device=self.device)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_value), self.step, first_bad)
             params = [p for p in self.task.parameters() if p.grad is not None]
@@ -471,15 +558,25 @@ class Trainer:
                     raise FloatingPointError(f"non-finite loss at step {bad} (detected at step {self.step})")
             if log_now:
                 logs = self._host_logs(agg)
+                rates = self.throughput.report()
                 logs.update(step=self.step, lr=self.opt.param_groups[0]["lr"], seconds=time.perf_counter() - start)
+                logs.update(rates)
                 if self.rank == 0:
                     self._log(logs)
-                bar.set_postfix(loss=f"{logs['loss']:.3f}")
+                postfix = {"loss": f"{logs['loss']:.3f}", "samples/s": f"{rates['samples_per_s']:.1f}"}
+                postfix["wait"] = f"{rates['data_wait']:.0%}"
+                if "mfu" in rates:
+                    postfix["mfu"] = f"{rates['mfu']:.1%}"
+                bar.set_postfix(postfix)
+                self.throughput.restart()
             bar.update(1)
+            paused = time.perf_counter()  # evaluation and checkpoints are not step time
             if self.evaluate is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
                 self._evaluate()
+                self.tokens.take()
             if save_now:
                 last = self.save()
+            self.throughput.start += time.perf_counter() - paused
         bar.close()
         if self._batches is not None:
             close = getattr(self._batches, "close", None)
@@ -496,9 +593,17 @@ class Trainer:
         return last
 
     def plot(self) -> Path | None:
-        """Save the loss curves of ``metrics.jsonl`` as ``loss.png`` (skipped, with one warning, without matplotlib)."""
+        """Save the loss curves of ``metrics.jsonl`` as ``loss.png`` (skipped, with one warning, without a working
+        matplotlib)."""
         if not self.history or not optional("matplotlib", "train", "the loss plot (loss.png)"):
             return None
+        try:
+            return self._plot()
+        except Exception as exc:  # an installed but broken matplotlib: the run's results stand without the plot
+            warn_once(f"the loss plot (loss.png) skipped: {type(exc).__name__}: {exc}")
+            return None
+
+    def _plot(self) -> Path:
         import matplotlib
 
         matplotlib.use("Agg")
