@@ -37,6 +37,9 @@ def test_readme_main_job_runs_and_beats_the_baseline(tmp_path):
     results = json.loads((tmp_path / "outputs" / "vl_seq2seq" / "eval.json").read_text())
     assert results["token_f1"] > results["baseline_token_f1"], results
     assert Path(results["checkpoint"]).is_dir()
+    rows = [json.loads(x) for x in (tmp_path / "outputs" / "vl_seq2seq" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all({"samples_per_s", "tokens_per_s", "data_wait", "mfu"} <= set(r) for r in rows), rows[-1]
+    assert all(r["samples_per_s"] > 0 and 0 <= r["data_wait"] <= 1 and 0 < r["mfu"] < 1.5 for r in rows)
 
 
 def test_demo_cli_encodes_every_modality(tmp_path):
@@ -49,16 +52,26 @@ def test_demo_cli_encodes_every_modality(tmp_path):
 
 
 @pytest.mark.core
-def test_readme_test_command_is_what_ci_runs():
+def test_ci_runs_the_readme_commands_as_written():
+    """.ci/run reads the set-up, test and fairseq2-check blocks from the README (the regex of _readme_command) and
+    runs them; the set-up ends on the newest torch (no pin) and the fairseq2 check is its own environment."""
     ci = (ROOT / ".ci" / "run").read_text()
-    assert _readme_command("test") in ci
-    # the documented core check: same environment recipe (constraints file, extras) and the same pytest command
-    core = _readme_command("core-test")
-    _, install, *_, tests = core.split(" && ")
-    assert "-c .ci/constraints-core.txt -e '.[retrieval,dev]'" in install and install.split(" install ")[1] in ci
-    assert tests.replace(".venv-core/bin/python", "") in ci and ".venv-core/bin/python -m pytest" in ci
-    pins = [ln for ln in (ROOT / ".ci" / "constraints-core.txt").read_text().splitlines() if ln and ln[0] != "#"]
-    assert pins == ["torch==2.14.1", "torchvision==0.29.1"]
+    for kind in ("setup", "test", "fairseq2-setup", "fairseq2-test"):
+        _readme_command(kind)  # present
+        assert f"readme_block {kind})" in ci
+    assert 'bash -c "${SETUP}"' in ci and 'run_pytest "${TESTS}"' in ci and 'run_pytest "${FS2_TESTS}"' in ci
+    setup = _readme_command("setup")
+    assert setup.startswith("python3 -m venv .venv && .venv/bin/pip install -e '.[all,dev]'") and "torch" not in setup
+    assert _readme_command("test") == ".venv/bin/python -m pytest -q"
+    fs2 = _readme_command("fairseq2-setup")
+    assert fs2 == "python3 -m venv .venv-fairseq2 && .venv-fairseq2/bin/pip install -e '.[fairseq2,dev]'"
+    assert _readme_command("fairseq2-test") == ".venv-fairseq2/bin/python -m pytest -q -m fairseq2"
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    torch_family = ("torch", "torchvision")
+    pinned = {e for e, deps in extras.items() for d in deps if re.split("[=<>]", d)[0] in torch_family}
+    assert pinned == {"fairseq2"} and "fairseq2" not in extras["all"][0], extras
 
 
 SOURCE_ROOTS = {"one_peace": "one_peace", "adapters": "one_peace/adapters", "recipes": "one_peace/recipes"}

@@ -514,3 +514,65 @@ def test_resuming_over_other_data_is_an_error_unless_allowed(tmp_path, tokenizer
     assert ids == [["n0", "n1"], ["n2", "n3"], ["n4", "n5"]]  # a new epoch on the new data, from its start
     for loader in (first, again, other, allowed):
         loader.close()
+
+
+@pytest.mark.fairseq2
+@pytest.mark.skipif(not __import__("one_peace.extras").extras.available("fairseq2"), reason="needs the fairseq2 extra")
+@pytest.mark.parametrize("buckets", [None, [60, 100, 160]], ids=["plain", "buckets"])
+def test_torch_and_fairseq2_backends_yield_the_same_batches_and_resume_state(tmp_path, tokenizer, buckets):
+    """The same sampler plan decoded by DataLoader workers and by fairseq2's parallel map: identical batches (ids and
+    every tensor), bad-sample counts and resume states; a state saved by one backend resumes the other."""
+    manifest = _bad_manifest(tmp_path)
+    rng = np.random.default_rng(5)
+    for i in range(20):
+        _wav(tmp_path / f"v{i}.wav", float(rng.uniform(0.5, 3.0)))
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        if row["audio"] == "ok.wav":
+            row["audio"] = f"v{i}.wav"
+    manifest = _write(tmp_path / "mixed.jsonl", rows)
+
+    def loader(backend: str, workers: int) -> MultimodalLoader:
+        cfg = LoaderConfig(
+            batch_size=3,
+            shuffle_window=7,
+            seed=4,
+            backend=backend,
+            num_workers=workers,
+            length_buckets=buckets,
+            remainder="pad",
+            max_bad_fraction=0.5,
+        )
+        return MultimodalLoader(manifest, model_config=CFG, config=cfg)
+
+    def epochs(ld: MultimodalLoader, n: int = 2) -> list[dict]:
+        return [b for _ in range(n) for b in ld]
+
+    torch_batches = epochs(ref := loader("torch", 2))
+    fs2 = loader("fairseq2", 2)
+    fs2_batches = epochs(fs2)
+    assert len(torch_batches) == len(fs2_batches) > 6
+    for a, b in zip(torch_batches, fs2_batches):
+        assert a["ids"] == b["ids"] and torch.equal(a["valid"], b["valid"])
+        for m in ("image", "audio"):
+            assert all(torch.equal(a[m][k], b[m][k]) for k in a[m])
+    assert ref.stats == fs2.stats and dict(fs2.stats.bad) == {
+        "missing file": 1,
+        "undecodable image": 1,
+        "empty audio": 1,
+        "non-finite values": 1,
+    }
+    # a state saved mid-epoch by the torch backend resumes on fairseq2's (and the reverse)
+    for first, second in (("torch", "fairseq2"), ("fairseq2", "torch")):
+        run = loader(first, 1)
+        it = iter(run)
+        head = [next(it)["ids"] for _ in range(3)]
+        other = loader(second, 2)
+        other.load_state_dict(run.state_dict())
+        assert head + [b["ids"] for b in epochs(other, 1)] + [b["ids"] for b in epochs(other, 1)] == [
+            b["ids"] for b in torch_batches
+        ]
+        run.close()
+        other.close()
+    ref.close()
+    fs2.close()

@@ -79,7 +79,8 @@ def test_missing_fairseq2_extra_fails_at_start_naming_the_extra(tmp_path):
     )
     out = _python(code, tmp_path)
     assert out.returncode != 0
-    assert "the 'fairseq2' extra" in out.stderr and "pip install 'one-peace[fairseq2]'" in out.stderr, out.stderr[-2000:]
+    assert "the 'fairseq2' extra" in out.stderr, out.stderr[-2000:]
+    assert "pip install 'one-peace[fairseq2]'" in out.stderr
     assert not (tmp_path / "out" / "demo_data").exists(), "the command did work before failing"
     # the loader itself says the same when constructed directly; the default backend needs nothing more
     code = _BLOCK.format(names=["fairseq2", "fairseq2n"]) + textwrap.dedent(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import tarfile
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -61,39 +62,61 @@ class MemoryRows(RowSource):
         return index + 1, self.rows[index]
 
 
+_SEEK_LOCK = threading.Lock()
+
+
+def read_at(fh: IO[bytes], offset: int, size: int) -> bytes:
+    """``size`` bytes at ``offset``, safe when threads share ``fh`` (fairseq2's parallel map): ``os.pread`` where the
+    platform has it (no shared file position), else seek + read under a lock."""
+    if hasattr(os, "pread"):
+        return os.pread(fh.fileno(), size, offset)
+    with _SEEK_LOCK:
+        fh.seek(offset)
+        return fh.read(size)
+
+
 class _Handles:
-    """Open file handles of the current process only (reopened after ``fork``), at most ``keep`` of them."""
+    """Open file handles of the current process and thread only (a forked child or another thread opens its own),
+    at most ``keep`` per thread."""
 
     def __init__(self, keep: int = 4) -> None:
         self.keep = keep
         self.pid = -1
-        self.open: OrderedDict[str, IO[bytes]] = OrderedDict()
+        self.local = threading.local()
+
+    def _open(self) -> OrderedDict[str, IO[bytes]]:
+        if self.pid != os.getpid():  # a forked child: never share the parent's file positions
+            self.local = threading.local()
+            self.pid = os.getpid()
+        handles = getattr(self.local, "open", None)
+        if handles is None:
+            handles = self.local.open = OrderedDict()
+        return handles  # type: ignore[no-any-return]
 
     def get(self, path: str) -> IO[bytes]:
-        if self.pid != os.getpid():  # a forked child: never share the parent's file positions
-            self.open = OrderedDict()
-            self.pid = os.getpid()
-        fh = self.open.get(path)
+        handles = self._open()
+        fh = handles.get(path)
         if fh is None:
             fh = open(path, "rb")  # noqa: SIM115 - kept open across reads, closed by close()
-            self.open[path] = fh
-            while len(self.open) > self.keep:
-                self.open.popitem(last=False)[1].close()
+            handles[path] = fh
+            while len(handles) > self.keep:
+                handles.popitem(last=False)[1].close()
         else:
-            self.open.move_to_end(path)
+            handles.move_to_end(path)
         return fh
 
     def close(self) -> None:
+        """Close this thread's handles (other threads' close when they end)."""
         if self.pid == os.getpid():
-            for fh in self.open.values():
+            for fh in self._open().values():
                 fh.close()
-        self.open = OrderedDict()
+            self.local.open = OrderedDict()
 
 
 class ManifestRows(RowSource):
     """The rows of a JSONL or TSV manifest, read by byte offset (one scan at construction, no parsing).
 
-    The index is two int64 arrays (offset and line number of every non-blank data line): 16 bytes a row.
+    The index is three int64 arrays (offset, length and line number of every non-blank data line): 24 bytes a row.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -102,6 +125,7 @@ class ManifestRows(RowSource):
         self.base_dir = self.path.parent
         self.header: list[str] | None = None
         offsets: list[int] = []
+        sizes: list[int] = []
         line_nos: list[int] = []
         with open(self.path, "rb") as fh:
             offset = 0
@@ -111,9 +135,11 @@ class ManifestRows(RowSource):
                         self.header = raw.decode("utf-8", errors="replace").rstrip("\r\n").split("\t")
                     else:
                         offsets.append(offset)
+                        sizes.append(len(raw))
                         line_nos.append(line_no)
                 offset += len(raw)
         self.offsets = np.asarray(offsets, dtype=np.int64)
+        self.sizes = np.asarray(sizes, dtype=np.int64)
         self.line_nos = np.asarray(line_nos, dtype=np.int64)
         self._handles = _Handles(keep=1)
 
@@ -131,9 +157,7 @@ class ManifestRows(RowSource):
 
     def __getitem__(self, index: int) -> Row:
         line_no = int(self.line_nos[index])
-        fh = self._handles.get(str(self.path))
-        fh.seek(int(self.offsets[index]))
-        raw = fh.readline()
+        raw = read_at(self._handles.get(str(self.path)), int(self.offsets[index]), int(self.sizes[index]))
         try:
             line = raw.decode("utf-8")
             return line_no, parse_line(line, self.fmt, self.header, self.path, line_no)
@@ -168,6 +192,7 @@ class ShardRows(RowSource):
         self.paths = [str(f) for f in files]
         self.base_dir = Path(self.paths[0]).parent if self.paths else Path(".")
         self._indexes: OrderedDict[int, list[Any]] = OrderedDict()
+        self._lock = threading.Lock()
         self._handles = _Handles(keep=2)
         counts = shard_counts(self.paths)
         if counts is None:
@@ -178,12 +203,13 @@ class ShardRows(RowSource):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_indexes"] = OrderedDict()
-        state["_handles"] = None
+        state["_handles"] = state["_lock"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._handles = _Handles(keep=2)
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -199,10 +225,11 @@ class ShardRows(RowSource):
     def _index(self, shard: int) -> list[Any]:
         """The samples of one shard: ``(key, [(field, offset, size), ...], json (offset, size))``, plus an error
         string as the last entry when the shard breaks off."""
-        cached = self._indexes.get(shard)
-        if cached is not None:
-            self._indexes.move_to_end(shard)
-            return cached
+        with self._lock:
+            cached = self._indexes.get(shard)
+            if cached is not None:
+                self._indexes.move_to_end(shard)
+                return cached
         path = self.paths[shard]
         samples: list[Any] = []
         current: dict[str, Any] | None = None
@@ -230,9 +257,10 @@ class ShardRows(RowSource):
                 raise ValueError("truncated sample at the end of the shard")
         except (tarfile.TarError, OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
             samples.append(f"unreadable shard: {type(exc).__name__}: {exc}")
-        self._indexes[shard] = samples
-        while len(self._indexes) > 2:
-            self._indexes.popitem(last=False)
+        with self._lock:
+            self._indexes[shard] = samples
+            while len(self._indexes) > 4:
+                self._indexes.popitem(last=False)
         return samples
 
     def __getitem__(self, index: int) -> Row:
@@ -248,14 +276,12 @@ class ShardRows(RowSource):
         key, members, json_at = complete[within]
         try:
             fh = self._handles.get(path)
-            fh.seek(json_at[0])
             row: dict[str, Any] = {"__key__": key, "__shard__": path}
-            meta = json.loads(fh.read(json_at[1]))
+            meta = json.loads(read_at(fh, *json_at))
             meta.pop("__members__", None)
             row.update(meta)
             for fld, offset, size in members:
-                fh.seek(offset)
-                row[fld] = fh.read(size)
+                row[fld] = read_at(fh, offset, size)
         except (OSError, ValueError) as exc:
             return index + 1, {"id": f"{Path(path).name}#{within}", "__error__": f"unreadable sample: {exc}"}
         return index + 1, row
