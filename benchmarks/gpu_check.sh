@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# The GPU checks of the accelerator issue as one prepared run, for a lent CUDA machine (the H200 here: Python 3.12,
-# torch 2.11, no package registry). Run from the repository root; logs and JSON go to ${OUT} (the device tool's
-# output folder) or ./gpu-out. About 8 minutes on an H200; every step has its own timeout so one hang costs little.
+# The GPU checks as one prepared run, for a lent CUDA machine (H100/H200: Python 3.12, torch 2.11, no package
+# registry). Run from the repository root; logs and JSON go to ${OUT} (the device tool's output folder) or ./gpu-out.
+# At most 9 minutes (the step timeouts add up to 525 s); every step has its own timeout so one hang costs little.
+# The recipes step trains pretrain_vl and vl_contrastive at base size through `python -m one_peace.run`
+# (trainer.device=cuda, bf16-autocast, 8 decoding workers started by forkserver, eager and trainer.compile=true),
+# then kills a run after its mid-run checkpoint and resumes it: samples/s, data-wait fraction, MFU, resume equality.
 #
 # Before the call, on this machine (the device has no registry; the other core dependencies are installed there):
 #   echo /.whl/ >> .git/info/exclude
@@ -29,11 +32,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a timeout, log to OUT/NAME.lo
   echo "== ${name}: exit ${PIPESTATUS[0]}" | tee -a "${OUT}/summary.txt"
 }
 
-step gpu-tests 240 python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" tests/test_device.py
-step encoder-base 120 python3 -m benchmarks.encoder --device cuda --size base --batch-size 128 \
+step gpu-tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu -o addopts="" tests/test_device.py
+step recipes 270 python3 -m benchmarks.recipes --device cuda --size base --steps 30 --batch-size 64 --workers 8 \
+  --start forkserver --timeout 100 --json "${OUT}/recipes.json"
+step encoder-base 60 python3 -m benchmarks.encoder --device cuda --size base --batch-size 128 \
   --modalities text image audio --seconds 2 --compile --json "${OUT}/encoder-base.json"
-step encoder-large 120 python3 -m benchmarks.encoder --device cuda --size large --batch-size 64 \
-  --modalities text image --modes fwd-amp fwd+bwd-amp --seconds 2 --compile --json "${OUT}/encoder-large.json"
-step train-base 60 python3 -m benchmarks.train --device cuda --size base --batch-size 64 --seconds 2 --skip-objectives
-step train-large 60 python3 -m benchmarks.train --device cuda --size large --batch-size 32 --seconds 2 --skip-objectives
-step generate 60 python3 -m benchmarks.generate --device cuda --batch-size 64 --seconds 1
+step train-base 45 python3 -m benchmarks.train --device cuda --size base --batch-size 64 --seconds 2 --skip-objectives
+step generate 30 python3 -m benchmarks.generate --device cuda --batch-size 64 --seconds 1

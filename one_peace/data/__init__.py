@@ -1,8 +1,7 @@
-"""Data: manifests, WebDataset shards, streaming loaders on fairseq2's pipeline, and embedded demo data.
+"""Data: manifests, WebDataset shards, the training loader (torch-native; fairseq2 optional), embedded demo data.
 
-Importing :mod:`one_peace` does not import this package. Manifests, shards and the demo data need only the core
-install; the streaming loader (``MultimodalLoader`` and its config, stats and errors) runs on fairseq2, the
-``train`` extra, and is imported on first use, so ``from one_peace.data.manifest import ...`` works without it.
+Importing :mod:`one_peace` does not import this package. Everything here needs only the core install; the loader's
+names (``MultimodalLoader`` and its config, stats and errors) are imported on first use.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ _LOADER_NAMES = ("EpochStats", "LoaderConfig", "MultimodalLoader", "TooManyBadSa
 
 
 def __getattr__(name: str) -> Any:
-    """The loader's names, imported on first use (fairseq2 is the ``train`` extra)."""
+    """The loader's names, imported on first use."""
     if name in _LOADER_NAMES:
         from one_peace.data import loader
 

@@ -22,7 +22,8 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from one_peace.data.loader import BatchDecoder, LoaderConfig
+    from one_peace.data.decode import BatchDecoder
+    from one_peace.data.loader import LoaderConfig
     from one_peace.data.sampler import Plan
 
 
