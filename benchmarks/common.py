@@ -12,6 +12,10 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from one_peace.train.throughput import matmul_peak, synchronize
+
+__all__ = ["PeakCUDA", "PeakRSS", "count_flops", "machine", "matmul_peak", "peak_memory", "synchronize", "time_call"]
+
 
 def rss_bytes() -> int:
     """Current resident set size of this process."""
@@ -78,42 +82,6 @@ class PeakCUDA:
 def peak_memory(device: torch.device) -> PeakRSS | PeakCUDA:
     """The peak-memory probe of ``device``: allocator peak on CUDA, resident set size on the CPU."""
     return PeakCUDA(device) if device.type == "cuda" else PeakRSS()
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the work queued on ``device`` (no-op on the CPU): timings then cover the kernels, not the launches."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, seconds: float = 2.0, device: str | torch.device = "cpu") -> float:
-    """Measured dense matmul throughput (FLOP/s) for ``n x n`` operands of ``dtype`` on ``device``, now.
-
-    On CUDA the operands are 8192 x 8192 (smaller ones do not fill an H100/H200) unless ``n`` is larger.
-    """
-    device = torch.device(device)
-    if device.type == "cuda":
-        n = max(n, 8192)
-    else:
-        probe = torch.randn(256, 256).to(dtype)
-        start = time.perf_counter()
-        probe @ probe
-        probe_rate = 2 * 256**3 / (time.perf_counter() - start)
-        if probe_rate < 5e9:  # no fast kernel for this dtype (e.g. bf16 without AVX-512/AMX): don't spend minutes
-            return probe_rate
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(3):
-        a @ b
-    synchronize(device)
-    iters, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        iters += 1
-        if device.type == "cuda" and iters % 10 == 0:
-            synchronize(device)
-    synchronize(device)
-    return 2 * n**3 * iters / (time.perf_counter() - start)
 
 
 def count_flops(fn: Callable[[], Any]) -> int:

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 
-def _args(recipe: str, size: str, device: str, steps: int, batch: int, workers: int, start: str, out: Path) -> list[str]:
+def _args(recipe: str, args: argparse.Namespace, steps: int, out: Path) -> list[str]:
+    size, device, batch = args.size, args.device, args.batch_size
     precision = "bf16-autocast" if device == "cuda" else "fp32"
     image_size = 224 if size != "tiny" else 64
     return [
@@ -35,8 +36,8 @@ def _args(recipe: str, size: str, device: str, steps: int, batch: int, workers: 
         f"trainer.batch_size={batch}",
         f"trainer.log_every={max(1, steps // 4)}",
         "trainer.warmup_steps=2",
-        f"data.num_workers={workers}",
-        f"data.worker_start={start}",
+        f"data.num_workers={args.workers}",
+        f"data.worker_start={args.start}",
         f"data.image_size={image_size}",
         f"data.demo_train={max(512, 2 * batch)}",
         "data.demo_valid=64",
@@ -57,7 +58,7 @@ def _summary(out: Path) -> dict[str, float]:
 def run_recipe(args: argparse.Namespace, recipe: str, compiled: bool, root: Path) -> dict[str, object]:
     """One recipe run; its figures (or the tail of its error output)."""
     out = root / f"{recipe}-{'compiled' if compiled else 'eager'}"
-    cmd = _args(recipe, args.size, args.device, args.steps, args.batch_size, args.workers, args.start, out)
+    cmd = _args(recipe, args, args.steps, out)
     cmd += [f"trainer.compile={str(compiled).lower()}", f"trainer.save_every={args.steps}"]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
@@ -75,7 +76,7 @@ def kill_and_resume(args: argparse.Namespace, root: Path) -> dict[str, object]:
 
     steps = max(4, args.steps // 2 * 2)
     outs = {"ref": root / "resume-ref", "killed": root / "resume-killed"}
-    cmd = _args("pretrain_vl", args.size, args.device, steps, args.batch_size, args.workers, args.start, outs["ref"])
+    cmd = _args("pretrain_vl", args, steps, outs["ref"])
     cmd += [f"trainer.save_every={steps // 2}", "trainer.keep_last=5"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=args.timeout)
     killed = [c if not c.startswith("output_dir=") else f"output_dir={outs['killed']}" for c in cmd]
