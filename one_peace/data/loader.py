@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sys
 import warnings
 import weakref
 from collections import Counter
@@ -71,8 +72,9 @@ class LoaderConfig:
         prefetch_factor: Batches each worker decodes ahead (fairseq2: ``prefetch_factor * num_workers`` batches).
         persistent_workers: Keep worker processes across epochs.
         pin_memory: Collate into pinned memory (set when training on CUDA).
-        worker_start: Start method of worker processes (``fork``, ``spawn``, ``forkserver``; ``None``: torch's
-            default for the platform). ``spawn``/``forkserver`` are the safe choices once CUDA is initialised.
+        worker_start: Start method of worker processes (``fork``, ``spawn``, ``forkserver``; ``None``: the
+            platform's default, but ``forkserver`` instead of ``fork`` once fairseq2 is loaded in the process).
+            ``spawn``/``forkserver`` are the safe choices once CUDA is initialised.
         length_buckets: Upper bounds (tokens of ``bucket_by``) of length buckets; ``None`` = batches in order.
         bucket_by: Modality whose length selects the bucket (default: the first with a length estimate).
         remainder: ``"drop"`` (default) drops samples that cannot fill a batch on every rank and reports them;
@@ -191,6 +193,17 @@ class _PlanFeed(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.plans)
+
+
+def _worker_context(start: str | None) -> Any:
+    """The multiprocessing context of the workers: ``start``, else the platform's default, except ``forkserver``
+    where that default is ``fork`` and fairseq2's native library is loaded in this process: its thread pool does not
+    survive a fork (a worker forked after a fairseq2 pipeline ran deadlocked in 1 of 2 tries)."""
+    import multiprocessing
+
+    if start is None and "fairseq2n" in sys.modules and multiprocessing.get_start_method() == "fork":
+        start = "forkserver"
+    return multiprocessing.get_context(start) if start else None
 
 
 def _pass_through(batch: Any) -> Any:
@@ -359,7 +372,6 @@ class MultimodalLoader:
             return self._live  # type: ignore[no-any-return]
         self._feed.plans = plans
         if self._dataloader is None:
-            import multiprocessing
 
             self._dataloader = torch.utils.data.DataLoader(
                 self.decoder,  # type: ignore[arg-type]
@@ -370,7 +382,7 @@ class MultimodalLoader:
                 pin_memory=c.pin_memory,
                 prefetch_factor=c.prefetch_factor,
                 persistent_workers=c.persistent_workers,
-                multiprocessing_context=multiprocessing.get_context(c.worker_start) if c.worker_start else None,
+                multiprocessing_context=_worker_context(c.worker_start),
             )
             self._finalizer = weakref.finalize(self, _shutdown, self._dataloader)
         self._live = iter(self._dataloader)
