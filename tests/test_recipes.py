@@ -256,6 +256,24 @@ def test_torchrun_ddp_matches_the_single_process_loss_curve(tmp_path):
 
 
 @pytest.mark.slow
+def test_trainer_compile_follows_the_eager_loss_curve(tmp_path):
+    """trainer.compile=true (each shared layer compiled in place): the eager run's losses, and checkpoints under
+    the eager names (one_peace.load opens them)."""
+    import one_peace
+
+    common = ["trainer.max_steps=4", "trainer.log_every=1", "data.shuffle_window=0", "data.num_workers=0"]
+    run(_cfg("vl_contrastive", tmp_path / "eager", *common))
+    results = run(_cfg("vl_contrastive", tmp_path / "compiled", *common, "trainer.compile=true"))
+    curves = [
+        [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+        for d in ("eager", "compiled")
+    ]
+    assert len(curves[0]) == 4 and all(abs(a - b) < 1e-4 for a, b in zip(*curves)), curves
+    a, b = _weights(tmp_path / "eager" / "checkpoints" / "step_0000004"), _weights(Path(results["checkpoint"]))
+    assert a.keys() == b.keys() and one_peace.load(results["checkpoint"]).encode("text", ["a red circle"]).shape
+
+
+@pytest.mark.slow
 def test_two_process_torchrun_exits_0_thirty_times_in_a_row(tmp_path):
     """The abort at exit ("terminate called without an active exception") came in 3 of 30 two-process gloo runs
     while a process group outlived destroy_process_group(); 30 launches in a row must all exit 0."""
