@@ -275,6 +275,7 @@ class Trainer:
         self._batches: Iterator[Any] | None = None
         self._yielded = 0
         self._empty_passes = 0
+        self._flops_counted = False
         self.throughput = Throughput(self.world)
         self._step_samples = 0
         self._saved_loader_state: Any = None  # the loader's state at the start of the step (see fit)
@@ -456,7 +457,7 @@ class Trainer:
 
     def _step(self) -> Logs:
         """One optimizer step's forward and backward passes; the first of the process also counts its FLOPs."""
-        if self.throughput.flops_per_token is not None:
+        if self._flops_counted:
             agg = self.accumulate()
             self.throughput.add_step(self._step_samples, self.tokens.take())
         else:
@@ -467,6 +468,7 @@ class Trainer:
             tokens = self.tokens.take()
             self.throughput.add_step(self._step_samples, tokens)
             self.throughput.set_step_flops(int(counter.get_total_flops()), tokens)
+            self._flops_counted = True  # once, even when it found nothing to count (no MFU then)
         self._step_samples = 0
         return agg
 
