@@ -338,7 +338,6 @@ def test_auto_index_on_a_200k_corpus_fits_32mb_and_reaches_the_target_recall():
 
 
 # --------------------------------------------------------------------------------- after a real training run
-@pytest.mark.skipif(not __import__("one_peace.extras").extras.available("fairseq2"), reason="needs the train extra")
 def test_vl_contrastive_then_eval_embed_and_search_by_text(tmp_path):
     """After vl_contrastive on the demo data: text->image R@1 >= 5x chance; a text search finds its kind first."""
     from hydra import compose, initialize_config_module
