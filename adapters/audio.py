@@ -360,6 +360,7 @@ class AudioModality(ModalityPlugin):
     """Audio plugin (official ONE-PEACE audio adapter)."""
 
     name = "audio"
+    uses_all_parameters = True  # every adapter parameter takes part in every forward
     Options = AudioOptions
     masking = MaskingPolicy(kind="span", ratio=0.55, span=5)
 

@@ -206,6 +206,7 @@ class ImageModality(ModalityPlugin):
     """Image plugin (official ONE-PEACE vision adapter)."""
 
     name = "image"
+    uses_all_parameters = True  # every adapter parameter takes part in every forward
     Options = ImageOptions
     masking = MaskingPolicy(kind="random", ratio=0.75, paired_ratio=0.6875)
 

@@ -236,6 +236,7 @@ class TextModality(ModalityPlugin):
     """Text plugin: GPT-2 byte-level BPE tokens (official files or a trained ``tokenizers`` BPE)."""
 
     name = "text"
+    uses_all_parameters = True  # every adapter parameter takes part in every forward
     Options = TextOptions
     masking = MaskingPolicy(kind="whole_word", ratio=0.15, paired_ratio=0.4, paired_from_visible=True)
     media = False

@@ -121,6 +121,7 @@ class VideoModality(ModalityPlugin):
     """Video plugin: uniform frame sampling, image stem/FFNs/head, learned temporal embedding."""
 
     name = "video"
+    uses_all_parameters = True  # every adapter parameter takes part in every forward
     shares = "image"
     requires = ("image",)
     Options = VideoOptions

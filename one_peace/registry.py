@@ -156,6 +156,9 @@ class ModalityPlugin:
         needs_tokenizer: The preprocessor needs the model's tokenizer (text).
         decoder: The modality has a branch in the pretraining (denoising) decoder; ``False`` for modalities that
             share another's (video).
+        uses_all_parameters: Every parameter of the adapter takes part in every forward (declared by the plugin;
+            ``False``, the default, is the safe answer). When every modality of a model declares it and the task
+            reaches every modality, head and the logit scale, DDP runs without ``find_unused_parameters``.
     """
 
     name: ClassVar[str] = ""
@@ -167,6 +170,7 @@ class ModalityPlugin:
     media: ClassVar[bool] = True
     needs_tokenizer: ClassVar[bool] = False
     decoder: ClassVar[bool] = True
+    uses_all_parameters: ClassVar[bool] = False
     REQUIRED: ClassVar[tuple[str, ...]] = ("build_adapter", "build_preprocessor", "collate", "example_batch")
 
     source: str = "unknown"

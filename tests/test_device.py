@@ -322,3 +322,32 @@ def test_a_training_step_reads_no_device_value_on_the_host():
     loss.backward()
     assert loss.device.type == "meta" and all(v.device.type == "meta" for v in logs.values() if torch.is_tensor(v))
     assert all(p.grad is not None for n, p in task.named_parameters() if n.startswith("model.layers."))
+
+
+def test_unused_parameter_search_follows_what_the_plugin_declares_not_its_class():
+    """It used to recognise the built-in plugin classes by module: a copy of the image plugin from another package
+    forced ``find_unused_parameters`` on, and no plugin could opt out. Now each plugin declares
+    ``uses_all_parameters``."""
+    from one_peace import registry
+    from one_peace.adapters.image import ImageModality
+
+    class CopiedImage(ImageModality):  # another package's plugin with the image adapter: it declares the same
+        name = "copied_image"
+
+    class Cautious(ImageModality):
+        name = "cautious_image"
+        uses_all_parameters = False
+
+    for cls in (CopiedImage, Cautious):
+        registry.register_modality(cls)
+    try:
+        for name, expected in (("copied_image", False), ("cautious_image", True)):
+            torch.manual_seed(0)
+            model = one_peace.build_model(
+                "tiny", modalities=("text", name), modality_options={name: {"image_size": 32}}
+            )
+            task = Task(model, {"c": (ContrastiveObjective((name, "text")), 1.0)})
+            assert task.leaves_parameters_unused is expected, name
+    finally:
+        for cls in (CopiedImage, Cautious):
+            registry.unregister(cls.name)

@@ -286,3 +286,18 @@ def test_vectorised_span_and_whole_word_masks_equal_their_loops(seed):
         g.set_state(state)
         scores = torch.rand(valid.shape, generator=g)
         assert torch.equal(got, _word_loop(valid, prot, starts, ratio, scores)), ratio
+
+
+def test_complementary_text_mask_stays_in_its_pool_even_when_the_pool_is_small():
+    """from_visible=True draws only from what the single view left visible: with a large single-view mask (a long
+    word, or ratio + paired ratio > 1) it used to spill onto CLS and padding, which then counted as masked."""
+    g = torch.Generator().manual_seed(0)
+    valid = torch.ones(200, 12, dtype=torch.bool)
+    valid[::2, 9:] = False  # padding on half the rows
+    single = torch.zeros_like(valid)
+    single[:, 1:9] = True  # an 8-token word masked in the single view: 2 visible tokens left on padded rows
+    pair = complementary_mask(single, valid, 0.4, g, from_visible=True)
+    pool = valid & ~single
+    pool[:, 0] = False
+    assert not (pair & ~pool).any() and not pair[:, 0].any()
+    assert (pair.sum(1) == torch.minimum(pool.sum(1), torch.full((200,), 4))).all()  # as many as the pool allows

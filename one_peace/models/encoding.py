@@ -9,7 +9,6 @@ the model's dtype and device, and come back in input order. The same pieces stre
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,7 +87,9 @@ def project(model: OnePeaceModel, modality: str, hidden: torch.Tensor, normalize
     return F.normalize(out, dim=-1, eps=1e-12) if normalize else out
 
 
-_COMPILED: weakref.WeakKeyDictionary[OnePeaceModel, Callable[..., Any]] = weakref.WeakKeyDictionary()
+#: the attribute of a model holding its compiled forward (a reference cycle with the model, freed with it: a cache
+#: keyed by the model whose value, a compiled bound method, referenced the model kept every compiled model alive)
+_COMPILED_ATTR = "_one_peace_compiled_forward"
 
 
 def compiled_forward(model: OnePeaceModel) -> Callable[..., Any]:
@@ -98,13 +99,13 @@ def compiled_forward(model: OnePeaceModel) -> Callable[..., Any]:
     another text length or a partial last batch, recompiles once with dynamic sizes, torch.compile's default);
     every batch after it runs the fused kernels (the base image tower: ~1.09x open_clip's eager ViT-B/16 per FLOP in
     fp32 and ~1.02x in pure bf16 here, against ~0.98x and ~0.83x eager; ``benchmarks/RESULTS.md``). Worth it for
-    corpora, not for a handful of items.
+    corpora, not for a handful of items. The compiled function lives on the model and goes with it.
     """
-    fn = _COMPILED.get(model)
+    fn = model.__dict__.get(_COMPILED_ATTR)
     if fn is None:
         fn = torch.compile(model.forward_features)
-        _COMPILED[model] = fn
-    return fn
+        object.__setattr__(model, _COMPILED_ATTR, fn)  # a plain attribute: not a submodule, not in state_dict
+    return fn  # type: ignore[no-any-return]
 
 
 def forward_batch(

@@ -187,8 +187,8 @@ def complementary_mask(
         pool = single_masked & valid & ~protect
     scores = torch.rand(valid.shape, generator=generator, device="cpu").to(valid.device).masked_fill(~pool, 2.0)
     rank = scores.argsort(dim=1).argsort(dim=1)
-    if from_visible:
-        return rank < n_mask[:, None]
+    if from_visible:  # never beyond the pool: when it holds fewer than n_mask tokens, all of it (not CLS or padding)
+        return (rank < n_mask[:, None]) & pool
     visible = (rank < n_visible[:, None]) & pool
     return valid & ~protect & ~visible
 

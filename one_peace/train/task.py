@@ -72,20 +72,19 @@ class Task(nn.Module):
     def leaves_parameters_unused(self) -> bool:
         """Whether a step can leave parameters without gradient (DDP then needs ``find_unused_parameters``).
 
-        False only when it is known that every parameter takes part: every modality of the model is in a view, the
-        model's modalities are all built-in ones (their adapters use every parameter), the objectives together read
+        False only when it is known that every parameter takes part: every modality of the model is in a view, every
+        modality's plugin declares that its adapter uses every parameter (``uses_all_parameters``; the built-ins
+        do, by declaration, not by being recognised), the objectives together read
         every modality's head and the logit scale (:meth:`Objective.uses`), and the decoder (if any) decodes every
         one of its modalities in some masked view; a test checks that such a step gives every parameter a
         gradient. Anything else is conservative.
         """
-        from one_peace.registry import BUILTIN_MODULES
-
         views = self.views().values()
         seen = {m for v in views for m in v.modalities}
         decoded = {m for v in views for m in v.masked}
         model_mods = set(self.model.config.modalities)
-        builtin = all(type(get_plugin(m)).__module__ in BUILTIN_MODULES for m in model_mods)
-        if not model_mods <= seen or not builtin:
+        declared = all(get_plugin(m).uses_all_parameters for m in model_mods)
+        if not model_mods <= seen or not declared:
             return True
         used: set[str] = set()
         for obj in self.objectives.values():
