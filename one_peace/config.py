@@ -43,6 +43,13 @@ class ModelConfig:
     attn_backend: str = "sdpa"
     name: str = "custom"
 
+    def __post_init__(self) -> None:
+        # ``None`` means no overrides, for the whole mapping and for one modality (as YAML or a caller may write it)
+        if self.modality_options is None:
+            self.modality_options = {}
+        if isinstance(self.modality_options, dict):
+            self.modality_options = {m: ({} if o is None else o) for m, o in self.modality_options.items()}
+
     def validate(self) -> None:
         """Check the values, raising ``ValueError`` naming the offending field."""
         for key in ("embed_dim", "layers", "heads", "ffn_dim"):
@@ -58,6 +65,13 @@ class ModelConfig:
         if self.attn_backend not in ("sdpa", "flex", "xformers"):
             raise ValueError(
                 f"model config field 'attn_backend' must be 'sdpa', 'flex' or 'xformers', got {self.attn_backend!r}"
+            )
+        if not isinstance(self.modality_options, dict) or not all(
+            isinstance(o, dict) for o in self.modality_options.values()
+        ):
+            raise ValueError(
+                "model config field 'modality_options' must map modality names to option dicts, got "
+                f"{self.modality_options!r}"
             )
         unknown = set(self.modality_options) - set(self.modalities)
         if unknown:

@@ -179,3 +179,16 @@ def test_trainer_values_are_checked_before_any_work(override, message):
     """#10.15: these used to end in ZeroDivisionError, KeyError 'loss' or an untrained checkpoint."""
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build.check_config(_compose("recipe=vl_contrastive", override), ["image", "text"])
+
+
+def test_model_config_takes_none_as_no_plugin_options():
+    """``model_config(..., modality_options=None)`` raised a TypeError; None means no overrides, and a value that is
+    not a mapping is a ValueError naming the field."""
+    import one_peace
+
+    cfg = one_peace.model_config("tiny", ("text", "image"), modality_options=None)
+    assert cfg.modality_options == {}
+    cfg = one_peace.model_config("tiny", ("text", "image"), modality_options={"image": None})
+    assert cfg.modality_options == {"image": {}}
+    with pytest.raises(ValueError, match="'modality_options' must map modality names to option dicts"):
+        one_peace.model_config("tiny", ("text",), modality_options=["text"])

@@ -328,8 +328,9 @@ def test_unused_parameter_search_follows_what_the_plugin_declares_not_its_class(
     """It used to recognise the built-in plugin classes by module: a copy of the image plugin from another package
     forced ``find_unused_parameters`` on, and no plugin could opt out. Now each plugin declares
     ``uses_all_parameters``."""
-    from one_peace import registry
     from one_peace.adapters.image import ImageModality
+
+    from one_peace import registry
 
     class CopiedImage(ImageModality):  # another package's plugin with the image adapter: it declares the same
         name = "copied_image"
