@@ -372,7 +372,6 @@ class MultimodalLoader:
             return self._live  # type: ignore[no-any-return]
         self._feed.plans = plans
         if self._dataloader is None:
-
             self._dataloader = torch.utils.data.DataLoader(
                 self.decoder,  # type: ignore[arg-type]
                 batch_size=None,
