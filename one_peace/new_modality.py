@@ -345,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {len(files)} files under {args.dir}:")
     for f in files:
         print(f"  {f}")
-    print(f"next: pip install {args.dir} && python -m pytest {args.dir}/tests")
+    # a bare folder name would be read by pip as a package to fetch from the registry: always a path
+    folder = args.dir if Path(args.dir).is_absolute() or args.dir.startswith(".") else f"./{args.dir}"
+    print(f"next: pip install -e {folder} && python -m pytest {folder}/tests")
     return 0
 
 

@@ -306,3 +306,14 @@ def test_ci_and_the_readme_install_every_example_plugin():
     for name in examples:
         assert f"-e examples/plugins/{name}" in readme and "readme_block setup" in ci  # CI runs the README set-up
         assert f"examples/plugins/{name}/tests" in testpaths
+
+
+def test_the_scaffolds_closing_hint_installs_the_folder_not_a_registry_package(tmp_path, capsys, monkeypatch):
+    """``pip install one-peace-physio`` (the old hint for a relative folder) asks the package registry for a package
+    of that name; the hint now names the folder as a path."""
+    from one_peace.new_modality import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["physio", "one-peace-physio"]) == 0
+    out = capsys.readouterr().out
+    assert "next: pip install -e ./one-peace-physio && python -m pytest ./one-peace-physio/tests" in out
