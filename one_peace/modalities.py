@@ -12,6 +12,7 @@ from one_peace.registry import (
     PluginError,
     get_plugin,
     list_modalities,
+    plugin_clashes,
     plugin_errors,
     register_modality,
 )
@@ -24,13 +25,15 @@ __all__ = [
     "get_plugin",
     "list_modalities",
     "main",
+    "plugin_clashes",
     "plugin_errors",
     "register_modality",
 ]
 
 
-def main() -> None:
-    """Print the registered modalities and any plugin that failed to load."""
+def main() -> int:
+    """Print the registered modalities and any plugin that failed to load; exit status 1 when a modality name is
+    declared by several distributions (none of them is active then)."""
     mods = list_modalities()
     width = max((len(n) for n in mods), default=4)
     print(f"{'name':<{width}}  source")
@@ -38,9 +41,11 @@ def main() -> None:
         plugin = get_plugin(name)
         share = f"  (shares FFN/head with {plugin.shares})" if plugin.shares else ""
         print(f"{name:<{width}}  {source}{share}")
+    clashes = plugin_clashes()
     for name, err in plugin_errors().items():
-        print(f"FAILED {name}: {err}")
+        print(f"{'CLASH' if name in clashes else 'FAILED'} {name}: {err}")
+    return 1 if clashes else 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -16,6 +16,7 @@ import functools
 import importlib
 import importlib.metadata
 import logging
+import os
 import threading
 import types
 import typing
@@ -40,6 +41,13 @@ BUILTIN_MODULES = (
     "one_peace.adapters.audio",
     "one_peace.adapters.video",
 )
+
+
+#: the built-in modalities' names: no other plugin can take them, whatever is imported first
+BUILTIN_NAMES = frozenset({"text", "image", "audio", "video"})
+#: environment variable choosing between outside distributions that declare the same modality name:
+#: ``name=distribution[,name=distribution...]`` (distribution names as pip shows them)
+CHOICE_ENV = "ONE_PEACE_MODALITY_CHOICE"
 
 
 class PluginError(RuntimeError):
@@ -377,6 +385,7 @@ class ModalityPlugin:
 class _Registry:
     plugins: dict[str, ModalityPlugin] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    clashes: dict[str, list[str]] = field(default_factory=dict)
     discovered: bool = False
     lock: threading.RLock = field(default_factory=threading.RLock)
 
@@ -420,6 +429,11 @@ def _validate(plugin_cls: type[ModalityPlugin], where: str) -> None:
 def _add(plugin_cls: type[ModalityPlugin], source: str) -> ModalityPlugin:
     with _REGISTRY.lock:
         _validate(plugin_cls, source)
+        if plugin_cls.name in BUILTIN_NAMES and plugin_cls.__module__ not in BUILTIN_MODULES:
+            raise PluginError(
+                f"modality {plugin_cls.name!r} is a built-in's name; {source} cannot take it (give the plugin "
+                "another name)"
+            )
         existing = _REGISTRY.plugins.get(plugin_cls.name)
         if existing is not None:
             if type(existing) is plugin_cls:
@@ -458,10 +472,47 @@ def _load_entry_point(ep: importlib.metadata.EntryPoint) -> None:
         if obj.name in _REGISTRY.plugins and type(_REGISTRY.plugins[obj.name]) is obj:
             return  # the module registered itself with the decorator while being imported
         _add(obj, where)
-    except Exception as exc:  # one broken plugin must not stop the others
+    except (Exception, SystemExit) as exc:  # one broken plugin (even one calling sys.exit()) never stops the others
         message = str(exc) if isinstance(exc, PluginError) else f"modality plugin {ep.name!r} ({where}) failed: {exc!r}"
         _REGISTRY.errors[ep.name] = message
         logger.warning("%s", message)
+
+
+def _distribution(ep: importlib.metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return dist.name if dist is not None else f"module {ep.value.split(':')[0]}"
+
+
+def _choices() -> dict[str, str]:
+    """``ONE_PEACE_MODALITY_CHOICE``: modality name -> the distribution chosen to provide it."""
+    raw = os.environ.get(CHOICE_ENV, "")
+    pairs = [part.split("=", 1) for part in raw.split(",") if part.strip()]
+    return {k.strip(): v.strip() for k, v in pairs if len([k, v]) == 2}
+
+
+def _entry_points_to_load() -> list[importlib.metadata.EntryPoint]:
+    """The group's entry points, one per name: where several distributions declare one name, none of them unless
+    ``ONE_PEACE_MODALITY_CHOICE`` names one (the clash is recorded as that name's error, naming every side)."""
+    by_name: dict[str, list[importlib.metadata.EntryPoint]] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        by_name.setdefault(ep.name, []).append(ep)
+    choices = _choices()
+    chosen: list[importlib.metadata.EntryPoint] = []
+    for name, eps in by_name.items():
+        dists = sorted({_distribution(ep) for ep in eps})
+        if len(dists) > 1 and name not in BUILTIN_NAMES:  # a built-in's name: the outside ones fail in _add
+            picked = [ep for ep in eps if _distribution(ep) == choices.get(name)]
+            if not picked:
+                _REGISTRY.clashes[name] = dists
+                _REGISTRY.errors[name] = (
+                    f"modality {name!r} is declared by {len(dists)} distributions ({', '.join(dists)}); none is "
+                    f"active until one is chosen: {CHOICE_ENV}={name}=<distribution>"
+                )
+                logger.warning("%s", _REGISTRY.errors[name])
+                continue
+            eps = picked[:1]
+        chosen.extend(eps)
+    return chosen
 
 
 def discover(force: bool = False) -> None:
@@ -470,13 +521,14 @@ def discover(force: bool = False) -> None:
         if _REGISTRY.discovered and not force:
             return
         _REGISTRY.discovered = True
+        _REGISTRY.clashes.clear()
         for module in BUILTIN_MODULES:
             try:
                 importlib.import_module(module)
-            except Exception as exc:
+            except (Exception, SystemExit) as exc:
                 _REGISTRY.errors[module] = f"built-in modality module {module} failed to import: {exc!r}"
                 logger.warning("%s", _REGISTRY.errors[module])
-        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        for ep in _entry_points_to_load():
             _load_entry_point(ep)
 
 
@@ -507,8 +559,15 @@ def plugin_errors() -> dict[str, str]:
     return dict(_REGISTRY.errors)
 
 
+def plugin_clashes() -> dict[str, list[str]]:
+    """Modality names declared by several distributions and left inactive, mapped to those distributions."""
+    discover()
+    return {k: list(v) for k, v in _REGISTRY.clashes.items()}
+
+
 def unregister(name: str) -> None:
     """Remove a registered modality (for tests and interactive use)."""
     with _REGISTRY.lock:
         _REGISTRY.plugins.pop(name, None)
         _REGISTRY.errors.pop(name, None)
+        _REGISTRY.clashes.pop(name, None)

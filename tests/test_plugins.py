@@ -257,7 +257,7 @@ def broken_dist(tmp_path: Path):
 
 def test_broken_plugins_are_reported_with_their_package_and_the_rest_works(broken_dist):
     errors = registry.plugin_errors()
-    assert "registered twice" in errors["dup"] and "bad-plugins" in errors["dup"]
+    assert "is a built-in's name" in errors["dup"] and "bad-plugins" in errors["dup"]
     assert "missing required piece" in errors["half"] and "bad-plugins" in errors["half"]
     assert "boom at import" in errors["boom"] and "bad-plugins" in errors["boom"]
     assert one_peace.get_plugin("text").source.startswith("built-in")  # the duplicate did not replace it

@@ -122,7 +122,30 @@ def test_cli_lists_plugins_and_failures(plugin_path: Path):
 
 
 def test_duplicate_name_is_rejected_naming_both_sources():
-    with pytest.raises(PluginError, match=r"'text' is registered twice"):
+    @register_modality
+    class First(ModalityPlugin):
+        name = "twice"
+
+        def build_adapter(self, config, siblings): ...
+        def build_preprocessor(self, config, tokenizer=None): ...
+        def collate(self, samples): ...
+        def example_batch(self, config, batch_size, generator): ...
+
+    try:
+        with pytest.raises(PluginError, match=r"'twice' is registered twice: by module .* and by module"):
+
+            @register_modality
+            class Second(First):
+                pass
+
+        assert type(registry.get_plugin("twice")) is First
+    finally:
+        registry.unregister("twice")
+
+
+def test_a_builtins_name_can_never_be_taken():
+    """A plugin module registering "text", imported before anything else, used to replace the built-in."""
+    with pytest.raises(PluginError, match=r"'text' is a built-in's name; module .* cannot take it"):
 
         @register_modality
         class AnotherText(ModalityPlugin):
@@ -132,6 +155,61 @@ def test_duplicate_name_is_rejected_naming_both_sources():
             def build_preprocessor(self, config, tokenizer=None): ...
             def collate(self, samples): ...
             def example_batch(self, config, batch_size, generator): ...
+
+    assert type(registry.get_plugin("text")).__module__ == "one_peace.adapters.text"
+
+
+def _distribution(root: Path, dist: str, module: str, source: str, entry: str) -> None:
+    (root / f"{module}.py").write_text(source)
+    info = root / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[one_peace.modalities]\n{entry} = {module}:TabularModality\n")
+
+
+def test_name_clashes_between_distributions_leave_the_name_inactive_until_chosen(tmp_path, monkeypatch):
+    """Two outside distributions declaring one name: neither is active (the newcomer used to take over silently),
+    the listing names both and exits 1; ONE_PEACE_MODALITY_CHOICE picks one. A built-in's name declared by an outside
+    distribution is refused; a plugin calling sys.exit() at import fails alone."""
+    src = textwrap.dedent(PLUGIN_SRC).replace('name = "tabular"', 'name = "physio"')
+    _distribution(tmp_path, "physio-a", "physio_a", src, "physio")
+    _distribution(tmp_path, "physio-b", "physio_b", src.replace("defaults = {", "defaults = {'b': 1, "), "physio")
+    _distribution(tmp_path, "text-thief", "text_thief", src.replace('name = "physio"', 'name = "text"'), "text")
+    _distribution(tmp_path, "quitter", "quitter", "import sys\nsys.exit(3)\n", "quitter")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    env = {"PYTHONPATH": f"{tmp_path}:{':'.join(sys.path)}", "PATH": "/usr/bin:/bin"}
+    try:
+        registry.discover(force=True)
+        assert "physio" not in one_peace.list_modalities()
+        clash = registry.plugin_errors()["physio"]
+        assert "physio-a, physio-b" in clash and "ONE_PEACE_MODALITY_CHOICE=physio=<distribution>" in clash
+        assert "is a built-in's name" in registry.plugin_errors()["text"]
+        assert "SystemExit(3)" in registry.plugin_errors()["quitter"]
+        assert type(registry.get_plugin("text")).__module__ == "one_peace.adapters.text"
+        listing = subprocess.run(
+            [sys.executable, "-m", "one_peace.modalities"], capture_output=True, text=True, env=env
+        )
+        assert listing.returncode == 1 and "CLASH physio" in listing.stdout and "FAILED quitter" in listing.stdout
+        assert "text " in listing.stdout and "built-in" in listing.stdout
+        monkeypatch.setenv("ONE_PEACE_MODALITY_CHOICE", "physio=physio-b")
+        registry.unregister("physio")
+        registry.discover(force=True)
+        assert "physio-b" in one_peace.list_modalities()["physio"]
+        assert "b" in registry.get_plugin("physio").Options().as_dict()  # the chosen distribution's plugin
+        chosen = subprocess.run(
+            [sys.executable, "-m", "one_peace.modalities"],
+            capture_output=True,
+            text=True,
+            env={**env, "ONE_PEACE_MODALITY_CHOICE": "physio=physio-b"},
+        )
+        assert chosen.returncode == 0 and "physio-b" in chosen.stdout, chosen.stdout + chosen.stderr
+    finally:
+        for name in ("physio", "quitter"):
+            registry.unregister(name)
+        registry._REGISTRY.errors.pop("text", None)
+        for module in ("physio_a", "physio_b", "text_thief", "quitter"):
+            sys.modules.pop(module, None)
 
 
 def test_missing_piece_is_reported_with_plugin_name():
