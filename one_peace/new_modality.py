@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import keyword
+import re
+import shutil
 import string
 from pathlib import Path
 
@@ -297,15 +299,36 @@ def _cls_name(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_"))
 
 
+#: keys a loader batch already holds besides the modalities (and the instruction slot kind ``box``): a modality of
+#: that name would collide with them at the first training step
+RESERVED_NAMES = frozenset({"ids", "valid", "raw", "pack", "empty", "box"})
+MAX_NAME_LENGTH = 40
+_NAME = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)*")
+
+
+def check_name(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` makes a modality, a package and a distribution that install: lower-case
+    ASCII letters and digits, single underscores between them, starting with a letter, at most 40 characters, not a
+    Python keyword and not a key a loader batch already holds."""
+    if not _NAME.fullmatch(name) or keyword.iskeyword(name):
+        raise ValueError(
+            f"modality name {name!r} must be lower-case ASCII letters and digits with single underscores between "
+            "them, starting with a letter (e.g. 'depth' or 'eeg_raw')"
+        )
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"modality name {name!r} is {len(name)} characters long; at most {MAX_NAME_LENGTH}")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"modality name {name!r} is a key every training batch already has; choose another name")
+
+
 def write_plugin(name: str, folder: str | Path, force: bool = False) -> list[Path]:
     """Write the plugin package for modality ``name`` into ``folder``; returns the files written.
 
     Raises:
-        ValueError: ``name`` is not a lower-case identifier, is already a registered modality, or ``folder``
-            exists and is not empty (unless ``force``).
+        ValueError: ``name`` fails :func:`check_name`, is already a registered modality, or ``folder`` exists and
+            is not empty (unless ``force``). Nothing is written then; a write that fails midway removes its files.
     """
-    if not name.isidentifier() or keyword.iskeyword(name) or name != name.lower():
-        raise ValueError(f"modality name {name!r} must be a lower-case Python identifier (e.g. 'depth' or 'eeg')")
+    check_name(name)
     taken = list_modalities()
     if name in taken:
         raise ValueError(f"modality {name!r} is already registered (by {taken[name]}); choose another name")
@@ -322,12 +345,20 @@ def write_plugin(name: str, folder: str | Path, force: bool = False) -> list[Pat
         f"{package}/demo.py": DEMO,
         f"tests/test_{name}.py": TEST,
     }
-    written = []
-    for rel, template in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(string.Template(template).substitute(values).replace("\\\\", "\\"))
-        written.append(path)
+    written: list[Path] = []
+    existed = root.exists()
+    try:
+        for rel, template in files.items():
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(string.Template(template).substitute(values).replace("\\\\", "\\"))
+            written.append(path)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if not existed:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
     return written
 
 

@@ -317,3 +317,24 @@ def test_the_scaffolds_closing_hint_installs_the_folder_not_a_registry_package(t
     assert main(["physio", "one-peace-physio"]) == 0
     out = capsys.readouterr().out
     assert "next: pip install -e ./one-peace-physio && python -m pytest ./one-peace-physio/tests" in out
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("módulo", "lower-case ASCII"),
+        ("x_", "lower-case ASCII"),
+        ("__init__", "lower-case ASCII"),
+        ("a__b", "lower-case ASCII"),
+        ("valid", "a key every training batch already has"),
+        ("s" * 41, "at most 40"),
+    ],
+)
+def test_the_scaffold_refuses_names_that_cannot_make_a_working_package_before_writing(tmp_path, name, why):
+    """Such names used to produce packages that do not install, a plugin that crashes training ('valid', a batch
+    key), or a partial package on an over-long name."""
+    from one_peace.new_modality import write_plugin
+
+    with pytest.raises(ValueError, match=why):
+        write_plugin(name, tmp_path / "pkg")
+    assert not (tmp_path / "pkg").exists()
