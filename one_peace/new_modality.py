@@ -93,6 +93,7 @@ from one_peace.plugin import (
     bucket_1d,
     bucket_1d_rows,
     init_rel_table,
+    padding_or_none,
     require,
 )
 
@@ -151,8 +152,8 @@ class ${cls}Adapter(Adapter):
         frames = require(batch, "frames", "$name")
         b, t, _ = frames.shape
         x = torch.cat([self.cls.expand(b, -1, -1), self.norm(self.proj(frames))], dim=1) + self.positions[: t + 1]
-        pad = batch.get("padding_mask")
-        pad = pad if isinstance(pad, torch.Tensor) and bool(pad.any()) else None
+        pad = batch.get("padding_mask")  # kept as given on accelerators: no host read in the forward
+        pad = padding_or_none(pad if isinstance(pad, torch.Tensor) else None)
         return AdapterOutput(x, pad, bucket_1d(t + 1, self.options.bucket_size, x.device), self.rel_pos_table)
 
 
@@ -198,6 +199,22 @@ class ${cls}Modality(ModalityPlugin):
             frames[i, : len(s["frames"])] = s["frames"]
             mask[i, 1 : len(s["frames"]) + 1] = False
         return {"frames": frames, "padding_mask": mask}
+
+    def padding(self, batch: Any) -> torch.Tensor | None:
+        """Padded positions of a collated batch (CLS first): the loader's padding report and packing."""
+        return batch["padding_mask"]  # type: ignore[no-any-return]
+
+    def position_padding(self, batch: Any) -> torch.Tensor | None:
+        """The adapter's padding, from the batch alone: denoising draws its masks on the host (no device read)."""
+        return batch["padding_mask"].bool()  # type: ignore[no-any-return]
+
+    def estimate_length(self, value: Any, config: ModelConfig, preprocess: Callable[[Any], dict[str, Any]]) -> int:
+        """Tokens from a ``.npy`` header (no data read), for length bucketing; other inputs are decoded."""
+        if isinstance(value, str | Path) and str(value).endswith(".npy"):
+            frames = int(np.load(value, mmap_mode="r").shape[0])
+        else:
+            frames = int(preprocess(value)["frames"].shape[0])
+        return 1 + min(frames, self._opts(config).max_frames)
 
     def example_samples(self, config: ModelConfig, n: int, generator: torch.Generator) -> list[dict[str, Any]]:
         """Random sequences of 3-9 frames."""

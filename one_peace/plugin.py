@@ -17,7 +17,15 @@ from one_peace.errors import (
     NonFiniteData,
     UndecodableMedia,
 )
-from one_peace.models.adapter import Adapter, AdapterOutput, check_keep_ids, gather_kept, init_rel_table, require
+from one_peace.models.adapter import (
+    Adapter,
+    AdapterOutput,
+    check_keep_ids,
+    gather_kept,
+    init_rel_table,
+    padding_or_none,
+    require,
+)
 from one_peace.models.relpos import bucket_1d, bucket_1d_rows, bucket_2d, bucket_2d_rows
 from one_peace.registry import (
     MaskingPolicy,
@@ -55,6 +63,7 @@ __all__ = [
     "check_keep_ids",
     "gather_kept",
     "init_rel_table",
+    "padding_or_none",
     "register_masking",
     "register_modality",
     "require",

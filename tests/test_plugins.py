@@ -338,3 +338,39 @@ def test_the_scaffold_refuses_names_that_cannot_make_a_working_package_before_wr
     with pytest.raises(ValueError, match=why):
         write_plugin(name, tmp_path / "pkg")
     assert not (tmp_path / "pkg").exists()
+
+
+def test_the_scaffold_and_the_motion_example_run_on_the_fast_path(tmp_path, monkeypatch):
+    """No host read in the adapter's forward (it runs on the meta device, whose tensors hold no values), and a
+    position_padding equal to the adapter's own padding, so denoising masks are drawn on the host; the scaffold also
+    estimates lengths from a .npy header."""
+    import importlib
+
+    import numpy as np
+
+    from one_peace.new_modality import write_plugin
+
+    write_plugin("fastpath", tmp_path / "pkg")
+    monkeypatch.syspath_prepend(str(tmp_path / "pkg"))
+    importlib.invalidate_caches()
+    scaffold = importlib.import_module("one_peace_fastpath.plugin").FastpathModality()
+    from one_peace_motion.plugin import MotionModality
+
+    for plugin in (scaffold, MotionModality()):
+        config = one_peace.model_config("tiny", ("text",))
+        adapter = plugin.build_adapter(config, {})
+        batch = plugin.collate(plugin.example_samples(config, 3, torch.Generator().manual_seed(0)))
+        out = adapter(batch)
+        assert out.padding_mask is not None and torch.equal(plugin.position_padding(batch), out.padding_mask)
+        meta = {k: v.to("meta") for k, v in batch.items()}
+        assert adapter.to("meta")(meta).tokens.device.type == "meta", type(plugin).__name__
+    np.save(tmp_path / "seq.npy", np.zeros((17, 8), dtype=np.float32))
+    config = one_peace.model_config("tiny", ("text",))
+    prep = scaffold.build_preprocessor(config)
+    assert (
+        scaffold.estimate_length(tmp_path / "seq.npy", config, prep)
+        == 18
+        == len(prep(tmp_path / "seq.npy")["frames"]) + 1
+    )
+    sys.modules.pop("one_peace_fastpath", None)
+    sys.modules.pop("one_peace_fastpath.plugin", None)

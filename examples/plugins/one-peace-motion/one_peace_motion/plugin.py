@@ -34,6 +34,7 @@ from one_peace.plugin import (
     bucket_1d,
     bucket_1d_rows,
     init_rel_table,
+    padding_or_none,
     require,
 )
 
@@ -115,8 +116,8 @@ class MotionAdapter(Adapter):
         if n > self.positions.shape[0]:
             raise ValueError(f"motion: {t} frames exceed max_frames={self.options.max_frames}")
         x = torch.cat([self.cls.expand(b, -1, -1), tokens], dim=1) + self.positions[:n]
-        pad = batch.get("padding_mask")
-        pad = pad if isinstance(pad, torch.Tensor) and bool(pad.any()) else None
+        pad = batch.get("padding_mask")  # kept as given on accelerators: no host read in the forward
+        pad = padding_or_none(pad if isinstance(pad, torch.Tensor) else None)
         return AdapterOutput(x, pad, bucket_1d(n, self.options.bucket_size, x.device), self.rel_pos_table)
 
 
@@ -196,3 +197,7 @@ class MotionModality(ModalityPlugin):
     def padding(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         """Padded patches (CLS first)."""
         return batch["padding_mask"]  # type: ignore[no-any-return]
+
+    def position_padding(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """The adapter's padding from the batch alone (denoising masks are drawn on the host, no device read)."""
+        return batch["padding_mask"].bool()  # type: ignore[no-any-return]
