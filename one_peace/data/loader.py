@@ -365,11 +365,15 @@ class MultimodalLoader:
         return n // b if self.config.remainder == "drop" else math.ceil(n / b)
 
     # ------------------------------------------------------------------------------------------ backends
-    def _torch_batches(self, plans: list[Plan]) -> Iterator[dict[str, Any]]:
+    def _batches(self, plans: list[Plan]) -> Iterator[dict[str, Any]]:
+        """Decoded batches of ``plans``, in order: in this process, in ``DataLoader`` workers, or by fairseq2."""
         c = self.config
+        if c.backend == "fairseq2":
+            from one_peace.data._fairseq2 import pipeline_batches
+
+            return pipeline_batches(self.decoder, plans, c)
         if c.num_workers == 0:
-            self._live = (self.decoder[p] for p in plans)
-            return self._live  # type: ignore[no-any-return]
+            return (self.decoder[p] for p in plans)
         self._feed.plans = plans
         if self._dataloader is None:
             self._dataloader = torch.utils.data.DataLoader(
@@ -384,16 +388,7 @@ class MultimodalLoader:
                 multiprocessing_context=_worker_context(c.worker_start),
             )
             self._finalizer = weakref.finalize(self, _shutdown, self._dataloader)
-        self._live = iter(self._dataloader)
-        return self._live  # type: ignore[no-any-return]
-
-    def _batches(self, plans: list[Plan]) -> Iterator[dict[str, Any]]:
-        if self.config.backend == "fairseq2":
-            from one_peace.data._fairseq2 import pipeline_batches
-
-            self._live = pipeline_batches(self.decoder, plans, self.config)
-            return self._live  # type: ignore[no-any-return]
-        return self._torch_batches(plans)
+        return iter(self._dataloader)
 
     # ---------------------------------------------------------------------------------------- accounting
     def _take_report(self, report: Mapping[str, Any]) -> bool:
@@ -403,23 +398,25 @@ class MultimodalLoader:
         leaves the position before it, so a run resumed with a higher limit trains on it.
         """
         seen = self.total_seen + int(report["seen"])
-        bad = self.total_bad + len(report["bad"])
-        for sid, reason, detail in report["bad"]:
-            if sid not in self.bad_ids and sid not in self._logged:  # logged once per row, not once per epoch
-                self._logged.add(sid)
-                logger.warning("skipping sample %s: %s (%s)", sid, reason, detail)
-        reasons = self.bad_reasons + Counter(reason for _, reason, _ in report["bad"])
-        examples = dict(self._bad_examples)
-        for sid, reason, _ in report["bad"]:
-            if len(examples) < 20:
-                examples.setdefault(sid, reason)
+        new_bad = report["bad"]
+        bad = self.total_bad + len(new_bad)
+        reasons, examples = self.bad_reasons, self._bad_examples
+        if new_bad:  # (most batches have none: nothing is copied for them)
+            reasons = reasons + Counter(reason for _, reason, _ in new_bad)
+            examples = dict(examples)
+            for sid, reason, detail in new_bad:
+                if sid not in self.bad_ids and sid not in self._logged:  # logged once per row, not once per epoch
+                    self._logged.add(sid)
+                    logger.warning("skipping sample %s: %s (%s)", sid, reason, detail)
+                if len(examples) < 20:
+                    examples.setdefault(sid, reason)
         limit = self.config.max_bad_fraction
-        if seen >= self.config.min_samples_for_bad_check and seen and bad / seen > limit:
+        if seen and seen >= self.config.min_samples_for_bad_check and bad / seen > limit:
             self._abort = self._report_stop(seen, bad, reasons, examples)
             self._bad_examples = examples
             return False
         self.total_seen, self.total_bad, self.bad_reasons, self._bad_examples = seen, bad, reasons, examples
-        self.bad_ids.update(sid for sid, _, _ in report["bad"])
+        self.bad_ids.update(sid for sid, _, _ in new_bad)
         return True
 
     def _report_stop(self, seen: int, bad: int, reasons: Mapping[str, int], examples: Mapping[str, str]) -> str:
@@ -481,7 +478,8 @@ class MultimodalLoader:
         plans = self.sampler.plans(self.epoch)
         resumed_mid_epoch = self.position > 0
         yielded = 0
-        for batch in self._batches(plans[self.position :]):
+        self._live = self._batches(plans[self.position :])
+        for batch in self._live:
             if not self._take_report(batch.pop(REPORT_KEY)):
                 self._release()
                 raise self._stop()

@@ -191,12 +191,12 @@ class ShardRows(RowSource):
 
         self.paths = [str(f) for f in files]
         self.base_dir = Path(self.paths[0]).parent if self.paths else Path(".")
-        self._indexes: OrderedDict[int, list[Any]] = OrderedDict()
+        self._indexes: OrderedDict[int, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._handles = _Handles(keep=2)
         counts = shard_counts(self.paths)
-        if counts is None:
-            counts = [len(self._index(i)) for i in range(len(self.paths))]
+        if counts is None:  # one scan: the readable samples, and one error row for a shard that breaks off
+            counts = [len(ok) + (err is not None) for ok, err in map(self._index, range(len(self.paths)))]
         self.counts = np.asarray(counts, dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
 
@@ -222,67 +222,63 @@ class ShardRows(RowSource):
         """Close open shards (reopened on demand)."""
         self._handles.close()
 
-    def _index(self, shard: int) -> list[Any]:
-        """The samples of one shard: ``(key, [(field, offset, size), ...], json (offset, size))``, plus an error
-        string as the last entry when the shard breaks off."""
+    def _index(self, shard: int) -> tuple[list[tuple[str, dict[str, Any], list[tuple[str, int, int]]]], str | None]:
+        """One shard's samples as ``(key, header fields, [(field, offset, size), ...])`` (the header is read while
+        indexing, so each sample's media are the only reads later), and the error that broke the shard off, if
+        any."""
         with self._lock:
             cached = self._indexes.get(shard)
             if cached is not None:
                 self._indexes.move_to_end(shard)
-                return cached
-        path = self.paths[shard]
-        samples: list[Any] = []
+                return cached  # type: ignore[no-any-return]
+        samples: list[tuple[str, dict[str, Any], list[tuple[str, int, int]]]] = []
+        error = None
         current: dict[str, Any] | None = None
         try:
-            with tarfile.open(path, mode="r:") as tar:
+            with tarfile.open(self.paths[shard], mode="r:") as tar:
                 for member in tar:
                     name = Path(member.name).name
                     key, _, rest = name.partition(".")
                     if current is None:
-                        current = {"key": key, "members": [], "json": None, "expected": None}
+                        current = {"key": key, "members": [], "meta": None, "expected": None}
                     if rest == "json":
                         fh = tar.extractfile(member)
                         meta = json.loads(fh.read()) if fh is not None else None
                         if not isinstance(meta, dict) or "__members__" not in meta:
                             raise ValueError(f"{name}: not a one-peace sample header")
-                        current["json"] = (member.offset_data, member.size)
-                        current["expected"] = set(meta["__members__"])
+                        current["expected"] = set(meta.pop("__members__"))
+                        current["meta"] = meta
                     else:
                         current["members"].append((rest.split(".", 1)[0], member.offset_data, member.size))
                     got = {m[0] for m in current["members"]}
                     if current["expected"] is not None and current["expected"] <= got:
-                        samples.append((current["key"], current["members"], current["json"]))
+                        samples.append((current["key"], current["meta"], current["members"]))
                         current = None
             if current is not None:
                 raise ValueError("truncated sample at the end of the shard")
         except (tarfile.TarError, OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            samples.append(f"unreadable shard: {type(exc).__name__}: {exc}")
+            error = f"unreadable shard: {type(exc).__name__}: {exc}"
         with self._lock:
-            self._indexes[shard] = samples
+            self._indexes[shard] = (samples, error)
             while len(self._indexes) > 4:
                 self._indexes.popitem(last=False)
-        return samples
+        return samples, error
 
     def __getitem__(self, index: int) -> Row:
         shard = int(np.searchsorted(self.starts, index, side="right")) - 1
         within = index - int(self.starts[shard])
         path = self.paths[shard]
-        samples = self._index(shard)
-        complete = [s for s in samples if not isinstance(s, str)]
-        if within >= len(complete):
-            broken = samples[-1] if samples and isinstance(samples[-1], str) else None
-            reason = broken or f"sample {within} missing (the shard holds {len(complete)}; shards.json is stale)"
+        samples, error = self._index(shard)
+        if within >= len(samples):
+            reason = error or f"sample {within} missing (the shard holds {len(samples)}; shards.json is stale)"
             return index + 1, {"id": f"{Path(path).name}#{within}", "__error__": reason, "__shard__": path}
-        key, members, json_at = complete[within]
+        key, meta, members = samples[within]
+        row: dict[str, Any] = {"__key__": key, "__shard__": path, **meta}
         try:
             fh = self._handles.get(path)
-            row: dict[str, Any] = {"__key__": key, "__shard__": path}
-            meta = json.loads(read_at(fh, *json_at))
-            meta.pop("__members__", None)
-            row.update(meta)
             for fld, offset, size in members:
                 row[fld] = read_at(fh, offset, size)
-        except (OSError, ValueError) as exc:
+        except OSError as exc:
             return index + 1, {"id": f"{Path(path).name}#{within}", "__error__": f"unreadable sample: {exc}"}
         return index + 1, row
 

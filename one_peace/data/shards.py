@@ -1,8 +1,9 @@
-"""WebDataset tar shards: ``python -m one_peace.data.shard MANIFEST OUT_DIR --shard-size N`` and a streaming reader.
+"""WebDataset tar shards: ``python -m one_peace.data.shard MANIFEST OUT_DIR --shard-size N`` and row iteration.
 
 Each sample is a group of consecutive tar members sharing a key (the WebDataset convention open_clip and timm
 users already have): ``<key>.json`` holds the non-media fields, and each media field is stored as
-``<key>.<field>.<ext>`` with the original bytes. ``shards.json`` beside the shards records sample counts.
+``<key>.<field>.<ext>`` with the original bytes. ``shards.json`` beside the shards records sample counts. Reading
+is :class:`one_peace.data.rows.ShardRows` (by index), which :func:`iter_rows` walks in order.
 """
 
 from __future__ import annotations
@@ -52,99 +53,6 @@ def shard_counts(files: Sequence[str | Path]) -> list[int] | None:
             return None
         counts.append(count)
     return counts
-
-
-class ShardReader:
-    """Picklable iterator over ``(index, row)`` of WebDataset shards; its state is (shard, samples read in it)."""
-
-    def __init__(self, files: Sequence[str | Path]) -> None:
-        self.files = [str(f) for f in files]
-        self.shard = 0
-        self.in_shard = 0
-        self.count_read = 0
-        self._tar: tarfile.TarFile | None = None
-
-    def reset(self) -> ShardReader:
-        """Back to the first sample."""
-        self._close()
-        self.shard = self.in_shard = self.count_read = 0
-        return self
-
-    def count(self) -> int | None:
-        """Total samples from ``shards.json`` when present (``None`` otherwise)."""
-        counts = shard_counts(self.files)
-        return None if counts is None else sum(counts)
-
-    def _close(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-            self._tar = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"files": self.files, "shard": self.shard, "in_shard": self.in_shard, "count_read": self.count_read}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._tar = None
-
-    def __iter__(self) -> ShardReader:
-        return self
-
-    def _open(self) -> None:
-        self._tar = tarfile.open(self.files[self.shard], mode="r:")  # noqa: SIM115 - kept open across calls
-        for _ in range(self.in_shard):  # resume: skip samples already read (headers only)
-            self._read_sample(skip=True)
-
-    def __next__(self) -> tuple[int, dict[str, Any]]:
-        while self.shard < len(self.files):
-            try:
-                if self._tar is None:
-                    self._open()
-                row = self._read_sample()
-            except (tarfile.TarError, OSError, ValueError, KeyError) as exc:  # broken shard: one bad row, move on
-                self._close()
-                name = self.files[self.shard]
-                self.shard += 1
-                self.in_shard = 0
-                self.count_read += 1
-                return self.count_read, {"id": f"{name}", "__error__": f"unreadable shard: {exc}"}
-            if row is not None:
-                self.in_shard += 1
-                self.count_read += 1
-                return self.count_read, row
-            self._close()
-            self.shard += 1
-            self.in_shard = 0
-        raise StopIteration
-
-    def _read_sample(self, skip: bool = False) -> dict[str, Any] | None:
-        assert self._tar is not None
-        row: dict[str, Any] = {}
-        expected: list[str] | None = None
-        got: set[str] = set()
-        while True:
-            member = self._tar.next()
-            if member is None:
-                if row:
-                    raise ValueError("truncated sample at the end of the shard")
-                return None
-            name = Path(member.name).name
-            key, _, rest = name.partition(".")
-            if not row:
-                row = {"__key__": key, "__shard__": self.files[self.shard]}
-            if rest == "json":
-                meta = json.loads(self._tar.extractfile(member).read())  # type: ignore[union-attr]
-                if not isinstance(meta, dict) or "__members__" not in meta:
-                    raise ValueError(f"{name}: not a one-peace sample header")
-                expected = list(meta.pop("__members__"))
-                row.update(meta)
-            else:
-                fld = rest.split(".", 1)[0]
-                got.add(fld)
-                if not skip:
-                    row[fld] = self._tar.extractfile(member).read()  # type: ignore[union-attr]
-            if expected is not None and set(expected) <= got:
-                return row
 
 
 def _ext(value: Any, field: str) -> str:
@@ -272,8 +180,12 @@ def iter_rows(source: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     files = list_shards(source)
     if not files:
         raise ManifestError(f"{source}: neither a manifest (.jsonl/.tsv) nor a folder of .tar shards")
-    reader = ShardReader(files)
+    from one_peace.data.rows import ShardRows
+
+    rows = ShardRows(files)  # the loader's reader: one parser of shard members
     try:
-        yield from reader
+        for i in range(len(rows)):
+            index, row = rows[i]
+            yield index, dict(row)
     finally:
-        reader._close()
+        rows.close()
