@@ -457,19 +457,17 @@ class Trainer:
 
     def _step(self) -> Logs:
         """One optimizer step's forward and backward passes; the first of the process also counts its FLOPs."""
-        if self._flops_counted:
-            agg = self.accumulate()
-            self.throughput.add_step(self._step_samples, self.tokens.take())
-        else:
-            from torch.utils.flop_counter import FlopCounterMode
+        from torch.utils.flop_counter import FlopCounterMode
 
-            with FlopCounterMode(display=False) as counter:
-                agg = self.accumulate()
-            tokens = self.tokens.take()
-            self.throughput.add_step(self._step_samples, tokens)
-            self.throughput.set_step_flops(int(counter.get_total_flops()), tokens)
-            self._flops_counted = True  # once, even when it found nothing to count (no MFU then)
+        counter = None if self._flops_counted else FlopCounterMode(display=False)
+        with counter if counter is not None else contextlib.nullcontext():
+            agg = self.accumulate()
+        tokens = self.tokens.take()
+        self.throughput.add_step(self._step_samples, tokens)
         self._step_samples = 0
+        if counter is not None:  # once, even when it finds nothing to count (then no MFU)
+            self.throughput.set_step_flops(int(counter.get_total_flops()), tokens)
+            self._flops_counted = True
         return agg
 
     def _stop_on_bad_data(self, exc: TooManyBadSamples) -> TooManyBadSamples:
