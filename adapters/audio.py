@@ -16,6 +16,7 @@ from torch import nn
 
 from one_peace.config import ModelConfig
 from one_peace.errors import EmptyMedia, NonFiniteData, UndecodableMedia
+from one_peace.media import MediaTypes, Preview
 from one_peace.models.adapter import (
     Adapter,
     AdapterOutput,
@@ -226,6 +227,10 @@ class AudioAdapter(Adapter):
 
 #: containers whose sound track is decoded with PyAV (the ``video`` extra) when soundfile cannot read them
 AV_SUFFIXES = {".mp4", ".m4a", ".mkv", ".webm", ".mov", ".avi", ".ogv", ".opus", ".aac", ".mp3"}
+#: the files the audio preprocessor reads: soundfile's formats and the sound track of PyAV's containers
+AUDIO_TYPES = MediaTypes(
+    ("audio/*", "video/mp4", "video/webm"), (".wav", ".flac", ".ogg", ".mp3", ".m4a", ".opus", ".aac", ".webm", ".mp4")
+)
 
 
 def _load_with_av(item: Any) -> tuple[np.ndarray, int]:
@@ -388,13 +393,69 @@ class AudioModality(ModalityPlugin):
         return lambda item: preprocess_audio(item, o["max_seconds"], spec=spec)
 
     def estimate_length(self, value: Any, config: ModelConfig, preprocess: Callable[[Any], dict[str, Any]]) -> int:
-        """Frames from the file's header (what decoding keeps: clips are cut at ``max_seconds``)."""
+        """Tokens from the file's header, as decoding makes them: cut at ``max_seconds``, repeated up to 1 s, plus
+        CLS."""
         import soundfile as sf
 
         o = self.options(config)
         info = sf.info(io.BytesIO(value) if isinstance(value, bytes) else str(value))
         seconds = min(info.frames / info.samplerate, float(o["max_seconds"]))
-        return max(1, int(num_frames(int(seconds * SAMPLE_RATE), FRONTENDS.get(o["frontend"], CONV_SPEC))))
+        samples = max(int(seconds * SAMPLE_RATE), SAMPLE_RATE)
+        return max(1, int(num_frames(samples, FRONTENDS.get(o["frontend"], CONV_SPEC)))) + 1
+
+    def validate_options(self, options: PluginOptions) -> None:
+        """A known front end, a positive clip length and positive sizes."""
+        if options["frontend"] not in FRONTENDS:
+            raise ValueError(f"frontend must be one of {sorted(FRONTENDS)}, got {options['frontend']!r}")
+        if not options["max_seconds"] > 0:
+            raise ValueError(f"max_seconds must be > 0, got {options['max_seconds']}")
+        sizes = ("feature_dim", "bucket_size", "pos_depth", "pos_width", "pos_groups", "n_mels")
+        small = [k for k in sizes if options[k] < 1]
+        if small:
+            raise ValueError(f"{', '.join(small)} must be >= 1")
+
+    def media_types(self) -> MediaTypes:
+        """Sound files soundfile reads, and the sound track of the containers PyAV opens."""
+        return AUDIO_TYPES
+
+    def preview(self, value: Any, config: ModelConfig, max_size: int = 256) -> Preview | None:
+        """The first 10 s as a 16-bit WAV (mono, the file's own rate)."""
+        data, sr = load_audio(value)
+        if data.ndim == 2:
+            data = data.mean(axis=1)
+        if data.size == 0:
+            raise EmptyMedia("audio input has no samples")
+        peak = float(np.abs(data).max())
+        return Preview.wav(data / peak if peak > 1.0 else data, sr)
+
+    def describe_preprocessing(self, config: ModelConfig) -> dict[str, Any]:
+        """Mono, soxr HQ to 16 kHz, whole-clip normalisation, cut and minimum length."""
+        o = self.options(config)
+        return {
+            **super().describe_preprocessing(config),
+            "input": "sound file or (waveform, sample_rate); channels averaged to mono",
+            "sample_rate": SAMPLE_RATE,
+            "resampler": "soxr HQ",
+            "normalise": "(x - mean) / sqrt(var + 1e-5) over the whole clip",
+            "max_seconds": o["max_seconds"],
+            "min_seconds": 1.0,
+            "shorter_clips": "repeated up to min_seconds",
+            "frontend": o["frontend"],
+            "samples_per_token": 320,
+            "tensor": {"waveform": ["batch", "samples"], "padding_mask": ["batch", "tokens + 1"]},
+        }
+
+    def example_inputs(self, folder: Path, n: int, generator: torch.Generator) -> list[Any]:
+        """``n`` mono WAV files of 1 to 2 s at 16 kHz (paths relative to ``folder``)."""
+        import soundfile as sf
+
+        names = []
+        for i in range(n):
+            length = SAMPLE_RATE + (i % 3) * SAMPLE_RATE // 2
+            wave = 0.1 * torch.randn(length, generator=generator).numpy()
+            sf.write(folder / f"audio_{i}.wav", wave, SAMPLE_RATE, subtype="PCM_16")
+            names.append(f"audio_{i}.wav")
+        return names
 
     def position_padding(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         """The batch's frame-level ``padding_mask`` (B, T+1), as the collator writes it; ``None`` without padding.

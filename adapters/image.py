@@ -15,9 +15,13 @@ from torch import nn
 
 from one_peace.config import ModelConfig
 from one_peace.errors import InvalidValue, UndecodableMedia
+from one_peace.media import MediaTypes, Preview
 from one_peace.models.adapter import Adapter, AdapterOutput, init_rel_table, require
 from one_peace.models.relpos import bucket_2d, bucket_2d_rows
 from one_peace.registry import MaskingPolicy, ModalityPlugin, OfficialKeyRule, PluginOptions, register_modality
+
+#: the image files the preprocessor reads (PIL decodes them)
+IMAGE_TYPES = MediaTypes(("image/*",), (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"))
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -222,9 +226,50 @@ class ImageModality(ModalityPlugin):
         size = self.options(config)["image_size"]
         return lambda item: {"pixels": preprocess_image(item, size)}
 
+    def validate_options(self, options: PluginOptions) -> None:
+        """``image_size`` a positive multiple of the 16-pixel patch; grid sides positive."""
+        size = options["image_size"]
+        if size < PATCH or size % PATCH:
+            raise ValueError(f"image_size must be a positive multiple of {PATCH}, got {size}")
+        if options["bucket_size"] < 1 or (options["rel_bucket_size"] is not None and options["rel_bucket_size"] < 1):
+            raise ValueError("bucket_size and rel_bucket_size must be >= 1")
+
     def position_padding(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         """Images are never padded."""
         return None
+
+    def media_types(self) -> MediaTypes:
+        """Image files PIL decodes."""
+        return IMAGE_TYPES
+
+    def preview(self, value: Any, config: ModelConfig, max_size: int = 256) -> Preview | None:
+        """A PNG thumbnail of the image as decoded (RGB, aspect kept)."""
+        return Preview.png(np.asarray(load_image(value)), max_size)
+
+    def describe_preprocessing(self, config: ModelConfig) -> dict[str, Any]:
+        """RGB, bicubic resize to a square (no crop), CLIP mean/std."""
+        size = self.options(config)["image_size"]
+        return {
+            **super().describe_preprocessing(config),
+            "input": "RGB image (other PIL modes converted; 16-bit scaled to 8 bits; alpha dropped)",
+            "resize": {"size": [size, size], "interpolation": "bicubic", "crop": None},
+            "scale": "pixels / 255",
+            "mean": list(CLIP_MEAN),
+            "std": list(CLIP_STD),
+            "tensor": {"pixels": ["batch", 3, size, size]},
+        }
+
+    def example_inputs(self, folder: Path, n: int, generator: torch.Generator) -> list[Any]:
+        """``n`` small PNG files of different sizes (paths relative to ``folder``)."""
+        from PIL import Image
+
+        names = []
+        for i in range(n):
+            side = 24 + 8 * i
+            pixels = torch.randint(0, 256, (side, side + 4, 3), generator=generator, dtype=torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / f"image_{i}.png")
+            names.append(f"image_{i}.png")
+        return names
 
     def decoder_positions(self) -> int:
         """The official decoder's 257 rows (a 16 x 16 grid + CLS), resized to other grids at run time."""

@@ -13,6 +13,7 @@ from torch import nn
 
 from one_peace.config import ModelConfig
 from one_peace.errors import InvalidValue
+from one_peace.media import Preview
 from one_peace.models.adapter import Adapter, AdapterOutput, host_checks, init_rel_table, padding_or_none, require
 from one_peace.models.relpos import bucket_1d, bucket_1d_rows
 from one_peace.registry import MaskingPolicy, ModalityPlugin, OfficialKeyRule, PluginOptions, register_modality
@@ -188,7 +189,8 @@ class TextAdapter(Adapter):
         self.rel_pos_table = init_rel_table(bucket_1d_rows(bucket_size), heads)
 
     def embed(self, batch: dict[str, Any]) -> AdapterOutput:
-        """Embed ``batch["tokens"] (B, L)`` (right-padded with ``pad_id``) into ``(B, L+1, D)``."""
+        """Embed ``batch["tokens"] (B, L)`` into ``(B, L+1, D)``; padded positions are ``batch["padding_mask"]``
+        ``(B, L)`` when given (the collator writes it), else those holding ``pad_id``."""
         tokens = require(batch, "tokens", "text")
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(
@@ -206,7 +208,8 @@ class TextAdapter(Adapter):
             )
         x = torch.cat([self.cls_embedding.expand(b, -1, -1), self.embed_tokens(tokens)], dim=1)
         x = x + self.embed_positions.weight[: length + 1]
-        pad = tokens.eq(self.pad_id)
+        given = batch.get("padding_mask")
+        pad = given.bool() if isinstance(given, torch.Tensor) else tokens.eq(self.pad_id)
         mask = padding_or_none(torch.cat([pad.new_zeros(b, 1), pad], dim=1))
         index = bucket_1d(length + 1, self.bucket_size, tokens.device)
         return AdapterOutput(x, mask, index, self.rel_pos_table)
@@ -296,20 +299,71 @@ class TextModality(ModalityPlugin):
             ) from None
 
     def estimate_length(self, value: Any, config: ModelConfig, preprocess: Callable[[Any], dict[str, Any]]) -> int:
-        """The token count (tokenising is cheap)."""
-        return len(preprocess(value)["tokens"])
+        """The token count (tokenising is cheap), CLS included."""
+        return len(preprocess(value)["tokens"]) + 1
+
+    def validate_options(self, options: PluginOptions) -> None:
+        """Ids inside the vocabulary, room for CLS + ``max_tokens`` + EOS in the position table."""
+        if options["vocab_size"] < 4:
+            raise ValueError(f"vocab_size must be >= 4 (the special ids), got {options['vocab_size']}")
+        if not 0 <= options["pad_id"] < options["vocab_size"]:
+            raise ValueError(f"pad_id must be in [0, vocab_size={options['vocab_size']}), got {options['pad_id']}")
+        if options["max_tokens"] < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {options['max_tokens']}")
+        if options["max_tokens"] + 2 > options["max_positions"]:
+            raise ValueError(
+                f"max_tokens + 2 (CLS, EOS) must fit max_positions={options['max_positions']}, "
+                f"got max_tokens={options['max_tokens']}"
+            )
+        if options["bucket_size"] < 1:
+            raise ValueError(f"bucket_size must be >= 1, got {options['bucket_size']}")
+
+    def preview(self, value: Any, config: ModelConfig, max_size: int = 256) -> Preview | None:
+        """The text itself (cut at 500 characters)."""
+        if not isinstance(value, str):
+            raise InvalidValue(f"text must be a string, got {type(value).__name__}")
+        return Preview.text(value)
+
+    def describe_preprocessing(self, config: ModelConfig) -> dict[str, Any]:
+        """Byte-level BPE, truncation, EOS, padding."""
+        o = self.options(config)
+        return {
+            **super().describe_preprocessing(config),
+            "input": "a string (UTF-8)",
+            "tokenizer": "GPT-2 byte-level BPE: the model's tokenizer files (saved beside config.json, or the "
+            "official encoder.json + vocab.bpe + dict.txt)",
+            "max_tokens": o["max_tokens"],
+            "eos_id": EOS_ID,
+            "pad_id": o["pad_id"],
+            "longer_texts": "cut at max_tokens (encode(long_text='chunks') embeds the mean of chunks)",
+            "tensor": {"tokens": ["batch", "tokens"], "padding_mask": ["batch", "tokens"]},
+        }
+
+    def example_inputs(self, folder: Path, n: int, generator: torch.Generator) -> list[Any]:
+        """``n`` sentences of different lengths (text needs no files)."""
+        words = ["a", "dog", "runs", "across", "the", "green", "field", "while", "two", "children", "watch"]
+        out = []
+        for i in range(n):
+            count = 3 + 4 * (i % 3)
+            picks = torch.randint(0, len(words), (count,), generator=generator).tolist()
+            out.append(" ".join(words[j] for j in picks))
+        return out
 
     def padding(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
-        """Positions holding the pad id."""
-        return batch["tokens"].eq(PAD_ID)  # type: ignore[no-any-return]
+        """The collator's ``padding_mask`` (else positions holding the default pad id, for hand-made batches)."""
+        given = batch.get("padding_mask")
+        return given.bool() if isinstance(given, torch.Tensor) else batch["tokens"].eq(PAD_ID)
 
     def token_lengths(self, batch: Mapping[str, Any]) -> list[int]:
         """Tokens up to EOS, plus the CLS the adapter adds."""
-        return [int(n) + 1 for n in batch["tokens"].ne(PAD_ID).sum(1)]
+        pad = self.padding(batch)
+        assert pad is not None
+        return [int(n) + 1 for n in (~pad).sum(1)]
 
     def position_padding(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
-        """The pad-id positions, after a never-padded CLS."""
-        pad = batch["tokens"].eq(PAD_ID)
+        """The padded positions (:meth:`padding`), after a never-padded CLS."""
+        pad = self.padding(batch)
+        assert pad is not None
         return torch.cat([torch.zeros_like(pad[:, :1]), pad], dim=1)
 
     def word_starts(self, batch: Mapping[str, Any], tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -352,13 +406,16 @@ class TextModality(ModalityPlugin):
         return TextTokenizer.from_bpe_dir(path)
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """Right-pad token sequences with the pad id (1)."""
+        """Right-pad token sequences (with id 1) and mark the padding in ``padding_mask``: the mask, not the id,
+        says what is padded, so a model with another ``pad_id`` pads the same way."""
         seqs = [s["tokens"] for s in samples]
         longest = max(len(s) for s in seqs)
         out = torch.full((len(seqs), longest), PAD_ID, dtype=torch.long)
+        pad = torch.ones(len(seqs), longest, dtype=torch.bool)
         for i, s in enumerate(seqs):
             out[i, : len(s)] = s
-        return {"tokens": out}
+            pad[i, : len(s)] = False
+        return {"tokens": out, "padding_mask": pad}
 
     def example_samples(self, config: ModelConfig, n: int, generator: torch.Generator) -> list[dict[str, Any]]:
         """Random EOS-terminated token rows of different lengths."""

@@ -19,11 +19,15 @@ from torch import nn
 
 from one_peace.config import ModelConfig
 from one_peace.errors import EmptyMedia, UndecodableMedia
+from one_peace.media import MediaTypes, Preview
 from one_peace.models.adapter import Adapter, AdapterOutput, padding_or_none, require
 from one_peace.models.relpos import bucket_2d
-from one_peace.registry import MaskingPolicy, ModalityPlugin, PluginOptions, register_modality
+from one_peace.registry import MaskingPolicy, ModalityPlugin, PluginOptions, get_plugin, register_modality
 
-from .image import ImageAdapter, preprocess_image, resize_pos_embed
+from .image import PATCH, ImageAdapter, preprocess_image, resize_pos_embed
+
+#: the video files PyAV decodes
+VIDEO_TYPES = MediaTypes(("video/*",), (".mp4", ".webm", ".mkv", ".mov", ".avi", ".ogv"))
 
 
 class VideoAdapter(Adapter):
@@ -149,6 +153,68 @@ class VideoModality(ModalityPlugin):
         """Padded frames."""
         mask = batch.get("frame_mask")
         return mask if isinstance(mask, torch.Tensor) else None
+
+    def token_lengths(self, batch: Mapping[str, Any]) -> list[int]:
+        """CLS plus every patch of every real frame."""
+        frames = batch["frames"]
+        per_frame = (frames.shape[-2] // PATCH) * (frames.shape[-1] // PATCH)
+        mask = batch.get("frame_mask")
+        real = (~mask.bool()).sum(1).tolist() if isinstance(mask, torch.Tensor) else [frames.shape[1]] * len(frames)
+        return [1 + int(n) * per_frame for n in real]
+
+    def position_padding(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """The adapter's token padding from ``frame_mask``: every patch of a padded frame (CLS never)."""
+        mask = batch.get("frame_mask")
+        if not isinstance(mask, torch.Tensor):
+            return None
+        frames = batch["frames"]
+        per_frame = (frames.shape[-2] // PATCH) * (frames.shape[-1] // PATCH)
+        return torch.cat([mask.new_zeros(mask.shape[0], 1), mask.bool().repeat_interleave(per_frame, dim=1)], dim=1)
+
+    def validate_options(self, options: PluginOptions) -> None:
+        """``1 <= num_frames <= max_frames``."""
+        if not 1 <= options["num_frames"] <= options["max_frames"]:
+            raise ValueError(
+                f"num_frames must be in [1, max_frames={options['max_frames']}], got {options['num_frames']}"
+            )
+
+    def media_types(self) -> MediaTypes:
+        """Video files PyAV decodes (a folder or list of frames is accepted in manifests too)."""
+        return VIDEO_TYPES
+
+    def preview(self, value: Any, config: ModelConfig, max_size: int = 256) -> Preview | None:
+        """A PNG thumbnail of the clip's middle frame."""
+        import numpy as np
+
+        from .image import load_image
+
+        frame = load_video_frames(value, 1)[0]
+        return Preview.png(np.asarray(load_image(frame)), max_size)
+
+    def describe_preprocessing(self, config: ModelConfig) -> dict[str, Any]:
+        """Uniform frame sampling, then the image preprocessing of every frame."""
+        o = self.options(config)
+        image = get_plugin("image").describe_preprocessing(config)
+        return {
+            **super().describe_preprocessing(config),
+            "input": "video file (PyAV), folder of frame images, or list of images",
+            "frames": {"count": o["num_frames"], "sampling": "uniform, segment centres"},
+            "per_frame": {k: image[k] for k in ("resize", "scale", "mean", "std") if k in image},
+        }
+
+    def example_inputs(self, folder: Path, n: int, generator: torch.Generator) -> list[Any]:
+        """``n`` folders of 2-4 PNG frames (paths relative to ``folder``): no video codec needed."""
+        from PIL import Image
+
+        names = []
+        for i in range(n):
+            clip = folder / f"video_{i}"
+            clip.mkdir()
+            for j in range(2 + i % 3):
+                pixels = torch.randint(0, 256, (32, 32, 3), generator=generator, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(clip / f"{j:03d}.png")
+            names.append(clip.name)
+        return names
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Pad frame sequences (zeros) and mark padded frames in ``frame_mask``."""

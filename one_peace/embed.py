@@ -28,7 +28,7 @@ import torch
 
 from one_peace.cli import parse
 from one_peace.data.shards import iter_rows
-from one_peace.errors import DataError
+from one_peace.errors import DataError, UndecodableMedia, bad_record
 from one_peace.registry import get_plugin
 from one_peace.retrieval.folder import model_hash, prepare_folder, update_index
 from one_peace.retrieval.store import EmbeddingStore
@@ -172,15 +172,13 @@ class _Embedder:
     def decode(self, job: tuple[int, str, dict[str, Any]]) -> tuple[int, str, dict[str, Any], Any]:
         pos, item_id, row = job
         try:
-            if self.field not in row:
-                raise _Missing(f"missing field {self.field!r}")
-            if "__error__" in row:
-                raise _Missing(str(row["__error__"]))
+            if "__error__" in row:  # a row that could not be read (a damaged line, a broken shard)
+                raise UndecodableMedia(str(row["__error__"]))
+            resolved = self.plugin.read_field(row, self.field, self.base_dir)
             value = row[self.field]
-            resolved = self.plugin.resolve(value, self.base_dir)
             group = self.split(resolved) if self.split is not None else [self.prep(resolved)]
             return pos, item_id, row, (group, _source_of(value, row, resolved, self.media))
-        except (DataError, _Missing) as exc:
+        except DataError as exc:
             return pos, item_id, row, exc
 
     def embed_part(self, part: int, jobs: list[tuple[int, str, dict[str, Any]]], source: int) -> dict[str, Any]:
@@ -193,8 +191,8 @@ class _Embedder:
         def samples() -> Iterator[tuple[int, list[dict[str, Any]]]]:
             for pos, item_id, row, got in _ordered_map(self.decode, jobs, self.cfg.workers, ahead):
                 if isinstance(got, Exception):
-                    reason = getattr(got, "reason", "missing field")
-                    bad.append({"id": item_id, "row": pos, "reason": reason, "detail": f"{type(got).__name__}: {got}"})
+                    modality = "row" if isinstance(got, UndecodableMedia) and "__error__" in row else self.cfg.modality
+                    bad.append(bad_record(item_id, got, modality, row=pos))
                     continue
                 group, (src, kind) = got
                 self.truncated += any(s.get("truncated") for s in group)
@@ -219,12 +217,6 @@ class _Embedder:
         if PART_DONE_HOOK is not None:
             PART_DONE_HOOK(part)
         return record
-
-
-class _Missing(Exception):
-    """A row without the field (or a shard the reader could not read)."""
-
-    reason = "missing field"
 
 
 def _barrier(world: int) -> None:

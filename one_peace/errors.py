@@ -7,6 +7,8 @@ that catches ``ValueError`` around ``encode`` keeps working.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DataError(ValueError):
     """A sample that cannot be used. ``reason`` is the short category the loader counts it under."""
@@ -48,3 +50,35 @@ class InvalidValue(DataError):
     """A field of the wrong kind (e.g. a caption that is not a string)."""
 
     reason = "invalid value"
+
+
+#: reasons of media problems: their label names the modality ("undecodable image", "empty audio")
+_MEDIA_REASONS = ("undecodable", "empty")
+
+
+def reason_label(exc: BaseException, modality: str | None = None) -> str:
+    """The one label a bad sample is counted and reported under, by training, ``embed`` and ``eval`` alike.
+
+    The error's ``reason`` (lower-case words: ``missing field``, ``missing file``, ``invalid value``, ``non-finite
+    values``), with the modality for media that does not decode or holds nothing (``undecodable image``, ``empty
+    audio``); anything that is not a :class:`DataError` is ``bad sample``.
+    """
+    reason = getattr(exc, "reason", DataError.reason) if isinstance(exc, DataError) else DataError.reason
+    return f"{reason} {modality}" if modality and reason in _MEDIA_REASONS else reason
+
+
+def detail(exc: BaseException) -> str:
+    """The error as a report line: its public class name and message (``MissingField: missing field 'image'``)."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def bad_record(sample_id: Any, exc: BaseException, modality: str | None = None, **where: Any) -> dict[str, Any]:
+    """One skipped sample as the reports list it: ``id``, ``where`` (e.g. ``row``), ``modality``, ``reason``
+    (:func:`reason_label`) and ``detail``."""
+    return {
+        "id": sample_id,
+        **where,
+        "modality": modality,
+        "reason": reason_label(exc, modality),
+        "detail": detail(exc),
+    }

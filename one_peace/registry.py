@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from one_peace.errors import DataError, InvalidValue, MissingField
+from one_peace.media import MediaTypes, Preview, resolve_media
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -54,12 +57,24 @@ class PluginError(RuntimeError):
     """A modality plugin is invalid, duplicated, or failed to load."""
 
 
+#: the masking kinds the training layer implements (``one_peace.train.masking``); others register at run time
+BUILTIN_MASKING_KINDS = ("random", "span", "whole_word")
+#: masking kind -> its function, filled by :func:`one_peace.train.masking.register_masking` (the training layer
+#: registers its kinds here: the registry itself imports nothing from ``train/``)
+MASKING_KINDS: dict[str, Callable[..., Any]] = {}
+
+
+def masking_kinds() -> set[str]:
+    """Every masking kind a plugin's policy may name: the built-in ones and those registered so far."""
+    return {*BUILTIN_MASKING_KINDS, *MASKING_KINDS}
+
+
 @dataclass(frozen=True)
 class MaskingPolicy:
     """Default token-masking policy of a modality for denoising objectives.
 
     Attributes:
-        kind: A masking kind registered in :data:`one_peace.train.masking.MASKING` (built in: ``"random"``,
+        kind: A masking kind (:func:`masking_kinds`; built in: ``"random"``,
             ``"span"``, ``"whole_word"``); checked when the plugin registers. ``"whole_word"`` needs the plugin's
             :meth:`ModalityPlugin.word_starts`.
         ratio: Fraction of (non-CLS, non-padding) tokens that are masked.
@@ -120,6 +135,10 @@ class PluginOptions:
     def as_dict(self) -> dict[str, Any]:
         """The options as a plain (JSON-friendly) dict."""
         return dataclasses.asdict(self)
+
+
+def _type_name(hint: Any) -> str:
+    return str(getattr(hint, "__name__", hint))
 
 
 def _type_ok(value: Any, hint: Any, default: Any) -> bool:
@@ -193,6 +212,16 @@ class ModalityPlugin:
                 cls.defaults = cls.Options().as_dict()
             except TypeError as exc:
                 raise PluginError(f"modality plugin {cls.__name__}: every option needs a default ({exc})") from None
+            try:
+                hints = typing.get_type_hints(cls.Options)
+            except Exception:  # an annotation that does not resolve: types are not checked
+                hints = {}
+            for key, value in cls.defaults.items():
+                if not _type_ok(value, hints.get(key, Any), value):
+                    raise PluginError(
+                        f"modality plugin {cls.__name__} (module {cls.__module__}): option {key!r} has default "
+                        f"{value!r}, not of its declared type {_type_name(hints.get(key))}"
+                    )
         elif "defaults" in own:  # options given as a plain dict: derive the dataclass (types from the defaults)
             spec: list[tuple[str, Any, Any]] = [
                 (
@@ -226,10 +255,23 @@ class ModalityPlugin:
             default = self.defaults.get(key)
             if not _type_ok(value, hints.get(key, Any), default):
                 raise PluginOptionError(
-                    f"{where}.{key}: expected {getattr(hints.get(key), '__name__', hints.get(key))} "
-                    f"(default {default!r}), got {value!r}"
+                    f"{where}.{key}: expected {_type_name(hints.get(key))} (default {default!r}), got {value!r} "
+                    f"(plugin {self.name!r}: {self.source})"
                 )
-        return self.Options(**given)
+        options = self.Options(**given)
+        try:
+            self.validate_options(options)
+        except (PluginOptionError, ValueError) as exc:
+            raise PluginOptionError(f"{where}: {exc} (plugin {self.name!r}: {self.source})") from None
+        return options
+
+    def validate_options(self, options: PluginOptions) -> None:
+        """Check option *values* (types are already checked): ranges, combinations. The default accepts all.
+
+        Raises:
+            ValueError: naming the option and what was expected (``parse_options`` adds where it was set and the
+                plugin).
+        """
 
     def options(self, config: ModelConfig) -> PluginOptions:
         """The plugin's typed options for ``config`` (its defaults updated with ``config.modality_options``)."""
@@ -272,6 +314,13 @@ class ModalityPlugin:
         conformance suite can check collation and padding invariance. ``None`` (the default) skips those checks."""
         return None
 
+    def example_inputs(self, folder: Path, n: int, generator: torch.Generator) -> list[Any] | None:
+        """Optional: ``n`` raw manifest values (writing any media files into ``folder``; values relative to it),
+        of different lengths where the modality has variable length. The conformance suite runs them through the
+        real paths: ``check_value`` -> ``resolve`` -> ``estimate_length`` -> the preprocessor -> the loader (with
+        workers) -> ``preview`` -> ``encode``. ``None`` (the default) skips those checks."""
+        return None
+
     # ----------------------------------------------------------------------------- data: manifests, lengths
     def check_value(self, value: Any) -> None:
         """Check one manifest value's kind up front (before any decoding).
@@ -294,9 +343,27 @@ class ModalityPlugin:
         """
         if not self.media:
             return bytes(value) if isinstance(value, bytearray | memoryview) else value
-        from one_peace.data.manifest import resolve_media
-
         return resolve_media(value, base_dir)
+
+    def read_field(self, row: Mapping[str, Any], field: str, base_dir: Path) -> Any:
+        """``row[field]`` checked (:meth:`check_value`) and resolved (:meth:`resolve`): what the preprocessor reads.
+        Training, ``embed`` and ``eval`` all read rows through it, so one bad row fails the same way everywhere.
+
+        Raises:
+            one_peace.errors.MissingField: the row has no such field (or it is null).
+            one_peace.errors.InvalidValue: the value is not what the modality takes.
+            one_peace.errors.MissingMedia: a path that does not exist.
+        """
+        value = row.get(field) if isinstance(row, Mapping) else None
+        if value is None:
+            raise MissingField(f"missing field {field!r}")
+        try:
+            self.check_value(value)
+        except DataError:
+            raise
+        except ValueError as exc:
+            raise InvalidValue(f"field {field!r}: {exc}") from None
+        return self.resolve(value, base_dir)
 
     def estimate_length(self, value: Any, config: ModelConfig, preprocess: Callable[[Any], dict[str, Any]]) -> int:
         """A cheap token-count estimate of one resolved value, for length bucketing (no media decoding).
@@ -377,8 +444,103 @@ class ModalityPlugin:
         folder of official files (``entry`` ``None``). Raises ``FileNotFoundError`` naming a missing file."""
         raise NotImplementedError(f"the {self.name!r} plugin has no tokenizer")
 
+    # ------------------------------------------------------------------ presentation: media, previews, records
+    def media_types(self) -> MediaTypes:
+        """The files this modality accepts (MIME types and extensions), for upload fields and export descriptions.
+
+        The default accepts nothing: a plugin whose inputs are files lists their types.
+        """
+        return MediaTypes()
+
+    def preview(self, value: Any, config: ModelConfig, max_size: int = 256) -> Preview | None:
+        """A small rendering of one resolved input for people (:class:`~one_peace.media.Preview`: a thumbnail PNG
+        at most ``max_size`` pixels on its longest side, a short audio clip, or text); ``None``: no preview.
+
+        Raises:
+            one_peace.errors.DataError: the input does not decode (as the preprocessor would).
+        """
+        return None
+
+    def describe_preprocessing(self, config: ModelConfig) -> dict[str, Any]:
+        """A plain, JSON-friendly description of what the preprocessor does for ``config`` (sizes, mean/std, sample
+        rate, tokenizer file...): shown on the search page and written next to exported encoders.
+
+        The default gives the resolved options; a plugin adds what a person needs to reproduce its inputs.
+        """
+        return {"modality": self.name, "options": self.options(config).as_dict()}
+
+    def distribution(self) -> tuple[str | None, str | None]:
+        """The installed distribution providing this plugin and its version (``(None, None)`` when unknown: a
+        module that is not installed, e.g. a notebook's class)."""
+        return _distribution_of(type(self).__module__)
+
+    def record(self, config: ModelConfig) -> dict[str, Any]:
+        """What checkpoints and embedding folders store about this plugin: its distribution and version, where it
+        came from and the full resolved options (defaults included). :func:`check_record` compares it later."""
+        dist, version = self.distribution()
+        return {
+            "distribution": dist,
+            "version": version,
+            "source": self.source,
+            "options": self.options(config).as_dict(),
+        }
+
     def __repr__(self) -> str:
         return f"<modality {self.name!r} from {self.source}>"
+
+
+def _distribution_of(module: str) -> tuple[str | None, str | None]:
+    top = module.split(".")[0]
+    try:
+        dists = importlib.metadata.packages_distributions().get(top, [])
+    except Exception:
+        dists = []
+    for dist in dists:
+        try:
+            return dist, importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None, None
+
+
+class PluginMismatchWarning(UserWarning):
+    """A checkpoint (or embedding folder) was made with another version of a modality plugin."""
+
+
+def check_record(name: str, recorded: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Compare a plugin record (:meth:`ModalityPlugin.record`) stored at ``where`` with the installed plugin.
+
+    Warns (:class:`PluginMismatchWarning`) when the installed distribution or version differs; returns the recorded
+    options, which the model is then built with (so a changed default does not change an old model).
+
+    Raises:
+        PluginError: the modality is not registered, or a recorded option is unknown to the installed plugin.
+    """
+    import warnings
+
+    try:
+        plugin = get_plugin(name)
+    except KeyError as exc:
+        raise PluginError(f"{where}: {exc.args[0]}") from None
+    dist, version = plugin.distribution()
+    rec_dist, rec_version = recorded.get("distribution"), recorded.get("version")
+    if (rec_dist, rec_version) != (dist, version) and (rec_dist or rec_version):
+        warnings.warn(
+            f"{where}: modality {name!r} was saved with {rec_dist or '?'} {rec_version or '?'}; installed: "
+            f"{dist or plugin.source} {version or '(no version)'}. Its recorded options are used; embeddings may "
+            "still differ if the plugin's code changed",
+            PluginMismatchWarning,
+            stacklevel=3,
+        )
+    options = dict(recorded.get("options") or {})
+    unknown = sorted(set(options) - set(plugin.defaults))
+    if unknown:
+        raise PluginError(
+            f"{where}: modality {name!r} was saved with option(s) {unknown} that the installed plugin "
+            f"({dist or plugin.source} {version or ''}) does not have; install the version it was saved with "
+            f"({rec_dist or '?'} {rec_version or '?'})"
+        )
+    return options
 
 
 @dataclass
@@ -407,12 +569,10 @@ def _validate(plugin_cls: type[ModalityPlugin], where: str) -> None:
     policy = plugin_cls.masking
     if not isinstance(policy, MaskingPolicy):
         raise PluginError(f"modality plugin {plugin_cls.name!r} ({where}): `masking` must be a MaskingPolicy")
-    from one_peace.train.masking import MASKING
-
-    if policy.kind not in MASKING:
+    if policy.kind not in masking_kinds():
         raise PluginError(
             f"modality plugin {plugin_cls.name!r} ({where}): unknown masking kind {policy.kind!r}; "
-            f"registered kinds: {sorted(MASKING)}"
+            f"registered kinds: {sorted(masking_kinds())}"
         )
     if policy.kind == "whole_word" and plugin_cls.word_starts is ModalityPlugin.word_starts:
         raise PluginError(

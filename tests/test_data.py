@@ -156,12 +156,6 @@ def test_bad_fraction_limit_stops_the_run_with_a_report(tmp_path):
     ("line", "fields", "message"),
     [
         ('{"id": 1, "image": "a.png"', None, r"m\.jsonl:3: malformed JSON"),
-        ('{"id": 1, "img": "a.png"}', None, r"m\.jsonl:3: missing field 'image'"),
-        (
-            '{"id": 1, "image": "a.png", "caption": 5}',
-            {"image": "image", "text": "caption"},
-            r"m\.jsonl:3: field 'caption': must be a string",
-        ),
         ('{"id": 1, "image": "a.png"}', {"smell": "image"}, r"unknown modality 'smell'"),
     ],
 )
@@ -169,6 +163,24 @@ def test_invalid_manifest_fails_up_front_naming_the_line(tmp_path, tokenizer, li
     good = '{"id": 0, "image": "a.png", "caption": "x"}\n'
     path = tmp_path / "m.jsonl"
     path.write_text(good + good + line + "\n" + good)
+    with pytest.raises(ManifestError, match=message):
+        MultimodalLoader(path, fields=fields or {"image": "image"}, model_config=CFG, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize(
+    ("line", "fields", "message"),
+    [
+        ('{"id": 1, "img": "a.png"}', None, r"m\.jsonl:1: missing field 'image'.*every other row"),
+        (
+            '{"id": 1, "image": "a.png", "caption": 5}',
+            {"image": "image", "text": "caption"},
+            r"m\.jsonl:1: field 'caption': must be a string.*every other row",
+        ),
+    ],
+)
+def test_a_field_map_that_fits_no_row_fails_up_front(tmp_path, tokenizer, line, fields, message):
+    path = tmp_path / "m.jsonl"
+    path.write_text((line + "\n") * 3)
     with pytest.raises(ManifestError, match=message):
         MultimodalLoader(path, fields=fields or {"image": "image"}, model_config=CFG, tokenizer=tokenizer)
 

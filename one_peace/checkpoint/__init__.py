@@ -101,9 +101,39 @@ def write_config(folder: Path, config: ModelConfig, tokenizer: Any, **extra: Any
         "library": "one-peace",
         "model": {k: v for k, v in config.to_dict().items() if k != "attn_backend"},  # a runtime choice
         "tokenizer": entry,
+        "plugins": plugin_records(config),
         **extra,
     }
     (folder / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
+
+
+def plugin_records(config: ModelConfig) -> dict[str, dict[str, Any]]:
+    """Each modality's plugin record (distribution, version, source, full resolved options) for ``config``."""
+    return {m: get_plugin(m).record(config) for m in config.modalities}
+
+
+def apply_plugin_records(config: ModelConfig, records: Any, where: str) -> None:
+    """Build ``config``'s modalities with the options recorded at ``where`` (warning when a plugin's installed
+    version differs, refusing a recorded option the installed plugin does not know: ``check_record``). A recorded
+    value that the installed plugin's default would change is pinned in ``config.modality_options``."""
+    from one_peace.registry import PluginError, check_record
+
+    if records is None:
+        return
+    if not isinstance(records, dict) or not all(isinstance(r, dict) for r in records.values()):
+        raise CheckpointError(f"{where}: 'plugins' must map modality names to records, got {type(records).__name__}")
+    for name in config.modalities:
+        if name in records:
+            try:
+                recorded = check_record(name, records[name], where)
+            except PluginError as exc:
+                raise CheckpointError(str(exc)) from None
+            # pin only what the installed defaults would change: the config reads as it was saved
+            defaults = get_plugin(name).defaults
+            given = dict(config.modality_options.get(name, {}))
+            given.update({k: v for k, v in recorded.items() if k not in given and defaults.get(k) != v})
+            if given:
+                config.modality_options[name] = given
 
 
 def _replace_dir(tmp: Path, folder: Path) -> None:
@@ -173,6 +203,7 @@ def _load_folder(
         config = ModelConfig.from_dict(doc["model"], source=str(folder / "config.json"))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{folder / 'config.json'}: invalid model section: {exc}") from None
+    apply_plugin_records(config, doc.get("plugins"), str(folder / "config.json"))
     model = _build_meta(config)
     _assign(model, _iter_safetensors(_weight_files(folder)), str(folder), dtype, device)
     if doc.get("tokenizer") and bpe_dir is None:

@@ -17,7 +17,7 @@ import torch
 from one_peace.config import ModelConfig
 from one_peace.data.rows import RowSource
 from one_peace.data.sampler import Plan
-from one_peace.errors import DataError, MissingField, NonFiniteData, UndecodableMedia
+from one_peace.errors import DataError, MissingField, NonFiniteData, UndecodableMedia, detail, reason_label
 from one_peace.registry import ModalityPlugin, get_plugin
 
 
@@ -26,13 +26,6 @@ class _Bad:
     sid: str
     reason: str
     detail: str
-
-
-def _classify(modality: str, exc: DataError) -> str:
-    """The count category of a bad sample: the error's own reason, with the modality for media problems."""
-    if exc.reason in ("undecodable", "empty"):
-        return f"{exc.reason} {modality}"
-    return exc.reason
 
 
 #: key of the per-batch report (samples read, bad rows) a decoded batch carries to the training process
@@ -99,9 +92,7 @@ class BatchDecoder(torch.utils.data.Dataset):
                 raise UndecodableMedia(row["__error__"])
             sample: dict[str, Any] = {"id": sid}
             for modality, fld in self.fields.items():
-                if fld not in row:
-                    raise MissingField(f"missing field {fld!r}")
-                value = self.plugins[modality].resolve(row[fld], self.rows.base_dir)
+                value = self.plugins[modality].read_field(row, fld, self.rows.base_dir)
                 out = self.preprocessors[modality](value)
                 for k, v in out.items():
                     if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
@@ -113,7 +104,7 @@ class BatchDecoder(torch.utils.data.Dataset):
                 sample.setdefault("raw", {})[fld] = row[fld]
             return sample
         except DataError as exc:  # a bad sample; anything else is a bug (of ours or a plugin's) and stops the run
-            return _Bad(sid, _classify(modality, exc), f"{type(exc).__name__}: {exc}")
+            return _Bad(sid, reason_label(exc, modality), detail(exc))
 
     def __getitem__(self, plan: Plan) -> dict[str, Any]:  # type: ignore[override]
         decoded = [self.decode(i) for i in plan.rows]

@@ -7,16 +7,17 @@ each value must be is asked of its modality's plugin (``ModalityPlugin.check_val
 
 from __future__ import annotations
 
-import base64
-import binascii
 import csv
 import io
 import json
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from one_peace.errors import InvalidValue, MissingMedia
+from one_peace.media import resolve_media as resolve_media  # on the ground floor; re-exported here
+
+logger = logging.getLogger(__name__)
 
 
 class ManifestError(ValueError):
@@ -151,12 +152,14 @@ def default_fields(modalities: Sequence[str]) -> dict[str, str]:
 def validate_manifest(path: str | Path, fields: Mapping[str, str], known_modalities: Sequence[str]) -> int:
     """Check a manifest's structure up front, streaming; return its number of rows.
 
-    Checks: every line parses, every mapped field is present, every value is what its modality's plugin expects
-    (``check_value``: text values are strings, media values paths or data URIs), and every modality in ``fields``
-    is registered.
+    Checks: every line parses, every modality in ``fields`` is registered, and each mapped field is present with a
+    value its modality's plugin takes (``check_value``) in at least one row. Rows where it is missing or wrong are
+    only counted and logged here: the loader skips them as bad samples (``missing field`` / ``invalid value``, the
+    labels ``embed`` and ``eval`` use), so one bad row never stops a run.
 
     Raises:
-        ManifestError: naming the file, the line and the field.
+        ManifestError: naming the file (and the line, for a line that does not parse); a field missing or wrong in
+            every row (the field map does not fit the manifest) names the field and the first line.
     """
     path = Path(path)
     if not path.is_file():
@@ -170,40 +173,34 @@ def validate_manifest(path: str | Path, fields: Mapping[str, str], known_modalit
 
     plugins = {m: get_plugin(m) for m in fields}
     rows = 0
+    usable = dict.fromkeys(fields, 0)
+    first_bad: dict[str, str] = {}
     for line_no, row in iter_manifest(path):
         rows += 1
         for modality, field in fields.items():
             if field not in row:
-                raise ManifestError(
-                    f"{path}:{line_no}: missing field {field!r} (needed for {modality}); the row has {sorted(row)}"
+                first_bad.setdefault(
+                    modality,
+                    f"{path}:{line_no}: missing field {field!r} (needed for {modality}); the row has {sorted(row)}",
                 )
+                continue
             try:
                 plugins[modality].check_value(row[field])
             except ValueError as exc:
-                raise ManifestError(f"{path}:{line_no}: field {field!r}: {exc}") from None
+                first_bad.setdefault(modality, f"{path}:{line_no}: field {field!r}: {exc}")
+                continue
+            usable[modality] += 1
     if rows == 0:
         raise ManifestError(f"{path}: the manifest has no rows")
+    for modality, good in usable.items():
+        if good == 0:
+            raise ManifestError(f"{first_bad[modality]} (and in every other row: check the field map)")
+        if good < rows:
+            logger.warning(
+                "%s; %d of %d rows lack a usable %r field: they are skipped as bad samples",
+                first_bad[modality],
+                rows - good,
+                rows,
+                fields[modality],
+            )
     return rows
-
-
-def resolve_media(value: Any, base_dir: Path) -> Any:
-    """Turn a manifest media value into something a preprocessor reads: bytes (data URI / raw) or a path."""
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value)
-    if isinstance(value, str) and value.startswith("data:"):
-        head, _, payload = value.partition(",")
-        if ";base64" not in head:
-            raise InvalidValue("data URI must be base64-encoded (data:<mime>;base64,...)")
-        try:
-            return base64.b64decode(payload, validate=True)
-        except binascii.Error as exc:
-            raise InvalidValue(f"invalid base64 in data URI: {exc}") from None
-    if isinstance(value, str):
-        p = Path(value)
-        p = p if p.is_absolute() else base_dir / p
-        if not p.exists():
-            raise MissingMedia(f"missing file {p}")
-        return p
-    if isinstance(value, list):
-        return [resolve_media(v, base_dir) for v in value]
-    raise InvalidValue(f"unsupported media value of type {type(value).__name__}")

@@ -16,7 +16,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from one_peace.data.manifest import ManifestError, iter_manifest, resolve_media
+from one_peace.data.manifest import ManifestError, iter_manifest
+from one_peace.media import resolve_media
 from one_peace.registry import get_plugin, list_modalities
 
 INDEX = "shards.json"

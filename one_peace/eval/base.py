@@ -9,7 +9,7 @@ from typing import Any, Protocol
 
 import torch
 
-from one_peace.errors import DataError
+from one_peace.errors import DataError, UndecodableMedia, bad_record
 from one_peace.registry import get_plugin
 
 
@@ -82,20 +82,21 @@ def embed_rows(
     prep: Callable[[Any], dict[str, Any]] = preprocessor(model, modality)
     plugin = get_plugin(modality)
     fld = ctx.field_of(modality)
-    items = list(values) if values is not None else [r.get(fld) for r in ctx.rows]
+    items: list[Any] = list(values) if values is not None else list(ctx.rows)
     ok = torch.zeros(len(items), dtype=torch.bool)
     bad: list[dict[str, Any]] = []
 
     def samples() -> Iterator[tuple[int, list[dict[str, Any]]]]:
         for i, value in enumerate(items):
+            row = value if values is None else {fld: value}
             try:
-                if value is None:
-                    raise DataError(f"missing field {fld!r}")
-                value = plugin.resolve(value, ctx.base_dir)
-                sample = prep(value)
+                if "__error__" in row:  # a row that could not be read (a damaged line, a broken shard)
+                    raise UndecodableMedia(str(row["__error__"]))
+                sample = prep(plugin.read_field(row, fld, ctx.base_dir))
             except DataError as exc:
                 row_id = ctx.rows[i].get("id", i) if values is None and i < len(ctx.rows) else i
-                bad.append({"id": row_id, "modality": modality, "reason": f"{type(exc).__name__}: {exc}"})
+                unreadable = isinstance(exc, UndecodableMedia) and "__error__" in row
+                bad.append(bad_record(row_id, exc, "row" if unreadable else modality))
                 continue
             ok[i] = True
             yield i, [sample]

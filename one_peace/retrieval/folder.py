@@ -66,7 +66,12 @@ def prepare_folder(cfg: Any, store: EmbeddingStore, model: Any, digest: str) -> 
             "dtype": cfg.dtype,
             "metric": "inner_product",
             "normalized": True,
-            "preprocessing": {"options": plugin.options(model.config).as_dict(), "long_text": cfg.long_text},
+            "preprocessing": {
+                "options": plugin.options(model.config).as_dict(),
+                "long_text": cfg.long_text,
+                "description": plugin.describe_preprocessing(model.config),
+            },
+            "plugin": plugin.record(model.config),
             "part_size": cfg.part_size,
             "sources": [],
         }

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from one_peace.registry import MASKING_KINDS
+
 if TYPE_CHECKING:
     from one_peace.registry import MaskingPolicy, ModalityPlugin
 
@@ -40,8 +42,9 @@ class MaskRequest:
 
 
 MaskFn = Callable[[MaskRequest], torch.Tensor]
-#: Masking kind -> function returning the ``(B, T)`` bool mask of masked positions.
-MASKING: dict[str, MaskFn] = {}
+#: Masking kind -> function returning the ``(B, T)`` bool mask of masked positions (the registry's table: kinds
+#: register into the ground floor, which never imports this module)
+MASKING: dict[str, MaskFn] = MASKING_KINDS
 
 
 def register_masking(kind: str) -> Callable[[MaskFn], MaskFn]:
