@@ -445,7 +445,7 @@ class AudioModality(ModalityPlugin):
             "tensor": {"waveform": ["batch", "samples"], "padding_mask": ["batch", "tokens + 1"]},
         }
 
-    def example_inputs(self, folder: Path, n: int, generator: torch.Generator) -> list[Any]:
+    def example_inputs(self, config: ModelConfig, folder: Path, n: int, generator: torch.Generator) -> list[Any]:
         """``n`` mono WAV files of 1 to 2 s at 16 kHz (paths relative to ``folder``)."""
         import soundfile as sf
 

@@ -259,7 +259,7 @@ class ImageModality(ModalityPlugin):
             "tensor": {"pixels": ["batch", 3, size, size]},
         }
 
-    def example_inputs(self, folder: Path, n: int, generator: torch.Generator) -> list[Any]:
+    def example_inputs(self, config: ModelConfig, folder: Path, n: int, generator: torch.Generator) -> list[Any]:
         """``n`` small PNG files of different sizes (paths relative to ``folder``)."""
         from PIL import Image
 

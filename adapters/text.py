@@ -339,7 +339,7 @@ class TextModality(ModalityPlugin):
             "tensor": {"tokens": ["batch", "tokens"], "padding_mask": ["batch", "tokens"]},
         }
 
-    def example_inputs(self, folder: Path, n: int, generator: torch.Generator) -> list[Any]:
+    def example_inputs(self, config: ModelConfig, folder: Path, n: int, generator: torch.Generator) -> list[Any]:
         """``n`` sentences of different lengths (text needs no files)."""
         words = ["a", "dog", "runs", "across", "the", "green", "field", "while", "two", "children", "watch"]
         out = []

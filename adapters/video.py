@@ -202,7 +202,7 @@ class VideoModality(ModalityPlugin):
             "per_frame": {k: image[k] for k in ("resize", "scale", "mean", "std") if k in image},
         }
 
-    def example_inputs(self, folder: Path, n: int, generator: torch.Generator) -> list[Any]:
+    def example_inputs(self, config: ModelConfig, folder: Path, n: int, generator: torch.Generator) -> list[Any]:
         """``n`` folders of 2-4 PNG frames (paths relative to ``folder``): no video codec needed."""
         from PIL import Image
 

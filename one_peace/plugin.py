@@ -17,6 +17,7 @@ from one_peace.errors import (
     NonFiniteData,
     UndecodableMedia,
 )
+from one_peace.media import MediaTypes, Preview
 from one_peace.models.adapter import (
     Adapter,
     AdapterOutput,
@@ -46,6 +47,7 @@ __all__ = [
     "InvalidValue",
     "MaskRequest",
     "MaskingPolicy",
+    "MediaTypes",
     "MissingField",
     "MissingMedia",
     "ModalityPlugin",
@@ -55,6 +57,7 @@ __all__ = [
     "PluginError",
     "PluginOptionError",
     "PluginOptions",
+    "Preview",
     "UndecodableMedia",
     "bucket_1d",
     "bucket_1d_rows",

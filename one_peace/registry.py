@@ -314,8 +314,9 @@ class ModalityPlugin:
         conformance suite can check collation and padding invariance. ``None`` (the default) skips those checks."""
         return None
 
-    def example_inputs(self, folder: Path, n: int, generator: torch.Generator) -> list[Any] | None:
-        """Optional: ``n`` raw manifest values (writing any media files into ``folder``; values relative to it),
+    def example_inputs(self, config: ModelConfig, folder: Path, n: int, generator: torch.Generator) -> list[Any] | None:
+        """Optional: ``n`` raw manifest values for ``config`` (writing any media files into ``folder``; values relative
+        to it),
         of different lengths where the modality has variable length. The conformance suite runs them through the
         real paths: ``check_value`` -> ``resolve`` -> ``estimate_length`` -> the preprocessor -> the loader (with
         workers) -> ``preview`` -> ``encode``. ``None`` (the default) skips those checks."""

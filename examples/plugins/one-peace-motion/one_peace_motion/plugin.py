@@ -26,10 +26,12 @@ from one_peace.plugin import (
     EmptyMedia,
     InvalidValue,
     MaskingPolicy,
+    MediaTypes,
     ModalityPlugin,
     ModelConfig,
     NonFiniteData,
     PluginOptions,
+    Preview,
     UndecodableMedia,
     bucket_1d,
     bucket_1d_rows,
@@ -201,3 +203,57 @@ class MotionModality(ModalityPlugin):
     def position_padding(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         """The adapter's padding from the batch alone (denoising masks are drawn on the host, no device read)."""
         return batch["padding_mask"].bool()  # type: ignore[no-any-return]
+
+    def validate_options(self, options: PluginOptions) -> None:
+        """Positive sizes; ``max_frames`` at least one patch."""
+        small = [k for k in ("channels", "patch", "bucket_size") if options[k] < 1]
+        if small:
+            raise ValueError(f"{', '.join(small)} must be >= 1")
+        if options["max_frames"] < options["patch"]:
+            raise ValueError(f"max_frames must be >= patch ({options['patch']}), got {options['max_frames']}")
+
+    def media_types(self) -> MediaTypes:
+        """``.npy`` arrays and numeric CSV."""
+        return MediaTypes(("application/octet-stream", "text/csv"), (".npy", ".csv"))
+
+    def preview(self, value: Any, config: ModelConfig, max_size: int = 256) -> Preview | None:
+        """A PNG line plot of every channel over time (each channel scaled to its own range)."""
+        from PIL import Image, ImageDraw
+
+        array = load_motion(value)[: self._opts(config).max_frames]
+        if array.shape[0] == 0:
+            raise EmptyMedia("motion sequence has no frames")
+        width, height = max_size, max(16, max_size // 2)
+        image = Image.new("RGB", (width, height), "white")
+        draw = ImageDraw.Draw(image)
+        colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+        xs = np.linspace(0, width - 1, num=array.shape[0])
+        for c in range(array.shape[1]):
+            y = np.nan_to_num(array[:, c].astype(np.float64))
+            span = float(y.max() - y.min()) or 1.0
+            ys = (height - 1) * (1.0 - (y - y.min()) / span)
+            draw.line(list(zip(xs.tolist(), ys.tolist(), strict=True)), fill=colours[c % len(colours)], width=1)
+        return Preview.png(np.asarray(image), max_size)
+
+    def describe_preprocessing(self, config: ModelConfig) -> dict[str, Any]:
+        """Cut, optional standardisation, zero-padding to whole patches."""
+        o = self._opts(config)
+        return {
+            **super().describe_preprocessing(config),
+            "input": f"(frames, {o.channels}) float array: .npy, numeric CSV (one frame per row), numpy or torch",
+            "max_frames": o.max_frames,
+            "standardize": "per channel, zero mean and unit variance" if o.standardize else None,
+            "frames_per_token": o.patch,
+            "padding": "zero frames up to a whole patch",
+            "tensor": {"frames": ["batch", "frames", o.channels], "padding_mask": ["batch", "tokens + 1"]},
+        }
+
+    def example_inputs(self, config: ModelConfig, folder: Path, n: int, generator: torch.Generator) -> list[Any]:
+        """``n`` ``.npy`` sequences of 2-4 patches (one cut mid-patch), paths relative to ``folder``."""
+        o = self._opts(config)
+        names = []
+        for i in range(n):
+            frames = (2 + i % 3) * o.patch - (i % 2) * (o.patch // 2)
+            np.save(folder / f"motion_{i}.npy", torch.randn(frames, o.channels, generator=generator).numpy())
+            names.append(f"motion_{i}.npy")
+        return names

@@ -14,7 +14,7 @@ arrays and torch tensors. Clouds are centred, scaled into the unit sphere, and r
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +29,12 @@ from one_peace.plugin import (
     EmptyMedia,
     InvalidValue,
     MaskingPolicy,
+    MediaTypes,
     ModalityPlugin,
     ModelConfig,
     NonFiniteData,
     PluginOptions,
+    Preview,
     UndecodableMedia,
     init_rel_table,
     require,
@@ -200,3 +202,73 @@ class PointCloudModality(ModalityPlugin):
     def example_batch(self, config: ModelConfig, batch_size: int, generator: torch.Generator) -> dict[str, Any]:
         """A batch of :meth:`example_samples`."""
         return self.collate(self.example_samples(config, batch_size, generator))
+
+    def estimate_length(self, value: Any, config: ModelConfig, preprocess: Callable[[Any], dict[str, Any]]) -> int:
+        """Every cloud makes ``groups`` tokens plus CLS (nothing is read)."""
+        return self._opts(config).groups + 1
+
+    def position_padding(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
+        """Clouds are resampled to one size: nothing is ever padded."""
+        return None
+
+    def validate_options(self, options: PluginOptions) -> None:
+        """``group_size <= points``, ``groups <= points``, positive sizes."""
+        small = [k for k in ("points", "groups", "group_size", "distance_buckets") if options[k] < 1]
+        if small:
+            raise ValueError(f"{', '.join(small)} must be >= 1")
+        if max(options["groups"], options["group_size"]) > options["points"]:
+            raise ValueError(
+                f"groups ({options['groups']}) and group_size ({options['group_size']}) must not exceed "
+                f"points ({options['points']})"
+            )
+
+    def media_types(self) -> MediaTypes:
+        """``.npy`` arrays and point text files."""
+        return MediaTypes(("application/octet-stream", "text/plain", "text/csv"), (".npy", ".xyz", ".txt", ".csv"))
+
+    def preview(self, value: Any, config: ModelConfig, max_size: int = 256) -> Preview | None:
+        """A PNG of the cloud seen from above (x right, y up; colour from rgb, or depth for xyz clouds)."""
+        array = load_points(value)
+        if len(array) == 0:
+            raise EmptyMedia("point cloud has no points")
+        xyz = np.nan_to_num(array[:, :3] - array[:, :3].mean(0))
+        xyz = xyz / max(float(np.abs(xyz[:, :2]).max()), 1e-6)
+        side = max_size
+        image = np.full((side, side, 3), 255, dtype=np.uint8)
+        cols = ((xyz[:, 0] + 1) / 2 * (side - 1)).round().astype(np.int64).clip(0, side - 1)
+        rows = ((1 - xyz[:, 1]) / 2 * (side - 1)).round().astype(np.int64).clip(0, side - 1)
+        if array.shape[1] == 6:
+            rgb = array[:, 3:6]
+            colour = (rgb if rgb.max() > 1.0 else rgb * 255.0).clip(0, 255).astype(np.uint8)
+        else:
+            depth = (xyz[:, 2] - xyz[:, 2].min()) / max(float(np.ptp(xyz[:, 2])), 1e-6)
+            colour = np.stack([depth * 255, 64 + 0 * depth, (1 - depth) * 255], axis=1).astype(np.uint8)
+        order = np.argsort(xyz[:, 2])  # nearer the viewer (higher z) drawn last
+        image[rows[order], cols[order]] = colour[order]
+        return Preview.png(image, max_size)
+
+    def describe_preprocessing(self, config: ModelConfig) -> dict[str, Any]:
+        """Centring, unit-sphere scaling, order-free resampling, colour scaling."""
+        o = self._opts(config)
+        return {
+            **super().describe_preprocessing(config),
+            "input": "(N, 3) xyz or (N, 6) xyz + rgb: .npy, text with 3 or 6 numbers per line, numpy or torch",
+            "centre": "mean of xyz subtracted",
+            "scale": "into the unit sphere (largest distance from the centre = 1)",
+            "resample": f"{o.points} points, evenly over the points sorted by position (repeats when fewer)",
+            "color": "rgb scaled to [0, 1] (0-255 inputs divided by 255); xyz clouds get 0.5" if o.color else None,
+            "tokens": o.groups + 1,
+            "tensor": {"points": ["batch", o.points, 6 if o.color else 3]},
+        }
+
+    def example_inputs(self, config: ModelConfig, folder: Path, n: int, generator: torch.Generator) -> list[Any]:
+        """``n`` ``.xyz`` text files of 100-300 coloured points (paths relative to ``folder``)."""
+        names = []
+        for i in range(n):
+            count = 100 + 100 * (i % 3)
+            xyz = torch.randn(count, 3, generator=generator)
+            rgb = torch.randint(0, 256, (count, 3), generator=generator).float()
+            rows = torch.cat([xyz, rgb], dim=1).numpy()
+            (folder / f"cloud_{i}.xyz").write_text("\n".join(" ".join(f"{v:.5f}" for v in r) for r in rows) + "\n")
+            names.append(f"cloud_{i}.xyz")
+        return names
