@@ -37,11 +37,23 @@ def usage(prog: str, schema: type) -> str:
     """``prog key=value ...`` and one line per key: default and meaning."""
     lines = [f"usage: {prog} key=value ...", "", (schema.__doc__ or "").split("\n\n")[0].strip(), "", "keys:"]
     docs = key_docs(schema)
-    for f in dataclasses.fields(schema):  # type: ignore[arg-type]
+    fields = dataclasses.fields(schema)  # type: ignore[arg-type]
+    for f in fields:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         shown = "(required)" if default == "???" else repr(default)
         lines.append(f"  {f.name}={shown}  {docs.get(f.name, '')}")
+    if any(f.name in ("modality", "modalities", "query") for f in fields):
+        lines += ["", modalities_line()]
     return "\n".join(lines)
+
+
+def modalities_line() -> str:
+    """``modalities: text, image, ...``: every registered modality (built-in or plugin), for help and errors."""
+    from one_peace.registry import list_modalities, plugin_errors
+
+    names = ", ".join(list_modalities()) or "none"
+    broken = f" ({len(plugin_errors())} failed to load)" if plugin_errors() else ""
+    return f"registered modalities: {names}{broken}; python -m one_peace.modalities lists where each comes from"
 
 
 def parse(schema: type[T], argv: Sequence[str] | None, prog: str) -> T:

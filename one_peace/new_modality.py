@@ -85,10 +85,12 @@ from one_peace.plugin import (
     EmptyMedia,
     InvalidValue,
     MaskingPolicy,
+    MediaTypes,
     ModalityPlugin,
     ModelConfig,
     NonFiniteData,
     PluginOptions,
+    Preview,
     UndecodableMedia,
     bucket_1d,
     bucket_1d_rows,
@@ -216,6 +218,43 @@ class ${cls}Modality(ModalityPlugin):
             frames = int(preprocess(value)["frames"].shape[0])
         return 1 + min(frames, self._opts(config).max_frames)
 
+    def validate_options(self, options: PluginOptions) -> None:
+        """Option values the types alone do not rule out (the message names the option)."""
+        for key in ("features", "max_frames", "bucket_size"):
+            if options[key] < 1:
+                raise ValueError(f"{key} must be >= 1, got {options[key]}")
+
+    def media_types(self) -> MediaTypes:
+        """The files the preprocessor reads (the search page's upload field lists them)."""
+        return MediaTypes(("application/octet-stream", "text/csv"), (".npy", ".csv"))
+
+    def preview(self, value: Any, config: ModelConfig, max_size: int = 256) -> Preview | None:
+        """What a person sees of one input on the search page: here a text summary of the sequence."""
+        array = load_frames(value)
+        if array.size == 0:
+            return Preview.text("an empty sequence")
+        shape = f"{array.shape[0]} frames x {array.shape[1]} features"
+        return Preview.text(f"{shape}, values in [{array.min():.3g}, {array.max():.3g}]")
+
+    def describe_preprocessing(self, config: ModelConfig) -> dict[str, Any]:
+        """What the preprocessor does, in plain words (search page, exported encoders)."""
+        o = self._opts(config)
+        return {
+            **super().describe_preprocessing(config),
+            "input": f"(frames, {o.features}) float array: .npy, numeric CSV, nested list or array",
+            "max_frames": o.max_frames,
+            "tensor": {"frames": ["batch", "frames", o.features], "padding_mask": ["batch", "frames + 1"]},
+        }
+
+    def example_inputs(self, config: ModelConfig, folder: Path, n: int, generator: torch.Generator) -> list[Any]:
+        """``n`` ``.npy`` files of different lengths (for the conformance suite's real-path checks)."""
+        o = self._opts(config)
+        names = []
+        for i in range(n):
+            np.save(folder / f"${name}_{i}.npy", torch.randn(3 + 2 * (i % 4), o.features, generator=generator).numpy())
+            names.append(f"${name}_{i}.npy")
+        return names
+
     def example_samples(self, config: ModelConfig, n: int, generator: torch.Generator) -> list[dict[str, Any]]:
         """Random sequences of 3-9 frames."""
         o = self._opts(config)
@@ -227,7 +266,7 @@ class ${cls}Modality(ModalityPlugin):
 '''
 
 DEMO = '''\
-"""``python -m $package.demo OUT``: generated `$name` data with captions to learn (train.jsonl, valid.jsonl)."""
+"""``python -m $package.demo OUT``: generated `$name` data with captions (train.jsonl, valid.jsonl)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """``python -m one_peace.search index=DIR query.text="a dog barking" [top_k=10] [format=table|json]``.
 
 Queries an embedding folder written by ``python -m one_peace.embed``: ``query.<modality>=...`` for each modality
-of the query (``query.text``, ``query.image=PATH``, ``query.audio=PATH``, ``query.video=PATH``, or a plugin's);
+of the query (``query.text``, ``query.image=PATH``, or any registered modality's: ``--help`` lists them);
 several at once form a composed query (``fuse=joint|mean``). The query model is the checkpoint recorded in the
 folder's ``info.json`` unless ``checkpoint=`` is given. Prints ids, scores and metadata.
 """
@@ -18,7 +18,7 @@ from one_peace.cli import parse
 
 @dataclass
 class SearchConfig:
-    """Search an embedding folder by text, image, audio, video or a composed query.
+    """Search an embedding folder by a query of any registered modality, or a composed query.
 
     Attributes:
         index: The embedding folder (``out`` of ``python -m one_peace.embed``).
@@ -55,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.format not in ("table", "json"):
         raise SystemExit(f"error: format: expected table or json, got {cfg.format!r}")
     if not cfg.query:
-        raise SystemExit('error: give a query: query.text="..." or query.image=PATH (query.audio, query.video)')
+        from one_peace.registry import list_modalities
+
+        keys = ", ".join(f"query.{m}=..." for m in list_modalities())
+        raise SystemExit(f"error: give a query: one or more of {keys}")
     try:
         index = open_index(cfg.index, cfg.checkpoint, cfg.bpe_dir, cfg.device)
         t0 = time.perf_counter()

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from one_peace.registry import ModalityPlugin, PluginOptionError, get_plugin, list_modalities
+from one_peace.registry import ModalityPlugin, PluginOptionError, PluginOptions, get_plugin, list_modalities
 from one_peace.tokenizer import LANGUAGE
 
 
@@ -174,8 +174,18 @@ def check_modality(
     plugin = get_plugin(name)
     report = ConformanceReport(name, plugin.source)
     torch.manual_seed(seed)
-    config = _config([name], modality_options)
-    model = OnePeaceModel(config)
+    try:
+        config = _config([name], modality_options)
+        model = OnePeaceModel(config)
+    except Exception as exc:  # options refused, or the adapter does not build: nothing else can run
+        hook = "Options / validate_options" if isinstance(exc, PluginOptionError) else "build_adapter"
+        report.results["options" if hook.startswith("Options") else "forward_backward"] = (
+            f"FAILED [{hook}]: {type(exc).__name__}: {exc}"
+        )
+        report.results["model"] = "FAILED: the tiny model does not build; no other check ran"
+        if raise_on_failure:
+            raise ConformanceError(str(report)) from exc
+        return report
     tmp = tempfile.TemporaryDirectory(prefix="one-peace-conformance-")
     state: dict[str, Any] = {"model": model, "config": config, "folder": Path(tmp.name)}
     if plugin.needs_tokenizer:  # a tokenizer trained here; the model's vocabulary is the tokenizer's
@@ -241,8 +251,8 @@ def check_all(**kwargs: Any) -> dict[str, ConformanceReport]:
 
 # ------------------------------------------------------------------------------------------------- checks
 def _check_options(plugin: ModalityPlugin) -> None:
-    opts = _call("Options / validate_options", plugin.parse_options, {})
-    assert dataclasses.is_dataclass(opts), "options must be a PluginOptions dataclass"
+    opts: PluginOptions = _call("Options / validate_options", plugin.parse_options, {})
+    assert isinstance(opts, PluginOptions) and dataclasses.is_dataclass(opts), "options must be a PluginOptions"
     assert opts.as_dict() == plugin.defaults, f"defaults {plugin.defaults} disagree with the options {opts}"
     try:
         plugin.parse_options({"no_such_option__": 1})

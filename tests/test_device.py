@@ -311,7 +311,8 @@ def test_a_training_step_reads_no_device_value_on_the_host():
     from one_peace.train.device import HOST_KEY, HostBatch
 
     task, batch = _task_and_batch("objectives")
-    batch["text"]["tokens"][0, -2:] = 1  # padded text rows
+    batch["text"]["tokens"][0, -2:] = 1  # padded text rows (the collator's mask says so)
+    batch["text"]["padding_mask"][0, -2:] = True
     reference = task(dict(batch, **{HOST_KEY: HostBatch(batch)}))[1]  # on the CPU: host and adapter masks agree
     assert float(reference["loss"]) > 0
     task.to("meta")

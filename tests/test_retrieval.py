@@ -202,7 +202,7 @@ def test_embed_skips_corrupt_files_and_each_clean_item_finds_itself(checkpoint, 
     info = _embed(checkpoint, manifest, out, part_size=5)
     bad = [json.loads(x) for x in (out / "bad.jsonl").read_text().splitlines()]
     assert sorted(b["id"] for b in bad) == ["item3", "item8"]
-    assert {b["reason"] for b in bad} == {"undecodable", "missing file"}
+    assert {b["reason"] for b in bad} == {"undecodable image", "missing file"}
     assert info["count"] == 10 and info["index"]["factory"] == "Flat" and info["index"]["recall_at_10"] == 1.0
     from one_peace.retrieval import EmbeddingStore, open_index
 
