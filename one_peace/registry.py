@@ -490,6 +490,7 @@ class ModalityPlugin:
         return f"<modality {self.name!r} from {self.source}>"
 
 
+@functools.lru_cache(maxsize=64)
 def _distribution_of(module: str) -> tuple[str | None, str | None]:
     top = module.split(".")[0]
     try:

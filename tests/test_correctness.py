@@ -192,7 +192,7 @@ def test_whole_word_masking_masks_every_piece_of_a_word_together(parity):
                 word.append(p)
 
 
-def test_raw_errors_now_name_the_file_line_and_field(tmp_path):
+def test_raw_errors_now_name_the_file_line_and_field(tmp_path, caplog):
     """#10.15: invalid UTF-8, a lone surrogate, a checkpoint folder without its tokenizer files."""
     import json
 
@@ -208,7 +208,11 @@ def test_raw_errors_now_name_the_file_line_and_field(tmp_path):
         list(iter_manifest(bad_utf8))
     surrogate = tmp_path / "surrogate.jsonl"
     surrogate.write_text(json.dumps({"text": "a"}) + "\n" + '{"text": "broken \\ud800 text"}\n')
-    with pytest.raises(ManifestError, match=r"surrogate.jsonl:2: field 'text': character 7 is a lone surrogate"):
+    with caplog.at_level("WARNING"):  # one bad row is skipped as 'invalid value', named up front
+        assert validate_manifest(surrogate, {"text": "text"}, ["text"]) == 2
+    assert "surrogate.jsonl:2: field 'text': character 7 is a lone surrogate" in caplog.text
+    surrogate.write_text('{"text": "broken \\ud800 text"}\n')
+    with pytest.raises(ManifestError, match=r"surrogate.jsonl:1: field 'text': character 7 is a lone surrogate"):
         validate_manifest(surrogate, {"text": "text"}, ["text"])
     model = one_peace.build_model("tiny", modalities=("text",))
     model.tokenizer = TextTokenizer.train(["a red square", "a blue circle"] * 5, vocab_size=280)
