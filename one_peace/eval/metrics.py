@@ -28,46 +28,88 @@ def chance_recall(positives: torch.Tensor, gallery: int, k: int) -> float:
     return float((1 - miss).mean()) if len(p) else 0.0
 
 
+#: scores this close to a query's best positive count as tied with it (float32 sums of equal vectors may differ in
+#: the last bits with their position in a matrix product)
+TIE_TOLERANCE = 1e-6
+
+
+def _expected_hits(above: torch.Tensor, tied_neg: torch.Tensor, tied_pos: torch.Tensor, k: int) -> torch.Tensor:
+    """Per query, the probability that a positive is in the top ``k`` when tied scores are ordered at random:
+    ``above`` negatives score higher than the best positive, ``tied_neg`` negatives and ``tied_pos`` positives tie
+    with it. A positive is missed when the ``m = k - above`` slots left are all taken by tied negatives:
+    ``C(tied_neg, m) / C(tied_neg + tied_pos, m)``."""
+    m = k - above
+    miss = torch.ones_like(above, dtype=torch.float64)
+    tn, tp = tied_neg.double(), tied_pos.double()
+    for i in range(k):
+        factor = ((tn - i).clamp(min=0) / (tn + tp - i).clamp(min=1)).clamp(max=1.0)
+        miss = torch.where(m > i, miss * factor, miss)
+    return torch.where(m > 0, 1.0 - miss, torch.zeros_like(miss))
+
+
 def recall_at_k(
     queries: torch.Tensor,
     gallery: torch.Tensor,
-    query_groups: Sequence[Hashable],
-    gallery_groups: Sequence[Hashable],
+    query_groups: Sequence[Hashable] | None = None,
+    gallery_groups: Sequence[Hashable] | None = None,
     ks: Sequence[int] = (1, 5, 10),
     chunk: int | None = None,
+    positives: Sequence[Sequence[int]] | None = None,
 ) -> dict[str, float]:
-    """Recall@k of retrieving the gallery items of a query's group, several positives per query.
+    """Recall@k of retrieving a query's positives from the gallery, several positives per query, ties honest.
 
-    A query is correct at ``k`` when one of its positives ranks in the top ``k``; its rank is the number of
-    non-positive gallery items scoring higher than its best positive. Queries without a positive are left out
+    Positives are given either as groups (a gallery item is a positive of the queries of its group) or as
+    ``positives[i]``: the gallery positions of query ``i``'s positives. A query scores at ``k`` when one of its
+    positives ranks in the top ``k``; tied scores are ordered as a random order would in expectation, so a model
+    giving every item the same vector scores exactly the chance level. Queries without a positive are left out
     (``queries`` counts those kept). Similarities are computed ``chunk`` queries at a time.
 
     Returns:
         ``R@k`` and ``chance@k`` for each k, ``queries`` and ``gallery``.
+
+    Raises:
+        ValueError: neither or both of groups and ``positives``, lengths that do not match, or a k below 1.
     """
-    if len(queries) != len(query_groups) or len(gallery) != len(gallery_groups):
-        raise ValueError("recall_at_k: one group key per query and per gallery item")
-    ids = group_ids([*query_groups, *gallery_groups])
-    qg, gg = ids[: len(query_groups)], ids[len(query_groups) :]
+    if any(int(k) < 1 for k in ks) or not ks:
+        raise ValueError(f"ks: expected positive integers, got {list(ks)}")
     n = len(gallery)
+    if positives is None:
+        if query_groups is None or gallery_groups is None:
+            raise ValueError("recall_at_k: give query_groups and gallery_groups, or positives")
+        if len(queries) != len(query_groups) or n != len(gallery_groups):
+            raise ValueError("recall_at_k: one group key per query and per gallery item")
+        ids = group_ids([*query_groups, *gallery_groups])
+        qg, gg = ids[: len(query_groups)], ids[len(query_groups) :]
+    elif len(positives) != len(queries):
+        raise ValueError(f"recall_at_k: {len(positives)} positive lists for {len(queries)} queries")
     chunk = chunk or max(1, MAX_CHUNK_ELEMENTS // max(1, n))
-    ranks, positives = [], []
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
     g = gallery.float()
     for start in range(0, len(queries), chunk):
         sim = queries[start : start + chunk].float() @ g.T
-        same = qg[start : start + chunk, None] == gg[None, :]
-        best = sim.masked_fill(~same, float("-inf")).max(1).values
-        ranks.append((sim.masked_fill(same, float("-inf")) > best[:, None]).sum(1))
-        positives.append(same.sum(1))
-    rank = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
-    pos = torch.cat(positives) if positives else torch.zeros(0, dtype=torch.long)
+        if positives is None:
+            same = qg[start : start + chunk, None] == gg[None, :]
+        else:
+            same = torch.zeros(sim.shape, dtype=torch.bool)
+            rows = [(r, c) for r, cols in enumerate(positives[start : start + chunk]) for c in cols]
+            if rows:
+                index = torch.tensor(rows, dtype=torch.long)
+                same[index[:, 0], index[:, 1]] = True
+        best = sim.masked_fill(~same, float("-inf")).max(1).values[:, None]
+        tol = TIE_TOLERANCE * best.abs().clamp(min=1.0)
+        above = ((sim > best + tol) & ~same).sum(1)
+        tied = (sim - best).abs() <= tol
+        parts.append((above, (tied & ~same).sum(1), (tied & same).sum(1), same.sum(1)))
+    empty = torch.zeros(0, dtype=torch.long)
+    above, tied_neg, tied_pos, pos = (torch.cat(list(p)) for p in zip(*parts)) if parts else (empty,) * 4
     keep = pos > 0
-    rank, pos = rank[keep], pos[keep]
+    above, tied_neg, tied_pos, pos = above[keep], tied_neg[keep], tied_pos[keep], pos[keep]
     out: dict[str, float] = {}
     for k in ks:
-        out[f"R@{k}"] = float((rank < k).float().mean()) if len(rank) else 0.0
-        out[f"chance@{k}"] = chance_recall(pos, n, k)
-    out["queries"] = float(len(rank))
+        hits = _expected_hits(above, tied_neg, tied_pos, int(k))
+        out[f"R@{k}"] = float(hits.mean()) if len(hits) else 0.0
+        out[f"chance@{k}"] = chance_recall(pos, n, int(k))
+    out["queries"] = float(int(keep.sum()))
     out["gallery"] = float(n)
     return out
 

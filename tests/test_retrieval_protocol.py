@@ -1,0 +1,186 @@
+"""The standard retrieval protocol (#22): unique items per side, every caption a positive of its image, honest ties,
+checked against an independent computation written here."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+import one_peace
+from one_peace.eval import EvalContext, RetrievalEvaluator, recall_at_k
+
+
+def _independent(sim: np.ndarray, positives: list[set[int]], k: int) -> float:
+    """Recall@k with ties broken at random, in expectation: a plain loop over queries."""
+    scores = []
+    for q, pos in enumerate(positives):
+        if not pos:
+            continue
+        best = max(sim[q, j] for j in pos)
+        above = sum(1 for j in range(sim.shape[1]) if j not in pos and sim[q, j] > best + 1e-6)
+        tied_neg = sum(1 for j in range(sim.shape[1]) if j not in pos and abs(sim[q, j] - best) <= 1e-6)
+        tied_pos = sum(1 for j in pos if abs(sim[q, j] - best) <= 1e-6)
+        slots = k - above
+        if slots <= 0:
+            scores.append(0.0)
+        else:  # missed when every free slot goes to a tied negative
+            miss = math.comb(tied_neg, slots) / math.comb(tied_neg + tied_pos, slots) if slots <= tied_neg else 0.0
+            scores.append(1.0 - miss)
+    return float(np.mean(scores))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_recall_with_repeats_groups_and_ties_equals_the_independent_loop(seed):
+    rng = np.random.default_rng(seed)
+    # integer-valued vectors from a tiny alphabet: many exact ties
+    q = torch.tensor(rng.integers(-1, 2, (12, 3)), dtype=torch.float32)
+    g = torch.tensor(rng.integers(-1, 2, (15, 3)), dtype=torch.float32)
+    positives = [sorted(set(rng.choice(15, size=rng.integers(0, 4), replace=False).tolist())) for _ in range(12)]
+    sim = (q @ g.T).numpy()
+    for k in (1, 2, 5):
+        got = recall_at_k(q, g, ks=(k,), positives=positives, chunk=5)[f"R@{k}"]
+        assert got == pytest.approx(_independent(sim, [set(p) for p in positives], k), abs=1e-9)
+
+
+def test_ties_no_longer_count_as_hits_and_a_constant_model_scores_chance():
+    """A collapsed tower (every caption the same vector) scored image->text R@1 = 1.00 at chance 0.002."""
+    q = torch.randn(20, 8)
+    g = torch.ones(50, 8)
+    groups_q = [f"g{i % 10}" for i in range(20)]
+    groups_g = [f"g{i % 10}" for i in range(50)]
+    res = recall_at_k(q, g, groups_q, groups_g, ks=(1, 5, 10))
+    for k in (1, 5, 10):
+        assert res[f"R@{k}"] == pytest.approx(res[f"chance@{k}"], abs=1e-9)
+    assert res["R@1"] == pytest.approx(0.1)
+
+
+def _coco_rows(images: int = 6, captions: int = 5) -> list[dict]:
+    return [
+        {"id": f"{i}-{c}", "image": f"img{i}.png", "text": f"image {i} caption {c}"}
+        for i in range(images)
+        for c in range(captions)
+    ]
+
+
+def _fake_embed(vectors):
+    """An ``embed_rows`` returning designed vectors per item (the protocol's logic, no model)."""
+
+    def embed_rows(ctx, modality, values=None):
+        emb = torch.stack([vectors(modality, row) for row in ctx.rows])
+        return emb, torch.ones(len(ctx.rows), dtype=torch.bool), []
+
+    return embed_rows
+
+
+def test_coco_layout_with_an_oracle_model_scores_one_both_ways(monkeypatch):
+    """Counting an image's other captions as negatives gave image->text R@1 0.20 where the protocol gives 1.00."""
+    import one_peace.eval.retrieval as retrieval
+
+    def oracle(modality, row):
+        image = int(row["image"][3:-4])
+        return torch.nn.functional.one_hot(torch.tensor(image), 6).float()
+
+    monkeypatch.setattr(retrieval, "embed_rows", _fake_embed(oracle))
+    res = RetrievalEvaluator(("image", "text"), ks=(1, 5))(EvalContext(None, _coco_rows()))
+    assert res["image->text/R@1"] == 1.0 and res["text->image/R@1"] == 1.0 and res["text->image/R@5"] == 1.0
+    assert (res["image_items"], res["text_items"], res["samples"]) == (6, 30, 30)
+    assert res["image->text/chance@1"] == pytest.approx(5 / 30)  # 5 positives among 30 captions
+    assert res["text->image/chance@1"] == pytest.approx(1 / 6)  # ranked against unique images
+
+
+def test_a_constant_model_scores_chance_on_the_coco_layout(monkeypatch):
+    import one_peace.eval.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval, "embed_rows", _fake_embed(lambda m, row: torch.ones(4)))
+    res = RetrievalEvaluator(("image", "text"), ks=(1, 5, 10))(EvalContext(None, _coco_rows()))
+    for direction in ("image->text", "text->image"):
+        for k in (1, 5, 10):
+            assert res[f"{direction}/R@{k}"] == pytest.approx(res[f"{direction}/chance@{k}"], abs=1e-9)
+
+
+def test_group_field_makes_a_class_positive_across_rows(monkeypatch):
+    import one_peace.eval.retrieval as retrieval
+
+    rows = [{"image": f"i{n}.png", "text": f"t{n}", "label": n % 2} for n in range(6)]
+    # every image looks like the *other* image of its class's first caption: only the class groups make hits
+    monkeypatch.setattr(
+        retrieval,
+        "embed_rows",
+        _fake_embed(lambda m, row: torch.tensor([1.0, 0.0]) if row["label"] else torch.tensor([0.0, 1.0])),
+    )
+    plain = RetrievalEvaluator(("image", "text"), ks=(1,))(EvalContext(None, rows))
+    grouped = RetrievalEvaluator(("image", "text"), group_field="label", ks=(1,))(EvalContext(None, rows))
+    assert plain["image->text/R@1"] == pytest.approx(1 / 3)  # three tied captions of the class, one positive
+    assert grouped["image->text/R@1"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "rows", "message"),
+    [
+        ({"ks": [5, 10]}, None, None),  # ks without 1 used to crash after all the work
+        ({"ks": [0, 5]}, None, "ks: expected a list of positive integers"),
+        ({}, [], "no rows to evaluate"),
+        ({"pair": ("image", "video")}, None, "pair: the model has no 'video' modality"),
+        ({}, [{"image": "a.png", "caption": "x"}], "fields.text: no row has a field 'text'"),
+    ],
+)
+def test_bad_arguments_are_refused_before_any_work(monkeypatch, kwargs, rows, message):
+    import one_peace.eval.retrieval as retrieval
+
+    monkeypatch.setattr(retrieval, "embed_rows", _fake_embed(lambda m, row: torch.ones(3)))
+    ctx = EvalContext(
+        SimpleNamespace(adapters={"image": None, "text": None}), _coco_rows(2, 2) if rows is None else rows
+    )
+    if message is None:
+        res = RetrievalEvaluator(**kwargs)(ctx)
+        assert "image->text/R@5" in res and "retrieval: image->text R@5" in RetrievalEvaluator(**kwargs).summary(res)
+        return
+    with pytest.raises(ValueError, match=message):
+        RetrievalEvaluator(**kwargs)(ctx)
+
+
+def test_eval_cli_on_a_coco_layout_equals_the_independent_computation(tmp_path):
+    """``python -m one_peace.eval task=retrieval`` on 5 captions per image, a real tiny model."""
+    from one_peace.adapters.text import TextTokenizer
+    from PIL import Image
+
+    from one_peace.eval.__main__ import main
+
+    rows = _coco_rows(8, 5)
+    for i in range(8):
+        arr = np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(tmp_path / f"img{i}.png")
+    manifest = tmp_path / "coco.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = TextTokenizer.train([r["text"] for r in rows] * 2, vocab_size=300)
+    torch.manual_seed(0)
+    cfg = one_peace.model_config("tiny", ("text", "image"), layer_scale_init=1.0)
+    cfg.modality_options = {"text": {"vocab_size": tok.vocab_size}, "image": {"image_size": 32}}
+    model = one_peace.build_model(cfg).eval()
+    model.tokenizer = tok
+    checkpoint = one_peace.save(model, tmp_path / "ck")
+    out = tmp_path / "r.json"
+    buf = io.StringIO()
+    import contextlib
+
+    with contextlib.redirect_stdout(buf):
+        assert main(["task=retrieval", f"checkpoint={checkpoint}", f"data={manifest}", f"out={out}"]) == 0
+    res = json.loads(out.read_text())
+
+    images = model.encode("image", [tmp_path / f"img{i}.png" for i in range(8)]).numpy()
+    texts = model.encode("text", [r["text"] for r in rows]).numpy()
+    owner = [i for i in range(8) for _ in range(5)]
+    forward = [{t for t in range(40) if owner[t] == i} for i in range(8)]
+    backward = [{owner[t]} for t in range(40)]
+    for k in (1, 5, 10):
+        assert res[f"image->text/R@{k}"] == pytest.approx(_independent(images @ texts.T, forward, k), abs=1e-6)
+        assert res[f"text->image/R@{k}"] == pytest.approx(_independent(texts @ images.T, backward, k), abs=1e-6)
+    assert res["text->image/R@10"] == 1.0  # 8 unique images: every caption finds its own in the top 10
+    assert Path(out).is_file()
