@@ -57,8 +57,14 @@ class EmbedConfig:
         device: ``auto`` (``cuda:$LOCAL_RANK`` / ``cuda`` when present, else ``cpu``), or a device.
         model_dtype: ``auto`` (float32 on CPU, bfloat16 on CUDA), ``float32``, ``bfloat16`` or ``float16``.
         dtype: How vectors are stored: ``float16`` or ``float32``.
-        index: ``auto``, ``flat``, ``hnsw``, ``ivfpq`` or ``none``.
+        index: ``auto``, ``flat``, ``hnsw``, ``ivf`` (IVF + SQ8), ``ivfpq`` or ``none``.
         index_memory: Memory budget of the index (``4GB``, ``512MB``...).
+        index_queries: Vectors of the modality that will query the index, to tune and measure it on: a ``.npy``
+            file of ``(Q, D)`` vectors or another embedding folder (e.g. the captions' embeddings). Default: the
+            ``query_field`` values, else corpus vectors (right for same-modality search only).
+        query_field: A row field holding a query for the row's item (e.g. ``caption``): up to 2000 of them are
+            embedded (as ``query_modality``) to tune the index for cross-modal search.
+        query_modality: The modality of ``query_field`` (default ``text``).
         mode: ``new`` (refuses a folder that holds parts), ``resume`` or ``append``.
         part_size: Rows per part (the unit of saved work).
         long_text: ``truncate`` or ``chunks`` (see ``OnePeaceModel.encode``).
@@ -80,6 +86,9 @@ class EmbedConfig:
     dtype: str = "float16"
     index: str = "auto"
     index_memory: str = "4GB"
+    index_queries: str | None = None
+    query_field: str | None = None
+    query_modality: str = "text"
     mode: str = "new"
     part_size: int = 10_000
     long_text: str = "truncate"
@@ -92,7 +101,7 @@ def _check(cfg: EmbedConfig) -> None:
         ("mode", cfg.mode, MODES),
         ("dtype", cfg.dtype, ("float16", "float32")),
         ("model_dtype", cfg.model_dtype, ("auto", "float32", "bfloat16", "float16")),
-        ("index", cfg.index, ("auto", "flat", "hnsw", "ivfpq", "none")),
+        ("index", cfg.index, ("auto", "flat", "hnsw", "ivf", "ivfpq", "none")),
         ("long_text", cfg.long_text, ("truncate", "chunks")),
     ):
         if value not in allowed:
@@ -109,6 +118,10 @@ def _check(cfg: EmbedConfig) -> None:
 
         faiss()
         parse_memory(cfg.index_memory)
+    if cfg.index_queries is not None and not Path(cfg.index_queries).exists():
+        raise FileNotFoundError(
+            f"index_queries: {cfg.index_queries} not found (a .npy of vectors or an embedding folder)"
+        )
 
 
 def _device(name: str) -> torch.device:
@@ -262,7 +275,8 @@ def embed(cfg: EmbedConfig, model: Any = None) -> dict[str, Any]:
     _barrier(world)
     result: dict[str, Any] = {}
     if rank == 0:
-        result = _finish(cfg, store, info, source_no, rows, job.truncated, time.perf_counter() - t0)
+        queries = query_vectors(cfg, model) if cfg.index != "none" else None
+        result = _finish(cfg, store, info, source_no, rows, job.truncated, time.perf_counter() - t0, queries)
     _barrier(world)
     if world > 1:
         import torch.distributed as dist
@@ -318,6 +332,7 @@ def _finish(
     rows: int,
     truncated: int,
     secs: float,
+    queries: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Rank 0: check every part of the source is there, write ``bad.jsonl``, build or extend the index."""
     source = info["sources"][source_no]
@@ -348,7 +363,7 @@ def _finish(
             "%d texts were truncated to the tokenizer's limit (long_text=chunks embeds them whole)", truncated
         )
     if cfg.index != "none":
-        info["index"] = update_index(cfg, store, info, list(wanted))
+        info["index"] = update_index(cfg, store, info, list(wanted), queries)
     store.save_info(info)
     report = info.get("index") or {}
     recall = report.get("recall_at_10")
@@ -364,6 +379,45 @@ def _finish(
         )
     )
     return info
+
+
+#: query values embedded from ``query_field`` to tune an index
+QUERY_SAMPLE = 2000
+
+
+def query_vectors(cfg: EmbedConfig, model: Any) -> np.ndarray | None:
+    """The vectors an index is tuned and measured on (``index_queries``, or ``query_field`` values embedded as
+    ``query_modality``); ``None``: tune on corpus vectors."""
+    if cfg.index_queries is not None:
+        path = Path(cfg.index_queries)
+        if path.is_dir():
+            vectors = EmbeddingStore(path).vectors()
+        else:
+            try:
+                vectors = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"index_queries: {path} is not a .npy array of vectors ({exc})") from None
+        dim = model.config.embed_dim
+        if vectors.ndim != 2 or vectors.shape[1] != dim:
+            raise ValueError(f"index_queries: {path} holds shape {tuple(vectors.shape)}, expected (Q, {dim})")
+        return np.ascontiguousarray(vectors, dtype=np.float32)
+    if cfg.query_field is None:
+        return None
+    if cfg.query_modality not in model.adapters:
+        raise ValueError(f"query_modality: {cfg.query_modality!r} is not in the model (it has {list(model.adapters)})")
+    plugin = get_plugin(cfg.query_modality)
+    base_dir = Path(cfg.data).parent if Path(cfg.data).is_file() else Path(cfg.data)
+    values = []
+    for _, row in iter_rows(cfg.data):
+        try:
+            values.append(plugin.read_field(row, cfg.query_field, base_dir))
+        except DataError:
+            continue
+        if len(values) >= QUERY_SAMPLE:
+            break
+    if not values:
+        raise ValueError(f"query_field: no row of {cfg.data} has a usable {cfg.query_field!r} field")
+    return np.asarray(model.encode(cfg.query_modality, values, output="numpy"), dtype=np.float32)
 
 
 def main(argv: list[str] | None = None) -> int:

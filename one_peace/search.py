@@ -29,6 +29,8 @@ class SearchConfig:
         checkpoint: The query model (default: the one recorded in ``info.json``).
         bpe_dir: Official GPT-2 BPE files (official ``.pt`` checkpoints).
         device: Where the query model runs.
+        nprobe: IVF indexes: inverted lists visited (default: the tuned value in ``info.json``).
+        ef_search: HNSW indexes: the search beam (default: the tuned value).
     """
 
     index: str = "???"
@@ -39,6 +41,8 @@ class SearchConfig:
     checkpoint: str | None = None
     bpe_dir: str | None = None
     device: str = "cpu"
+    nprobe: int | None = None
+    ef_search: int | None = None
 
 
 def _cell(value: Any, width: int = 48) -> str:
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         index = open_index(cfg.index, cfg.checkpoint, cfg.bpe_dir, cfg.device)
         t0 = time.perf_counter()
-        hits = index.search(dict(cfg.query), top_k=cfg.top_k, fuse=cfg.fuse)
+        hits = index.search(dict(cfg.query), top_k=cfg.top_k, fuse=cfg.fuse, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
         secs = time.perf_counter() - t0
     except (ValueError, KeyError, FileNotFoundError, MissingExtraError) as exc:
         raise SystemExit(f"error: {exc}") from None

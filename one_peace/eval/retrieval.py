@@ -86,7 +86,8 @@ class RetrievalEvaluator:
         media = get_plugin(modality).media
         fld = ctx.field_of(modality)
         table: dict[Any, int] = {}
-        of_row, first = [], []
+        of_row: list[int] = []
+        first: list[int] = []
         for i, row in enumerate(ctx.rows):
             value = row.get(fld) if isinstance(row, Mapping) else None
             if value is None:

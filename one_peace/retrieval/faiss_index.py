@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 FLAT_LIMIT = 100_000
 TARGET_RECALL = 0.95
-KINDS = ("auto", "flat", "hnsw", "ivfpq", "none")
+KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq", "none")
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 EF_SEARCH = (16, 32, 64, 128, 256, 512, 1024)
 HNSW_M = 32
@@ -54,13 +54,21 @@ def parse_memory(value: str | int | float) -> int:
 
 @dataclass
 class IndexReport:
-    """What was built: the factory string, its search parameter, measured recall and latency, size."""
+    """What was built: the factory string, its search parameter, measured recall and latency, size.
+
+    ``recall_at_10`` is measured on held-out queries that did not choose the search parameter (``recall_queries`` of
+    them); ``tuned_on`` says what the queries were: ``"queries"`` (vectors of the query modality: cross-modal
+    retrieval) or ``"corpus"`` (corpus vectors, when no query vectors were given).
+    """
 
     factory: str
     metric: str = "inner_product"
     search_params: dict[str, int] = field(default_factory=dict)
     recall_at_10: float | None = None
     recall_queries: int = 0
+    tuned_on: str = "corpus"
+    tuning_recall_at_10: float | None = None
+    tuning_queries: int = 0
     latency_ms: float | None = None
     memory_bytes: int = 0
     estimated_bytes: int = 0
@@ -81,7 +89,8 @@ def _nlist(n: int) -> int:
 def candidates(n: int, d: int, budget: int, kind: str = "auto") -> list[tuple[str, int]]:
     """``(factory, estimated bytes)`` to try, most accurate first, of those whose estimate fits ``budget``.
 
-    ``kind="flat"`` / ``"hnsw"`` / ``"ivfpq"`` forces that family (the budget then picks the PQ size).
+    ``kind="flat"`` / ``"hnsw"`` / ``"ivf"`` (IVF + 8-bit scalar quantisation) / ``"ivfpq"`` forces that family
+    (the budget then picks the PQ size).
     """
     nlist = _nlist(n)
     ivf_over = nlist * d * 4 + n * 8  # centroids + 64-bit ids in the inverted lists
@@ -98,6 +107,8 @@ def candidates(n: int, d: int, budget: int, kind: str = "auto") -> list[tuple[st
         return [flat]
     if kind == "hnsw":
         return [hnsw]
+    if kind == "ivf":
+        return [sq8]
     if kind == "ivfpq":
         fitting = [c for c in pqs if c[1] <= budget]
         return fitting or pqs[-1:]
@@ -151,8 +162,14 @@ def build_index(
     queries: int = 1000,
     train_size: int = 65_536,
     seed: int = 0,
+    query_vectors: np.ndarray | None = None,
 ) -> tuple[Any, IndexReport]:
-    """Build (and tune) an inner-product index over ``vectors (N, D)``; returns the index and what was done."""
+    """Build (and tune) an inner-product index over ``vectors (N, D)``; returns the index and what was done.
+
+    The search parameter is tuned on half of the tuning queries and the recall reported is measured on the other
+    half. Tuning queries are ``query_vectors`` (vectors of the modality that will query the index: text queries
+    against images sit in another region of the space than the images themselves) when given, else corpus vectors.
+    """
     fs = faiss()
     if kind not in KINDS or kind == "none":
         raise ValueError(f"index: expected one of {[k for k in KINDS if k != 'none']}, got {kind!r}")
@@ -160,9 +177,19 @@ def build_index(
     n, d = xb.shape
     budget = parse_memory(memory)
     rng = np.random.default_rng(seed)
-    q_ids = rng.choice(n, size=min(queries, n), replace=False)
-    xq = xb[q_ids]
-    truth = exact_top_k(xb, xq, min(10, n)) if n else np.zeros((0, 10), dtype=np.int64)
+    if query_vectors is not None and len(query_vectors):
+        pool = np.ascontiguousarray(query_vectors, dtype=np.float32)
+        if pool.ndim != 2 or pool.shape[1] != d:
+            raise ValueError(f"index queries have shape {tuple(pool.shape)}; the corpus vectors have dimension {d}")
+        tuned_on = "queries"
+    else:
+        pool, tuned_on = xb, "corpus"
+    picked = pool[rng.choice(len(pool), size=min(2 * queries, len(pool)), replace=False)] if len(pool) else pool
+    half = max(1, len(picked) // 2) if len(picked) > 1 else len(picked)
+    xq_tune, xq_held = picked[:half], (picked[half:] if len(picked) > 1 else picked)
+    k = min(10, n)
+    truth_tune = exact_top_k(xb, xq_tune, k) if n else np.zeros((0, 10), dtype=np.int64)
+    truth_held = exact_top_k(xb, xq_held, k) if n else np.zeros((0, 10), dtype=np.int64)
     tried: list[dict[str, Any]] = []
     best: tuple[Any, IndexReport] | None = None
     for factory, estimate in candidates(n, d, budget, kind):
@@ -173,9 +200,9 @@ def build_index(
             lists = _nlist(n) if "IVF" in factory else 0
             sample = xb[rng.choice(n, size=min(n, max(train_size, 39 * lists)), replace=False)]
             index.train(sample)
-        index.add(xb)
+        add_in_chunks(index, xb)
         built_s = time.perf_counter() - t0
-        report = IndexReport(factory, estimated_bytes=int(estimate), recall_queries=len(xq))
+        report = IndexReport(factory, estimated_bytes=int(estimate), tuned_on=tuned_on)
         report.memory_bytes = int(fs.serialize_index(index).nbytes)
         name = _param_name(factory)
         values: tuple[int, ...] = NPROBES if name == "nprobe" else EF_SEARCH if name == "efSearch" else (0,)
@@ -185,12 +212,15 @@ def build_index(
         for value in values:
             params = {name: value} if name else {}
             set_search_params(index, params)
-            found, latency = _timed_search(index, xq, truth.shape[1])
-            recall = recall_at_k(found, truth)
-            report.search_params, report.recall_at_10, report.latency_ms = params, recall, latency
+            found, latency = _timed_search(index, xq_tune, k)
+            recall = recall_at_k(found, truth_tune)
+            report.search_params, report.tuning_recall_at_10, report.latency_ms = params, recall, latency
             if recall >= target:
                 reached = True
                 break
+        report.tuning_queries = len(xq_tune)
+        report.recall_at_10 = recall_at_k(index.search(xq_held, k)[1], truth_held) if len(xq_held) else None
+        report.recall_queries = len(xq_held)
         tried.append(
             {
                 "factory": factory,
@@ -201,7 +231,7 @@ def build_index(
             }
         )
         logger.info("index %s: 10-recall@10 %.3f with %s", factory, report.recall_at_10 or 0, report.search_params)
-        if best is None or (report.recall_at_10 or 0) > (best[1].recall_at_10 or 0):
+        if best is None or (report.tuning_recall_at_10 or 0) > (best[1].tuning_recall_at_10 or 0):
             best = (index, report)
         if reached:
             best = (index, report)
@@ -212,15 +242,25 @@ def build_index(
     index, report = best
     set_search_params(index, report.search_params)
     report.candidates = tried
-    if (report.recall_at_10 or 0) < target:
+    if (report.tuning_recall_at_10 or 0) < target:
         logger.warning(
             "no index within %s reached 10-recall@10 %.2f; kept %s at %.3f (raise index_memory for more)",
             memory,
             target,
             report.factory,
-            report.recall_at_10 or 0,
+            report.tuning_recall_at_10 or 0,
         )
     return index, report
+
+
+#: vectors added to an index at once (the add of a whole corpus holds its temporary buffers at once)
+ADD_CHUNK = 65_536
+
+
+def add_in_chunks(index: Any, vectors: np.ndarray, chunk: int = ADD_CHUNK) -> None:
+    """``index.add`` in chunks of ``chunk`` rows (bounded temporary memory for encoding)."""
+    for start in range(0, len(vectors), chunk):
+        index.add(np.ascontiguousarray(vectors[start : start + chunk], dtype=np.float32))
 
 
 def _quick_pq_training(index: Any) -> None:

@@ -122,32 +122,48 @@ def prepare_folder(cfg: Any, store: EmbeddingStore, model: Any, digest: str) -> 
     return info
 
 
-def update_index(cfg: Any, store: EmbeddingStore, info: dict[str, Any], new_parts: Sequence[int]) -> dict[str, Any]:
-    """Build the index over every part, or (append) add the new parts to the existing index."""
-    from one_peace.retrieval.faiss_index import build_index, exact_top_k, load_index, recall_at_k, save_index
+def update_index(
+    cfg: Any,
+    store: EmbeddingStore,
+    info: dict[str, Any],
+    new_parts: Sequence[int],
+    queries: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Build the index over every part, or (append) add the new parts to the existing index. ``queries``: vectors
+    of the query modality to tune and measure the index on (corpus vectors otherwise)."""
+    from one_peace.retrieval.faiss_index import (
+        add_in_chunks,
+        build_index,
+        exact_top_k,
+        faiss,
+        load_index,
+        recall_at_k,
+        save_index,
+    )
 
     previous = info.get("index")
     if cfg.mode == "append" and previous and store.index_path.is_file():
         index = load_index(str(store.index_path), previous.get("search_params"))
-        index.add(store.vectors(new_parts))
+        add_in_chunks(index, store.vectors(new_parts))
         everything = store.vectors()
         rng = np.random.default_rng(0)
-        q = everything[rng.choice(len(everything), size=min(1000, len(everything)), replace=False)]
+        pool = queries if queries is not None and len(queries) else everything
+        q = pool[rng.choice(len(pool), size=min(1000, len(pool)), replace=False)]
         k = min(10, len(everything))
         t0 = time.perf_counter()
         found = index.search(q, k)[1]
         latency = (time.perf_counter() - t0) * 1e3 / max(1, len(q))
         save_index(index, str(store.index_path))
-        from one_peace.retrieval.faiss_index import faiss
-
         return {
             **previous,
             "recall_at_10": recall_at_k(found, exact_top_k(everything, q, k)),
             "recall_queries": len(q),
+            "tuned_on": previous.get("tuned_on", "corpus"),
+            "measured_on": "queries" if pool is queries else "corpus",
             "latency_ms": latency,
             "memory_bytes": int(faiss().serialize_index(index).nbytes),
             "appended": previous.get("appended", 0) + 1,
         }
-    index, report = build_index(store.vectors(), cfg.index, cfg.index_memory)
+    index, report = build_index(store.vectors(), cfg.index, cfg.index_memory, query_vectors=queries)
     save_index(index, str(store.index_path))
     return report.to_json()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,6 +219,7 @@ class RetrievalIndex:
         self.bpe_dir = bpe_dir or model_info.get("bpe_dir")
         self.device = device
         self._model: Any = None
+        self._lock = threading.Lock()
         rows = self.store.metadata_table().num_rows
         if self.index.ntotal != rows:
             raise ValueError(
@@ -260,12 +262,46 @@ class RetrievalIndex:
             dtype=np.float32,
         )
 
-    def search_vectors(self, vectors: np.ndarray, top_k: int = 10) -> list[list[Hit]]:
-        """The ``top_k`` nearest items of each row of ``vectors (Q, D)``."""
+    def search_params(self) -> dict[str, int]:
+        """The search parameters in force: the tuned ones recorded in ``info.json`` (``nprobe`` / ``efSearch``)."""
+        return dict((self.info.get("index") or {}).get("search_params") or {})
+
+    def _params(self, nprobe: int | None, ef_search: int | None) -> dict[str, int]:
+        tuned = self.search_params()
+        asked = {k: v for k, v in (("nprobe", nprobe), ("efSearch", ef_search)) if v is not None}
+        for name, value in asked.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"{'ef_search' if name == 'efSearch' else name}: expected an integer >= 1, got {value!r}"
+                )
+            if name not in tuned:
+                kind = (self.info.get("index") or {}).get("factory", "?")
+                raise ValueError(
+                    f"{'ef_search' if name == 'efSearch' else name}: the index {kind} has no such parameter "
+                    f"(it has {sorted(tuned) or 'none: exact search'})"
+                )
+        return asked
+
+    def search_vectors(
+        self, vectors: np.ndarray, top_k: int = 10, nprobe: int | None = None, ef_search: int | None = None
+    ) -> list[list[Hit]]:
+        """The ``top_k`` nearest items of each row of ``vectors (Q, D)``; ``nprobe`` (IVF indexes) / ``ef_search``
+        (HNSW) override the tuned search parameter for this call (more: slower, higher recall)."""
+        from one_peace.retrieval.faiss_index import set_search_params
+
         xq = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
         if xq.shape[1] != self.index.d:
             raise ValueError(f"query vectors have dimension {xq.shape[1]}, the index {self.index.d}")
-        scores, positions = self.index.search(xq, min(int(top_k), len(self)))
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k: expected an integer >= 1, got {top_k!r}")
+        asked = self._params(nprobe, ef_search)
+        with self._lock:  # parameters live on the shared index: set, search, restore
+            set_search_params(self.index, asked)
+            try:
+                scores, positions = self.index.search(xq, min(int(top_k), len(self)))
+            finally:
+                if asked:
+                    set_search_params(self.index, self.search_params())
         out = []
         for row_scores, row_pos in zip(scores, positions):
             hits = []
@@ -283,15 +319,18 @@ class RetrievalIndex:
         top_k: int = 10,
         fuse: str = "joint",
         weights: Mapping[str, float] | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
         **items: Any,
     ) -> list[Hit]:
         """Search by ``text=``, ``image=``, ``audio=``, ``video=`` (or any modality of the model), or a dict.
 
         Several modalities at once form a composed query (``fuse="joint"`` or ``"mean"``, see
-        :meth:`OnePeaceModel.encode_multimodal`).
+        :meth:`OnePeaceModel.encode_multimodal`). ``nprobe`` / ``ef_search``: see :meth:`search_vectors`.
         """
         merged = {**(query or {}), **items}
-        return self.search_vectors(self.embed_query(merged, fuse, weights), top_k)[0]
+        self._params(nprobe, ef_search)  # refused before the query is embedded
+        return self.search_vectors(self.embed_query(merged, fuse, weights), top_k, nprobe, ef_search)[0]
 
 
 def open_index(
