@@ -30,7 +30,8 @@ from one_peace.cli import parse
 from one_peace.data.shards import iter_rows
 from one_peace.errors import DataError, UndecodableMedia, bad_record
 from one_peace.registry import get_plugin
-from one_peace.retrieval.folder import model_hash, prepare_folder, update_index
+from one_peace.retrieval.folder import prepare_folder, update_index
+from one_peace.retrieval.format import DUPLICATE_POLICIES, model_hash, row_metadata, schema_json
 from one_peace.retrieval.store import EmbeddingStore
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class EmbedConfig:
             embedded (as ``query_modality``) to tune the index for cross-modal search.
         query_modality: The modality of ``query_field`` (default ``text``).
         mode: ``new`` (refuses a folder that holds parts), ``resume`` or ``append``.
+        duplicate_ids: ``error`` (an id naming several items stops before the index is built: the parts are kept)
+            or ``keep``.
         part_size: Rows per part (the unit of saved work).
         long_text: ``truncate`` or ``chunks`` (see ``OnePeaceModel.encode``).
         compile: Run the forward through ``torch.compile`` (one compilation, then faster per item: for corpora).
@@ -90,6 +93,7 @@ class EmbedConfig:
     query_field: str | None = None
     query_modality: str = "text"
     mode: str = "new"
+    duplicate_ids: str = "error"
     part_size: int = 10_000
     long_text: str = "truncate"
     compile: bool = False
@@ -103,6 +107,7 @@ def _check(cfg: EmbedConfig) -> None:
         ("model_dtype", cfg.model_dtype, ("auto", "float32", "bfloat16", "float16")),
         ("index", cfg.index, ("auto", "flat", "hnsw", "ivf", "ivfpq", "none")),
         ("long_text", cfg.long_text, ("truncate", "chunks")),
+        ("duplicate_ids", cfg.duplicate_ids, DUPLICATE_POLICIES),
     ):
         if value not in allowed:
             raise ValueError(f"{key}: expected one of {list(allowed)}, got {value!r}")
@@ -209,10 +214,8 @@ class _Embedder:
                     continue
                 group, (src, kind) = got
                 self.truncated += any(s.get("truncated") for s in group)
-                fields = {k: v for k, v in row.items() if not k.startswith("__") and not isinstance(v, bytes)}
-                if self.media:
-                    fields.pop(self.field, None)
-                meta[pos] = {"id": item_id, "row": pos, "source": src, "source_kind": kind, **fields}
+                fields = row_metadata(row, skip=(self.field,) if self.media else ())
+                meta[pos] = {**fields, "id": item_id, "row": pos, "source": src, "source_kind": kind}
                 yield pos, group
 
         vectors, rows = [], []
@@ -285,6 +288,16 @@ def embed(cfg: EmbedConfig, model: Any = None) -> dict[str, Any]:
     return result
 
 
+def _item_id(row: dict[str, Any], id_field: str, number: int) -> str:
+    """The row's ``id_field``; else a shard sample's key; else ``#<row number>`` (the duplicate-id check catches a
+    clash with a real id)."""
+    if row.get(id_field) is not None:
+        return str(row[id_field])
+    if row.get("__key__"):
+        return str(row["__key__"])
+    return f"#{number}"
+
+
 def _run_parts(
     cfg: EmbedConfig, job: _Embedder, source: dict[str, Any], source_no: int, done: dict[int, dict[str, Any]]
 ) -> int:
@@ -314,7 +327,7 @@ def _run_parts(
             current = part
         mine = (first_part + part) % job.world == job.rank and (first_part + part) not in done
         if mine:
-            item_id = str(row[cfg.id_field]) if cfg.id_field in row else str(offset + pos)
+            item_id = _item_id(row, cfg.id_field, offset + pos)
             jobs.append((pos, item_id, row))
         if bar is not None:
             bar.update(1)
@@ -351,6 +364,17 @@ def _finish(
     tmp.write_text(lines)
     os.replace(tmp, store.root / "bad.jsonl")
     info["count"] = sum(done[p]["count"] for p in done)
+    info["schema"] = schema_json(store.schema())
+    duplicates = store.duplicate_ids()
+    info["duplicates"] = len(duplicates)
+    if duplicates and info.get("duplicate_ids", "error") == "error":
+        store.save_info(info)
+        first, rows_of = next(iter(duplicates.items()))
+        raise ValueError(
+            f"{len(duplicates)} ids name several items in {store.root} (first: {first!r} at rows {rows_of[:5]}); "
+            f"ids must be unique ({cfg.id_field!r}; rows without one get '#<row>'): fix the data and embed into a "
+            "new folder, or accept them with duplicate_ids=keep mode=resume (the index is built then)"
+        )
     info["bad"] = len(bad)
     if info["count"] == 0:
         store.save_info(info)
@@ -364,6 +388,8 @@ def _finish(
         )
     if cfg.index != "none":
         info["index"] = update_index(cfg, store, info, list(wanted), queries)
+    else:
+        info["index"] = None
     store.save_info(info)
     report = info.get("index") or {}
     recall = report.get("recall_at_10")

@@ -248,3 +248,120 @@ def test_search_time_nprobe_changes_the_result_and_bad_values_are_refused(tmp_pa
         found.search_vectors(held[:1], ef_search=32)
     with pytest.raises(ValueError, match="top_k: expected an integer >= 1"):
         found.search_vectors(held[:1], top_k=0)
+
+
+# ------------------------------------------------------------------------------------------- folder format
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    from one_peace.adapters.text import TextTokenizer
+
+    tok = TextTokenizer.train(["a red square", "a blue circle"] * 4, vocab_size=280)
+    torch.manual_seed(0)
+    cfg = one_peace.model_config("tiny", ("text", "image"), layer_scale_init=1.0)
+    cfg.modality_options = {"text": {"vocab_size": tok.vocab_size}, "image": {"image_size": 32}}
+    model = one_peace.build_model(cfg).eval()
+    model.tokenizer = tok
+    return one_peace.save(model, tmp_path_factory.mktemp("ck") / "model")
+
+
+def _images(root: Path, rows: list[dict]) -> Path:
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    for n, row in enumerate(rows):
+        arr = np.random.default_rng(n).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / f"{n}.png")
+        row.setdefault("image", f"{n}.png")
+    manifest = root / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+def _embed(checkpoint: Path, data: Path, out: Path, **kw):
+    from one_peace import embed as embed_mod
+
+    cfg = embed_mod.EmbedConfig(
+        checkpoint=str(checkpoint), data=str(data), modality="image", out=str(out), progress=False, workers=0, **kw
+    )
+    return embed_mod.embed(cfg)
+
+
+def test_row_fields_never_overwrite_what_embed_computed(tiny_checkpoint, tmp_path):
+    """A row field named ``id``, ``row``, ``source`` or ``source_kind`` used to replace embed's own: wrong ids with
+    ``id_field=``, and a ``source`` the page would serve."""
+    from one_peace.retrieval import open_index
+
+    rows = [{"key": f"k{n}", "id": "x", "row": 99, "source": "/etc/passwd", "source_kind": "file"} for n in range(4)]
+    manifest = _images(tmp_path / "d", rows)
+    info = _embed(tiny_checkpoint, manifest, tmp_path / "e", id_field="key")
+    assert info["format"] == 2 and info["reserved"] == ["id", "row", "source", "source_kind"]
+    index = open_index(tmp_path / "e")
+    meta = index.store.metadata(2)
+    assert meta["id"] == "k2" and meta["row"] == 2 and meta["source"] == str((tmp_path / "d" / "2.png").resolve())
+    assert meta["field.source"] == "/etc/passwd" and meta["field.id"] == "x" and meta["source_kind"] == "file"
+    assert info["plugin"]["options"]["image_size"] == 32 and set(info["plugins"]) == {"text", "image"}
+
+
+def test_the_model_identity_ignores_the_runtime_dtype_and_search_refuses_another_model(tiny_checkpoint, tmp_path):
+    from one_peace.retrieval import open_index
+    from one_peace.retrieval.format import model_hash
+
+    model = one_peace.load(tiny_checkpoint)
+    assert model_hash(model) == model_hash(one_peace.load(tiny_checkpoint, dtype=torch.bfloat16))
+    manifest = _images(tmp_path / "d", [{"id": f"i{n}"} for n in range(3)])
+    _embed(tiny_checkpoint, manifest, tmp_path / "e")
+    torch.manual_seed(1)
+    other = one_peace.build_model(model.config).eval()  # same width, other weights
+    other.tokenizer = model.tokenizer
+    other_ck = one_peace.save(other, tmp_path / "other")
+    with pytest.raises(ValueError, match=r"embedded with model [0-9a-f]+ .*the query model .*other is [0-9a-f]+"):
+        open_index(tmp_path / "e", checkpoint=str(other_ck)).search(text="a red square")
+    assert open_index(tmp_path / "e").search(text="a red square", top_k=2)  # the recorded model is accepted
+
+
+def test_metadata_types_that_change_between_parts_read_back_as_text(tiny_checkpoint, tmp_path):
+    """int values in one part, strings in the next: ``open_index`` failed with ArrowTypeError after the embed."""
+    from one_peace.retrieval import open_index
+
+    rows = [{"id": f"i{n}", "n": n} for n in range(4)] + [{"id": f"i{n}", "n": f"{n}a"} for n in range(4, 8)]
+    manifest = _images(tmp_path / "d", rows)
+    info = _embed(tiny_checkpoint, manifest, tmp_path / "e", part_size=4)
+    assert info["schema"]["n"] == "string" and info["schema"]["id"] == "string"
+    index = open_index(tmp_path / "e")
+    assert [index.store.metadata(i)["n"] for i in (0, 5)] == ["0", "5a"]
+
+
+def test_duplicate_ids_are_refused_before_the_index_and_kept_on_request(tiny_checkpoint, tmp_path):
+    rows = [{"id": "same"}, {"id": "other"}, {"id": "same"}, {}]  # the last has no id: '#3'
+    manifest = _images(tmp_path / "d", rows)
+    with pytest.raises(ValueError, match=r"1 ids name several items .*'same' at rows \[0, 2\].*duplicate_ids=keep"):
+        _embed(tiny_checkpoint, manifest, tmp_path / "e")
+    info = _embed(tiny_checkpoint, manifest, tmp_path / "e", mode="resume", duplicate_ids="keep")
+    assert info["duplicates"] == 1 and info["index"]["factory"] == "Flat"
+    from one_peace.retrieval import open_index
+
+    assert open_index(tmp_path / "e").store.ids() == ["same", "other", "same", "#3"]
+
+
+def test_an_interrupted_embed_says_resume_and_resume_repairs_a_truncated_part(tiny_checkpoint, tmp_path, monkeypatch):
+    from one_peace import embed as embed_mod
+    from one_peace.retrieval import open_index
+
+    manifest = _images(tmp_path / "d", [{"id": f"i{n}"} for n in range(6)])
+
+    def stop(part):
+        if part == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(embed_mod, "PART_DONE_HOOK", stop)
+    with pytest.raises(KeyboardInterrupt):
+        _embed(tiny_checkpoint, manifest, tmp_path / "e", part_size=2)
+    with pytest.raises(FileNotFoundError, match=r"did not finish .* mode=resume"):
+        open_index(tmp_path / "e")
+    monkeypatch.setattr(embed_mod, "PART_DONE_HOOK", None)
+    first = _embed(tiny_checkpoint, manifest, tmp_path / "e", part_size=2, mode="resume")
+    npy = tmp_path / "e" / "embeddings" / "part-00001.npy"
+    npy.write_bytes(npy.read_bytes()[:-40])  # a finished part, truncated since
+    again = _embed(tiny_checkpoint, manifest, tmp_path / "e", part_size=2, mode="resume")
+    assert again["count"] == first["count"] == 6
+    assert open_index(tmp_path / "e").store.vectors().shape == (6, 64)

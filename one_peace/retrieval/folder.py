@@ -2,37 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from one_peace.data.shards import files_identity, source_files
+from one_peace.retrieval.format import FORMAT_VERSION, RESERVED_COLUMNS, model_hash
 from one_peace.retrieval.store import EmbeddingStore
 
-
-def model_hash(model: Any) -> str:
-    """sha256 of the model's config, weights (names, dtypes, shapes, bytes) and tokenizer: its identity.
-
-    An official ``.pt`` and the folder converted from it hash alike, since the weights are the same.
-    """
-    h = hashlib.sha256()
-    config = dict(vars(model.config))
-    config.pop("attn_backend", None)  # a runtime choice, not part of what the model computes
-    h.update(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    inner = getattr(getattr(model, "tokenizer", None), "tokenizer", None)
-    if inner is not None and hasattr(inner, "to_str"):
-        h.update(inner.to_str().encode())
-    return h.hexdigest()[:32]
+__all__ = ["model_hash", "prepare_folder", "update_index"]
 
 
 def prepare_folder(cfg: Any, store: EmbeddingStore, model: Any, digest: str) -> dict[str, Any]:
@@ -52,7 +33,7 @@ def prepare_folder(cfg: Any, store: EmbeddingStore, model: Any, digest: str) -> 
             )
         plugin = model.plugins[cfg.modality]
         info = {
-            "format": 1,
+            "format": FORMAT_VERSION,
             "model": {
                 "checkpoint": str(Path(cfg.checkpoint).resolve()),
                 "bpe_dir": str(Path(cfg.bpe_dir).resolve()) if cfg.bpe_dir else None,
@@ -72,6 +53,10 @@ def prepare_folder(cfg: Any, store: EmbeddingStore, model: Any, digest: str) -> 
                 "description": plugin.describe_preprocessing(model.config),
             },
             "plugin": plugin.record(model.config),
+            "plugins": {m: p.record(model.config) for m, p in model.plugins.items()},
+            "reserved": list(RESERVED_COLUMNS),
+            "duplicate_ids": cfg.duplicate_ids,
+            "schema": {},
             "part_size": cfg.part_size,
             "sources": [],
         }
@@ -85,6 +70,7 @@ def prepare_folder(cfg: Any, store: EmbeddingStore, model: Any, digest: str) -> 
                 f"{info.get('model', {}).get('checkpoint')}); this checkpoint hashes {digest}. Vectors of two models "
                 "do not mix: embed into a new folder"
             )
+        info["duplicate_ids"] = cfg.duplicate_ids  # the policy of the latest run (resume may accept duplicates)
         for k in ("modality", "id_field"):
             if info.get(k) != getattr(cfg, k):
                 raise ValueError(f"mode={cfg.mode}: {cfg.out} holds {k}={info.get(k)!r}, not {getattr(cfg, k)!r}")

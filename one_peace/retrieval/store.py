@@ -92,13 +92,12 @@ class EmbeddingStore:
         return f"part-{part:05d}"
 
     def info(self) -> dict[str, Any]:
-        """The folder's ``info.json`` (empty dict when absent)."""
+        """The folder's ``info.json``, checked (:func:`one_peace.retrieval.format.read_info`); empty when absent."""
+        from one_peace.retrieval.format import read_info
+
         if not self.info_path.is_file():
             return {}
-        try:
-            return dict(json.loads(self.info_path.read_text()))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{self.info_path}: not valid JSON ({exc.msg})") from None
+        return read_info(self.info_path)
 
     def save_info(self, info: Mapping[str, Any]) -> None:
         """Write ``info.json`` atomically."""
@@ -106,15 +105,30 @@ class EmbeddingStore:
         write_json_atomic(self.info_path, dict(info))
 
     def finished_parts(self) -> dict[int, dict[str, Any]]:
-        """Part number -> its record, for every part whose files were all written."""
+        """Part number -> its record, for every part whose files were all written and read back whole (a part
+        truncated or damaged since is not finished: ``mode=resume`` embeds it again)."""
         out = {}
         for marker in sorted((self.root / "parts").glob("part-*.json")):
-            record = json.loads(marker.read_text())
-            npy = self.root / "embeddings" / f"{marker.stem}.npy"
-            meta = self.root / "metadata" / f"{marker.stem}.parquet"
-            if npy.is_file() and meta.is_file():
+            try:
+                record = json.loads(marker.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if self._part_intact(marker.stem, record):
                 out[int(record["part"])] = record
         return out
+
+    def _part_intact(self, name: str, record: Mapping[str, Any]) -> bool:
+        npy = self.root / "embeddings" / f"{name}.npy"
+        meta = self.root / "metadata" / f"{name}.parquet"
+        if not (npy.is_file() and meta.is_file()):
+            return False
+        try:
+            import pyarrow.parquet as pq
+
+            rows = np.load(npy, mmap_mode="r").shape[0]
+            return bool(rows == record.get("count", rows) == pq.read_metadata(meta).num_rows)
+        except Exception:  # a truncated or damaged file (numpy, arrow and OS errors alike)
+            return False
 
     def has_parts(self) -> bool:
         """Whether any part (finished or not) is in the folder."""
@@ -165,11 +179,35 @@ class EmbeddingStore:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
+            from one_peace.retrieval.format import conform, unify_schema
+
             tables = [
                 pq.read_table(self.root / "metadata" / f"{self.part_name(p)}.parquet") for p in self.part_numbers()
             ]
-            self._table = pa.concat_tables(tables, promote_options="permissive") if tables else _arrow_table([])
+            if tables:
+                schema = unify_schema([t.schema for t in tables])
+                self._table = pa.concat_tables([conform(t, schema) for t in tables])
+            else:
+                self._table = _arrow_table([])
         return self._table
+
+    def schema(self) -> Any:
+        """The metadata's arrow schema over every finished part (a column whose type differs between parts: text)."""
+        require("retrieval", "pyarrow", feature="reading embedding metadata (parquet)")
+        import pyarrow.parquet as pq
+
+        from one_peace.retrieval.format import unify_schema
+
+        return unify_schema(
+            [pq.read_schema(self.root / "metadata" / f"{self.part_name(p)}.parquet") for p in self.part_numbers()]
+        )
+
+    def duplicate_ids(self) -> dict[str, list[int]]:
+        """Ids held by several items, mapped to their index positions."""
+        seen: dict[str, list[int]] = {}
+        for position, item in enumerate(self.ids()):
+            seen.setdefault(item, []).append(position)
+        return {k: v for k, v in seen.items() if len(v) > 1}
 
     def ids(self) -> list[str]:
         """Item ids in index order."""
@@ -210,6 +248,12 @@ class RetrievalIndex:
         if not self.info:
             raise FileNotFoundError(f"{root}: no info.json (not an embedding folder from python -m one_peace.embed)")
         if not self.store.index_path.is_file():
+            unfinished = [src["data"] for src in self.info.get("sources", []) if not src.get("complete")]
+            if unfinished or "index" not in self.info:
+                raise FileNotFoundError(
+                    f"{root}: the embed into this folder did not finish ({unfinished[0] if unfinished else 'no index'})"
+                    ": run the same command again with mode=resume"
+                )
             raise FileNotFoundError(f"{self.store.index_path} not found (the folder was embedded with index=none)")
         report = self.info.get("index") or {}
         self.index = load_index(str(self.store.index_path), report.get("search_params"))
@@ -238,11 +282,16 @@ class RetrievalIndex:
 
             if not self.checkpoint:
                 raise ValueError(f"{self.store.info_path} records no checkpoint: pass checkpoint=")
-            self._model = one_peace.load(self.checkpoint, bpe_dir=self.bpe_dir, device=self.device).eval()
+            model = one_peace.load(self.checkpoint, bpe_dir=self.bpe_dir, device=self.device).eval()
+            self.model = model
         return self._model
 
     @model.setter
     def model(self, model: Any) -> None:
+        """Set the query model; refused when it is not the model the folder was embedded with."""
+        from one_peace.retrieval.format import check_query_model
+
+        check_query_model(self.info, model, str(self.store.root), self.checkpoint)
         self._model = model
 
     def embed_query(
