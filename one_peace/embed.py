@@ -161,7 +161,7 @@ def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, a
 def _source_of(value: Any, row: dict[str, Any], resolved: Any, media: bool) -> tuple[str | None, str]:
     """Where an item came from, for the metadata: ``(source, kind)``."""
     if "__shard__" in row:
-        return f"{row['__shard__']}#{row['__key__']}", "shard"
+        return f"{Path(row['__shard__']).resolve()}#{row['__key__']}", "shard"
     if isinstance(value, str) and value.startswith("data:"):
         return value.split(",", 1)[0], "inline"
     if media and isinstance(resolved, Path):

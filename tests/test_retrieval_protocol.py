@@ -236,7 +236,7 @@ def test_search_time_nprobe_changes_the_result_and_bad_values_are_refused(tmp_pa
     store = EmbeddingStore(tmp_path / "f")
     store.write_part(0, corpus, [{"id": f"i{n}"} for n in range(len(corpus))], {"count": len(corpus), "bad": []})
     save_index(index, str(store.index_path))
-    store.save_info({"modality": "image", "dim": 32, "index": report.to_json(), "model": {}})
+    store.save_info({"format": 2, "modality": "image", "dim": 32, "index": report.to_json(), "model": {}})
     found = RetrievalIndex(tmp_path / "f")
     narrow = [[h.id for h in hits] for hits in found.search_vectors(held[:50], top_k=10, nprobe=1)]
     wide = [[h.id for h in hits] for hits in found.search_vectors(held[:50], top_k=10, nprobe=64)]
@@ -365,3 +365,72 @@ def test_an_interrupted_embed_says_resume_and_resume_repairs_a_truncated_part(ti
     again = _embed(tiny_checkpoint, manifest, tmp_path / "e", part_size=2, mode="resume")
     assert again["count"] == first["count"] == 6
     assert open_index(tmp_path / "e").store.vectors().shape == (6, 64)
+
+
+# ------------------------------------------------------------------------------------------------- shards
+def _png_bytes(seed: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_a_damaged_member_costs_its_sample_only(tmp_path):
+    """One bad header used to drop the rest of its shard, reported as one bad item ("missing field")."""
+    from one_peace.data.shards import iter_rows
+
+    members = []
+    for n in range(5):
+        header = (
+            b"{broken" if n == 1 else json.dumps({"id": f"s{n}", "caption": "x", "__members__": ["image"]}).encode()
+        )
+        members += [(f"s{n}.json", header), (f"s{n}.image.png", _png_bytes(n))]
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    _tar(folder / "a-000000.tar", members)
+    rows = [row for _, row in iter_rows(folder)]
+    assert len(rows) == 5
+    assert [r.get("id") for r in rows] == ["s0", "s1", "s2", "s3", "s4"]
+    assert "invalid JSON" in rows[1]["__error__"] and all("__error__" not in r for i, r in enumerate(rows) if i != 1)
+    assert rows[4]["image"][:4] == b"\x89PNG"
+
+
+def test_standard_webdataset_shards_read_as_they_are_and_embed(tiny_checkpoint, tmp_path):
+    """img2dataset's layout (key.jpg + key.txt + key.json) read as one bad row per sample."""
+    from one_peace.data.shards import iter_rows
+    from one_peace.retrieval import open_index
+
+    members = []
+    for n in range(4):
+        image = b"not an image" if n == 2 else _png_bytes(n)
+        members += [
+            (f"{n:05d}.jpg", image),
+            (f"{n:05d}.txt", f"caption {n}".encode()),
+            (f"{n:05d}.json", json.dumps({"width": 32, "url": f"http://x/{n}"}).encode()),
+        ]
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    _tar(folder / "00000.tar", members)
+    rows = [row for _, row in iter_rows(folder)]
+    assert [r["text"] for r in rows] == [f"caption {n}" for n in range(4)] and rows[0]["width"] == 32
+    assert rows[0]["image"] == rows[0]["jpg"]
+
+    info = _embed(tiny_checkpoint, folder, tmp_path / "e")
+    assert info["count"] == 3
+    (bad,) = open_index(tmp_path / "e").store.bad()
+    assert bad["id"] == "00002" and bad["reason"] == "undecodable image"
+    ids = open_index(tmp_path / "e").store.ids()
+    assert ids == ["00000", "00001", "00003"]
+    assert open_index(tmp_path / "e").store.metadata(0)["source"].endswith("00000.tar#00000")

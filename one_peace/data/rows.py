@@ -176,6 +176,26 @@ class ManifestRows(RowSource):
         self._handles.close()
 
 
+#: a sample of a shard: key, header fields, members ``(field, offset, size)``, its own error, one-peace header or not
+_Sample = tuple[str, dict[str, Any], list[tuple[str, int, int]], str | None, bool]
+#: standard WebDataset extensions and the field they also fill (shards without a one-peace header)
+DEFAULT_EXTENSIONS = {
+    "jpg": "image",
+    "jpeg": "image",
+    "png": "image",
+    "webp": "image",
+    "txt": "text",
+    "caption": "text",
+    "wav": "audio",
+    "flac": "audio",
+    "mp3": "audio",
+    "mp4": "video",
+    "webm": "video",
+}
+#: extensions read as UTF-8 text
+TEXT_EXTENSIONS = ("txt", "text", "caption", "cls")
+
+
 class ShardRows(RowSource):
     """The samples of WebDataset shards, addressed as (shard, sample within it).
 
@@ -186,9 +206,12 @@ class ShardRows(RowSource):
     bad samples).
     """
 
-    def __init__(self, files: Sequence[str | Path]) -> None:
+    def __init__(self, files: Sequence[str | Path], extensions: Mapping[str, str] | None = None) -> None:
         from one_peace.data.shards import shard_counts
 
+        #: WebDataset extensions read as fields of a modality's name (``jpg`` -> ``image``) in shards without a
+        #: one-peace header; the extension's own field stays too
+        self.extensions = dict(DEFAULT_EXTENSIONS if extensions is None else extensions)
         self.paths = [str(f) for f in files]
         self.base_dir = Path(self.paths[0]).parent if self.paths else Path(".")
         self._indexes: OrderedDict[int, Any] = OrderedDict()
@@ -222,42 +245,84 @@ class ShardRows(RowSource):
         """Close open shards (reopened on demand)."""
         self._handles.close()
 
-    def _index(self, shard: int) -> tuple[list[tuple[str, dict[str, Any], list[tuple[str, int, int]]]], str | None]:
-        """One shard's samples as ``(key, header fields, [(field, offset, size), ...])`` (the header is read while
-        indexing, so each sample's media are the only reads later), and the error that broke the shard off, if
-        any."""
+    def _index(self, shard: int) -> tuple[list[_Sample], str | None]:
+        """One shard's samples (key, header fields, ``[(field, offset, size), ...]``, the sample's own error) and the
+        error that broke the shard off, if any. The header is read while indexing, so each sample's media are the
+        only reads later.
+
+        Members group into samples as WebDataset groups them: by key (the name up to its first dot). A one-peace
+        header (``key.json`` with ``__members__``, written by ``python -m one_peace.data.shard``) opens a sample and
+        says which members it needs; any other shard (img2dataset's ``key.jpg`` + ``key.txt`` / ``key.json``) is
+        read as it is: fields named by extension, a ``.json`` member's fields merged into the row. A damaged member
+        costs its sample only (an error row with the reason); a shard that breaks off costs what follows."""
         with self._lock:
             cached = self._indexes.get(shard)
             if cached is not None:
                 self._indexes.move_to_end(shard)
                 return cached  # type: ignore[no-any-return]
-        samples: list[tuple[str, dict[str, Any], list[tuple[str, int, int]]]] = []
+        samples: list[_Sample] = []
         error = None
         current: dict[str, Any] | None = None
+
+        def flush() -> None:
+            if current is None:
+                return
+            problem = current["error"]
+            if problem is None and current["expected"] is not None:
+                missing = sorted(current["expected"] - {m[0] for m in current["members"]})
+                if missing:
+                    problem = f"sample {current['key']}: missing members {missing}"
+            if problem is None and not current["members"] and not current["meta"]:
+                problem = f"sample {current['key']}: no members"
+            samples.append(
+                (current["key"], current["meta"], current["members"], problem, current["expected"] is not None)
+            )
+
+        def start(key: str, header: bool) -> dict[str, Any]:
+            return {"key": key, "members": [], "meta": {}, "expected": set() if header else None, "error": None}
+
         try:
             with tarfile.open(self.paths[shard], mode="r:") as tar:
                 for member in tar:
-                    name = Path(member.name).name
-                    key, _, rest = name.partition(".")
-                    if current is None:
-                        current = {"key": key, "members": [], "meta": None, "expected": None}
-                    if rest == "json":
+                    if not member.isfile():
+                        continue
+                    folder, name = os.path.split(member.name)
+                    stem, _, ext = name.partition(".")
+                    key = f"{folder}/{stem}" if folder else stem
+                    ext = ext.lower()
+                    if ext == "json":
                         fh = tar.extractfile(member)
-                        meta = json.loads(fh.read()) if fh is not None else None
-                        if not isinstance(meta, dict) or "__members__" not in meta:
-                            raise ValueError(f"{name}: not a one-peace sample header")
-                        current["expected"] = set(meta.pop("__members__"))
-                        current["meta"] = meta
-                    else:
-                        current["members"].append((rest.split(".", 1)[0], member.offset_data, member.size))
-                    got = {m[0] for m in current["members"]}
-                    if current["expected"] is not None and current["expected"] <= got:
-                        samples.append((current["key"], current["meta"], current["members"]))
-                        current = None
-            if current is not None:
-                raise ValueError("truncated sample at the end of the shard")
-        except (tarfile.TarError, OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
-            error = f"unreadable shard: {type(exc).__name__}: {exc}"
+                        raw = fh.read() if fh is not None else b""
+                        try:
+                            meta: Any = json.loads(raw)
+                            bad = None
+                        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                            meta, bad = None, f"{name}: invalid JSON ({exc})"
+                        if isinstance(meta, dict) and "__members__" in meta:  # a one-peace header opens a sample
+                            flush()
+                            current = start(key, header=True)
+                            current["expected"] = set(meta.pop("__members__"))
+                            current["meta"] = meta
+                            continue
+                        if current is None or current["key"] != key:
+                            flush()
+                            current = start(key, header=False)
+                        if bad is not None:
+                            current["error"] = current["error"] or bad
+                        elif isinstance(meta, dict):
+                            current["meta"].update(meta)
+                        else:
+                            current["meta"]["json"] = meta
+                        continue
+                    if current is None or current["key"] != key:
+                        flush()
+                        current = start(key, header=False)
+                    field = ext.split(".", 1)[0] if current["expected"] is not None else ext
+                    current["members"].append((field, member.offset_data, member.size))
+            flush()
+            current = None
+        except (tarfile.TarError, OSError, ValueError) as exc:
+            error = f"unreadable shard from sample {len(samples)} on: {type(exc).__name__}: {exc}"
         with self._lock:
             self._indexes[shard] = (samples, error)
             while len(self._indexes) > 4:
@@ -272,14 +337,28 @@ class ShardRows(RowSource):
         if within >= len(samples):
             reason = error or f"sample {within} missing (the shard holds {len(samples)}; shards.json is stale)"
             return index + 1, {"id": f"{Path(path).name}#{within}", "__error__": reason, "__shard__": path}
-        key, meta, members = samples[within]
+        key, meta, members, problem, ours = samples[within]
+        if problem is not None:
+            return index + 1, {"id": key, "__error__": problem, "__shard__": path, "__key__": key}
         row: dict[str, Any] = {"__key__": key, "__shard__": path, **meta}
         try:
             fh = self._handles.get(path)
             for fld, offset, size in members:
-                row[fld] = read_at(fh, offset, size)
+                data = read_at(fh, offset, size)
+                if not ours and fld in TEXT_EXTENSIONS:
+                    try:
+                        row[fld] = data.decode("utf-8").strip()
+                    except UnicodeDecodeError as exc:
+                        reason = f"{key}.{fld}: not UTF-8 text ({exc})"
+                        return index + 1, {"id": key, "__error__": reason, "__shard__": path, "__key__": key}
+                else:
+                    row[fld] = data
         except OSError as exc:
             return index + 1, {"id": f"{Path(path).name}#{within}", "__error__": f"unreadable sample: {exc}"}
+        if not ours:
+            for ext, alias in self.extensions.items():
+                if ext in row and alias not in row:
+                    row[alias] = row[ext]
         return index + 1, row
 
 

@@ -166,11 +166,16 @@ class EmbeddingStore:
     def vectors(self, parts: Sequence[int] | None = None) -> np.ndarray:
         """``(N, D)`` float32 vectors of ``parts`` (default: all), in part order."""
         chosen = self.part_numbers() if parts is None else list(parts)
-        arrays = [np.load(self.root / "embeddings" / f"{self.part_name(p)}.npy") for p in chosen]
+        arrays = [np.load(self.root / "embeddings" / f"{self.part_name(p)}.npy", mmap_mode="r") for p in chosen]
         if not arrays:
             dim = int(self.info().get("dim", 0))
             return np.zeros((0, dim), dtype=np.float32)
-        return np.ascontiguousarray(np.concatenate(arrays).astype(np.float32))
+        out = np.empty((sum(len(a) for a in arrays), arrays[0].shape[1]), dtype=np.float32)
+        start = 0
+        for a in arrays:  # filled part by part: no float16 copy of the whole corpus beside the result
+            out[start : start + len(a)] = a
+            start += len(a)
+        return out
 
     def metadata_table(self) -> Any:
         """All metadata rows as one pyarrow table, in index order (cached)."""
