@@ -434,3 +434,26 @@ def test_standard_webdataset_shards_read_as_they_are_and_embed(tiny_checkpoint, 
     ids = open_index(tmp_path / "e").store.ids()
     assert ids == ["00000", "00001", "00003"]
     assert open_index(tmp_path / "e").store.metadata(0)["source"].endswith("00000.tar#00000")
+
+
+def test_resume_refuses_a_manifest_edited_at_the_same_size(tiny_checkpoint, tmp_path, monkeypatch):
+    """Two rows swapped between a kill and ``mode=resume``: the size and both ends are the same, and the resume went
+    on silently (one id twice, another missing)."""
+    from one_peace import embed as embed_mod
+
+    # rows of 400+ bytes: the swapped rows lie outside the first and the last KiB the old identity hashed
+    manifest = _images(tmp_path / "d", [{"id": f"i{n}", "pad": "x" * 400} for n in range(10)])
+    lines = manifest.read_text().splitlines()
+
+    def stop(part):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embed_mod, "PART_DONE_HOOK", stop)
+    with pytest.raises(KeyboardInterrupt):
+        _embed(tiny_checkpoint, manifest, tmp_path / "e", part_size=2)
+    monkeypatch.setattr(embed_mod, "PART_DONE_HOOK", None)
+    lines[4], lines[5] = lines[5], lines[4]
+    manifest.write_text("\n".join(lines) + "\n")
+    assert 1024 < manifest.read_text().index(lines[4]) and manifest.stat().st_size - 1024 > 6 * len(lines[0])
+    with pytest.raises(ValueError, match="changed since it was embedded"):
+        _embed(tiny_checkpoint, manifest, tmp_path / "e", part_size=2, mode="resume")

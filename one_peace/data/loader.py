@@ -33,6 +33,7 @@ from one_peace.data.decode import REPORT_KEY, BatchDecoder
 from one_peace.data.manifest import default_fields, validate_manifest
 from one_peace.data.rows import ManifestRows, RowSource, ShardRows, open_rows
 from one_peace.data.sampler import EpochSampler, Plan
+from one_peace.data.shards import same_identity
 from one_peace.registry import ModalityPlugin, get_plugin, list_modalities
 
 logger = logging.getLogger(__name__)
@@ -576,7 +577,7 @@ class MultimodalLoader:
                 "shuffle buffer), which the sampler cannot continue exactly; resume with data.allow_changed=true to "
                 f"go on from epoch {saved_epoch + 1} (model, optimizer and step are restored as saved)"
             )
-        elif state.get("data") is not None and state["data"] != self.data_identity():
+        elif state.get("data") is not None and not same_identity(state["data"], self.data_identity()):
             problem = (
                 f"resume: the data differs from the checkpoint's (saved {state['data']}, now {self.data_identity()}); "
                 "resume with the same data, or set data.allow_changed=true to start a new epoch on the new data"

@@ -144,20 +144,61 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+#: files up to this size are hashed whole; larger ones (shards) by 64 evenly spaced 64 KiB blocks, size and mtime
+FULL_HASH_LIMIT = 256 * 1024 * 1024
+
+
 def files_identity(files: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Path, size and a hash of the first and last KiB of each file: cheap, and changes when the data does."""
+    """Path, size and content hash of each file (``sha256``: the whole file up to 256 MiB, else sampled blocks with
+    the modification time), plus the older first-and-last-KiB hash (``sha256_ends``) that earlier runs recorded. A
+    same-size edit in the middle of a manifest (two rows swapped) changes it."""
     import hashlib
 
     entries = []
     for f in files:
-        size = Path(f).stat().st_size
-        h = hashlib.sha256()
+        stat = Path(f).stat()
+        size = stat.st_size
+        ends, content = hashlib.sha256(), hashlib.sha256()
         with open(f, "rb") as fh:
-            h.update(fh.read(1024))
+            ends.update(fh.read(1024))
             fh.seek(max(0, size - 1024))
-            h.update(fh.read(1024))
-        entries.append({"path": str(Path(f).resolve()), "size": size, "sha256_ends": h.hexdigest()[:16]})
+            ends.update(fh.read(1024))
+            fh.seek(0)
+            if size <= FULL_HASH_LIMIT:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    content.update(block)
+            else:
+                for i in range(64):
+                    fh.seek(i * (size - 65536) // 63)
+                    content.update(fh.read(65536))
+                content.update(str(stat.st_mtime_ns).encode())
+        entries.append(
+            {
+                "path": str(Path(f).resolve()),
+                "size": size,
+                "sha256_ends": ends.hexdigest()[:16],
+                "sha256": content.hexdigest()[:32],
+            }
+        )
     return entries
+
+
+def same_identity(recorded: Any, now: Any) -> bool:
+    """Whether two :func:`files_identity` results (or dicts / lists holding them) name the same data: equal paths and
+    sizes, and equal hashes for every hash both recorded (an identity from before content hashes compares by its
+    ends hash)."""
+    if isinstance(recorded, dict) and isinstance(now, dict):
+        if "path" in recorded and "size" in recorded:
+            return _same_file(recorded, now)
+        return recorded.keys() == now.keys() and all(same_identity(recorded[k], now[k]) for k in recorded)
+    if isinstance(recorded, list) and isinstance(now, list):
+        return len(recorded) == len(now) and all(same_identity(a, b) for a, b in zip(recorded, now, strict=True))
+    return bool(recorded == now)
+
+
+def _same_file(recorded: dict[str, Any], now: dict[str, Any]) -> bool:
+    shared = [k for k in ("sha256", "sha256_ends") if k in recorded and k in now]
+    return bool(shared) and all(recorded[k] == now[k] for k in ("path", "size", *shared))
 
 
 def source_files(source: str | Path) -> list[Path]:

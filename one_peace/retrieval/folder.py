@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from one_peace.data.shards import files_identity, source_files
+from one_peace.data.shards import files_identity, same_identity, source_files
 from one_peace.retrieval.format import FORMAT_VERSION, RESERVED_COLUMNS, model_hash
 from one_peace.retrieval.store import EmbeddingStore
 
@@ -81,7 +81,7 @@ def prepare_folder(cfg: Any, store: EmbeddingStore, model: Any, digest: str) -> 
     if cfg.mode == "resume":
         if not known:
             raise ValueError(f"mode=resume: {cfg.data} is not a source of {cfg.out} (mode=append adds it)")
-        if known[0]["identity"] != identity:
+        if not same_identity(known[0]["identity"], identity):
             raise ValueError(f"mode=resume: {cfg.data} changed since it was embedded into {cfg.out} (size or content)")
         if cfg.part_size != info["part_size"]:
             raise ValueError(f"mode=resume: part_size must stay {info['part_size']} (got {cfg.part_size})")
