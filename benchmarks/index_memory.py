@@ -51,6 +51,7 @@ def measure(root: str, kind: str, memory: str, module: str | None) -> dict[str, 
         spec = importlib.util.spec_from_file_location("legacy_faiss_index", module)
         assert spec is not None and spec.loader is not None
         lib = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = lib  # dataclasses look their module up
         spec.loader.exec_module(lib)
         build = lib.build_index
     else:
@@ -104,7 +105,9 @@ def main() -> None:
                 tmp,
                 module,
             ]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
             out[name] = json.loads(done.stdout.strip().splitlines()[-1])
             print(name, out[name], file=sys.stderr)
         print(json.dumps(out, indent=2))

@@ -195,6 +195,8 @@ def test_bad_requests_get_a_clear_4xx_and_never_a_traceback(client):
         ({"index": "images", "text": "a", "top_k": "1000"}, {}, 400, "top_k must be between"),
         ({"index": "images", "text": "a", "top_k": "ten"}, {}, 400, "top_k must be an integer"),
         ({"index": "images", "text": "a", "fuse": "max"}, {}, 400, "fuse must be one of"),
+        ({"index": "images", "text": "a", "nprobe": "many"}, {}, 400, "nprobe must be an integer"),
+        ({"index": "images", "text": "a", "nprobe": "8"}, {}, 400, "nprobe: the index Flat has no such parameter"),
         ({"index": "elsewhere", "text": "a"}, {}, 404, "unknown index"),
         (
             {"index": "sounds"},

@@ -79,11 +79,21 @@ class IndexReport:
         return asdict(self)
 
 
-def _nlist(n: int) -> int:
-    """IVF lists: about ``4 sqrt(n)``, a power of two, with at least 39 training points each."""
+def train_points(d: int, budget: int) -> int:
+    """Training vectors the memory budget allows: training holds about four copies of its sample at once (the
+    sample, its rotation, its residuals, k-means' work), so a quarter of the budget goes to the sample."""
+    return int(max(4096, budget // (4 * d * 4)))
+
+
+def _nlist(n: int, points: int | None = None) -> int:
+    """IVF lists: about ``4 sqrt(n)``, a power of two, with at least 39 training points each (of ``n``, and of the
+    ``points`` the budget lets training use)."""
     target = 4 * math.sqrt(max(n, 1))
     nlist = 2 ** max(0, round(math.log2(target)))
-    return int(max(1, min(nlist, n // 39)))
+    most = min(n, points if points is not None else n) // 39
+    if most >= 1:
+        most = 2 ** int(math.log2(most))  # a power of two at most the cap
+    return int(max(1, min(nlist, most)))
 
 
 def candidates(n: int, d: int, budget: int, kind: str = "auto") -> list[tuple[str, int]]:
@@ -92,7 +102,7 @@ def candidates(n: int, d: int, budget: int, kind: str = "auto") -> list[tuple[st
     ``kind="flat"`` / ``"hnsw"`` / ``"ivf"`` (IVF + 8-bit scalar quantisation) / ``"ivfpq"`` forces that family
     (the budget then picks the PQ size).
     """
-    nlist = _nlist(n)
+    nlist = _nlist(n, train_points(d, budget))
     ivf_over = nlist * d * 4 + n * 8  # centroids + 64-bit ids in the inverted lists
     flat = ("Flat", n * d * 4)
     hnsw = (f"HNSW{HNSW_M},Flat", n * (d * 4 + HNSW_M * 2 * 4 + 16))
@@ -201,8 +211,9 @@ def build_index(
         index = fs.index_factory(d, factory, fs.METRIC_INNER_PRODUCT)
         if not index.is_trained:
             _quick_pq_training(index)
-            lists = _nlist(n) if "IVF" in factory else 0
-            sample = xb[rng.choice(n, size=min(n, max(train_size, 39 * lists)), replace=False)]
+            lists = _nlist(n, train_points(d, budget)) if "IVF" in factory else 0
+            size = min(n, train_points(d, budget), max(train_size, 39 * lists))
+            sample = xb[np.sort(rng.choice(n, size=size, replace=False))]
             index.train(sample)
         add_in_chunks(index, xb)
         built_s = time.perf_counter() - t0
@@ -258,7 +269,7 @@ def build_index(
 
 
 #: vectors added to an index at once (the add of a whole corpus holds its temporary buffers at once)
-ADD_CHUNK = 65_536
+ADD_CHUNK = 16_384
 
 
 def add_in_chunks(index: Any, vectors: np.ndarray, chunk: int = ADD_CHUNK) -> None:

@@ -320,6 +320,14 @@ class RetrievalIndex:
         """The search parameters in force: the tuned ones recorded in ``info.json`` (``nprobe`` / ``efSearch``)."""
         return dict((self.info.get("index") or {}).get("search_params") or {})
 
+    def check_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> dict[str, int]:
+        """The search-parameter override ``{"nprobe": n}`` / ``{"efSearch": n}`` for this index.
+
+        Raises:
+            ValueError: not an integer >= 1, or a parameter this index does not have.
+        """
+        return self._params(nprobe, ef_search)
+
     def _params(self, nprobe: int | None, ef_search: int | None) -> dict[str, int]:
         tuned = self.search_params()
         asked = {k: v for k, v in (("nprobe", nprobe), ("efSearch", ef_search)) if v is not None}

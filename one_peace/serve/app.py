@@ -83,7 +83,7 @@ def create_app(service: SearchService, max_upload_mb: float = 20.0, max_top_k: i
         _, index = service.get(str(name) if name else None)
         query: dict[str, Any] = {}
         for key, value in form.multi_items():
-            if key in ("index", "top_k", "fuse"):
+            if key in ("index", "top_k", "fuse", "nprobe", "ef_search"):
                 continue
             if isinstance(value, UploadFile):
                 data = await value.read(limit + 1)
@@ -108,7 +108,18 @@ def create_app(service: SearchService, max_upload_mb: float = 20.0, max_top_k: i
         fuse = str(form.get("fuse") or "joint")
         if fuse not in FUSE:
             raise QueryError(f"fuse must be one of {list(FUSE)}, got {fuse!r}")
-        return await service.search(str(name) if name else None, query, top_k=top_k, fuse=fuse)
+        params: dict[str, int | None] = {}
+        for key in ("nprobe", "ef_search"):
+            raw = str(form.get(key) or "").strip()
+            try:
+                params[key] = int(raw) if raw else None
+            except ValueError:
+                raise QueryError(f"{key} must be an integer, got {raw!r}") from None
+        try:
+            index.check_search_params(params["nprobe"], params["ef_search"])
+        except ValueError as exc:
+            raise QueryError(str(exc)) from None
+        return await service.search(str(name) if name else None, query, top_k=top_k, fuse=fuse, **params)
 
     @app.get("/items/{index}/{item_id:path}")
     async def item(index: str, item_id: str) -> Response:

@@ -44,6 +44,8 @@ class _Job:
     raw: dict[str, Any]
     top_k: int
     fuse: str
+    nprobe: int | None = None
+    ef_search: int | None = None
     queued: float = field(default_factory=time.perf_counter)
     future: Future[dict[str, Any]] = field(default_factory=Future)
 
@@ -93,7 +95,8 @@ class SearchService:
 
     # ------------------------------------------------------------------------------------------- describing
     def describe(self) -> list[dict[str, Any]]:
-        """Every index: name, modality, size, and the modalities its model can take as a query."""
+        """Every index: name, modality, size, the modalities its model can take as a query, and its tuned search
+        parameters (``{"nprobe": n}`` / ``{"efSearch": n}``; empty for exact search)."""
         return [
             {
                 "name": name,
@@ -101,6 +104,7 @@ class SearchService:
                 "count": len(index),
                 "field": index.info.get("field", index.modality),
                 "query_modalities": list(index.model.adapters),
+                "search_params": index.search_params(),
             }
             for name, index in self.indexes.items()
         ]
@@ -142,22 +146,36 @@ class SearchService:
         return samples
 
     def submit(
-        self, index: Any, samples: dict[str, dict[str, Any]], raw: dict[str, Any], top_k: int, fuse: str
+        self,
+        index: Any,
+        samples: dict[str, dict[str, Any]],
+        raw: dict[str, Any],
+        top_k: int,
+        fuse: str,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> Future[dict[str, Any]]:
         """Queue a prepared query for the worker; the future resolves to ``{"results", "timings"}``."""
-        job = _Job(index, samples, raw, top_k, fuse)
+        job = _Job(index, samples, raw, top_k, fuse, nprobe, ef_search)
         self._queue.put(job)
         return job.future
 
     async def search(
-        self, name: str | None, query: Mapping[str, Any], top_k: int = 10, fuse: str = "joint"
+        self,
+        name: str | None,
+        query: Mapping[str, Any],
+        top_k: int = 10,
+        fuse: str = "joint",
+        nprobe: int | None = None,
+        ef_search: int | None = None,
     ) -> dict[str, Any]:
-        """Preprocess (in a thread), embed (on the worker, batched with concurrent queries) and search."""
+        """Preprocess (in a thread), embed (on the worker, batched with concurrent queries) and search
+        (``nprobe`` / ``ef_search``: the index's search parameter for this query)."""
         t0 = time.perf_counter()
         name, index = self.get(name)
         samples = await asyncio.to_thread(self.prepare, index, dict(query))
         prepared = time.perf_counter()
-        out = await asyncio.wrap_future(self.submit(index, samples, dict(query), top_k, fuse))
+        out = await asyncio.wrap_future(self.submit(index, samples, dict(query), top_k, fuse, nprobe, ef_search))
         out["index"] = name
         out["modality"] = index.modality
         out["timings"]["preprocess_ms"] = round((prepared - t0) * 1000, 2)
@@ -212,7 +230,7 @@ class SearchService:
         embedded = time.perf_counter()
         for i, j in enumerate(jobs):
             t = time.perf_counter()
-            hits = j.index.search_vectors(vectors[i], top_k=j.top_k)[0]
+            hits = j.index.search_vectors(vectors[i], top_k=j.top_k, nprobe=j.nprobe, ef_search=j.ef_search)[0]
             j.future.set_result(
                 {
                     "results": [h.to_json() for h in hits],

@@ -31,6 +31,10 @@ async function loadIndexes() {
 function describe() {
   const d = currentIndex();
   if (d) $("index-info").textContent = `query by: ${d.query_modalities.join(", ")}`;
+  const params = (d && d.search_params) || {};
+  const name = "nprobe" in params ? "nprobe" : "efSearch" in params ? "efSearch" : null;
+  $("probe-label").hidden = !name;
+  if (name) $("probe").placeholder = `${name} ${params[name]}`;
 }
 
 function setImage(file) {
@@ -102,6 +106,10 @@ async function search(event) {
   form.append("index", index.name);
   form.append("top_k", $("top_k").value || "12");
   form.append("fuse", $("fuse").value);
+  const params = index.search_params || {};
+  const probe = $("probe").value.trim();
+  if (probe && "nprobe" in params) form.append("nprobe", probe);
+  if (probe && "efSearch" in params) form.append("ef_search", probe);
   const text = $("text").value.trim();
   if (text) form.append("text", text);
   for (const m of ["image", "audio", "video"]) {
