@@ -33,6 +33,7 @@ from one_peace.registry import get_plugin
 from one_peace.retrieval.folder import prepare_folder, update_index
 from one_peace.retrieval.format import DUPLICATE_POLICIES, model_hash, row_metadata, schema_json
 from one_peace.retrieval.store import EmbeddingStore
+from one_peace.tokenizer import LANGUAGE
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class EmbedConfig:
     index_memory: str = "4GB"
     index_queries: str | None = None
     query_field: str | None = None
-    query_modality: str = "text"
+    query_modality: str = LANGUAGE
     mode: str = "new"
     duplicate_ids: str = "error"
     part_size: int = 10_000

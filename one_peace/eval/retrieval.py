@@ -30,7 +30,7 @@ def _text_key(value: Any) -> Any:
 def item_key(value: Any, media: bool) -> Any:
     """What makes two rows' values the same item: a media value itself (bytes by digest), a normalised text."""
     if not media:
-        return ("text", _text_key(value))
+        return ("string", _text_key(value))
     if isinstance(value, bytes | bytearray | memoryview):
         return ("bytes", hashlib.sha256(bytes(value)).hexdigest())
     if isinstance(value, list | dict):

@@ -79,10 +79,15 @@ class IndexReport:
         return asdict(self)
 
 
+#: training vectors at least (IVF k-means and PQ codebooks need tens per centroid), whatever the budget
+MIN_TRAIN_POINTS = 65_536
+
+
 def train_points(d: int, budget: int) -> int:
-    """Training vectors the memory budget allows: training holds about four copies of its sample at once (the
-    sample, its rotation, its residuals, k-means' work), so a quarter of the budget goes to the sample."""
-    return int(max(4096, budget // (4 * d * 4)))
+    """Training vectors a build uses at most: :data:`MIN_TRAIN_POINTS`, or more when a quarter of the memory budget
+    holds more (training keeps about four copies of its sample at once). The same at any corpus size: the build's
+    memory no longer grows with the corpus."""
+    return int(max(MIN_TRAIN_POINTS, budget // (4 * d * 4)))
 
 
 def _nlist(n: int, points: int | None = None) -> int:
