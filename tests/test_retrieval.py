@@ -334,7 +334,8 @@ def test_auto_index_on_a_200k_corpus_fits_32mb_and_reaches_the_target_recall():
     index, report = build_index(x, "auto", "32MB")
     assert "PQ" in report.factory or "SQ" in report.factory  # a compressed index, not Flat or HNSW
     assert report.memory_bytes <= parse_memory("32MB")
-    assert report.recall_at_10 is not None and report.recall_at_10 >= 0.95
+    assert report.tuning_recall_at_10 is not None and report.tuning_recall_at_10 >= 0.95  # the target, when tuning
+    assert report.recall_at_10 is not None and report.recall_at_10 >= 0.93  # held-out queries: what is reported
     assert report.recall_queries == 1000 and report.search_params.get("nprobe", 0) >= 1
     assert index.ntotal == n
 
