@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from dataclasses import field as _field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,9 @@ class EmbedConfig:
         query_field: A row field holding a query for the row's item (e.g. ``caption``): up to 2000 of them are
             embedded (as ``query_modality``) to tune the index for cross-modal search.
         query_modality: The modality of ``query_field`` (default ``text``).
+        extensions: Shards without a one-peace header: member extension -> the field it also fills, over the
+            defaults (``jpg``/``png``/``webp`` -> ``image``, ``txt`` -> ``text``, ``wav``/``flac`` -> ``audio``...),
+            e.g. ``extensions.tif=image``.
         mode: ``new`` (refuses a folder that holds parts), ``resume`` or ``append``.
         duplicate_ids: ``error`` (an id naming several items stops before the index is built: the parts are kept)
             or ``keep``.
@@ -93,6 +97,7 @@ class EmbedConfig:
     index_queries: str | None = None
     query_field: str | None = None
     query_modality: str = LANGUAGE
+    extensions: dict[str, str] = _field(default_factory=dict)  # (`field` is one of the keys)
     mode: str = "new"
     duplicate_ids: str = "error"
     part_size: int = 10_000
@@ -319,7 +324,7 @@ def _run_parts(
         if jobs and current >= 0:
             job.embed_part(first_part + current, list(jobs), source_no)
 
-    for pos, (_, row) in enumerate(iter_rows(cfg.data)):
+    for pos, (_, row) in enumerate(iter_rows(cfg.data, cfg.extensions)):
         count = pos + 1
         part = pos // part_size
         if part != current:
@@ -435,7 +440,7 @@ def query_vectors(cfg: EmbedConfig, model: Any) -> np.ndarray | None:
     plugin = get_plugin(cfg.query_modality)
     base_dir = Path(cfg.data).parent if Path(cfg.data).is_file() else Path(cfg.data)
     values = []
-    for _, row in iter_rows(cfg.data):
+    for _, row in iter_rows(cfg.data, cfg.extensions):
         try:
             values.append(plugin.read_field(row, cfg.query_field, base_dir))
         except DataError:

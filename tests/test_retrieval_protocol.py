@@ -426,6 +426,8 @@ def test_standard_webdataset_shards_read_as_they_are_and_embed(tiny_checkpoint, 
     rows = [row for _, row in iter_rows(folder)]
     assert [r["text"] for r in rows] == [f"caption {n}" for n in range(4)] and rows[0]["width"] == 32
     assert rows[0]["image"] == rows[0]["jpg"]
+    renamed = [row for _, row in iter_rows(folder, {"txt": "caption"})]  # a user's extension map, over the defaults
+    assert renamed[1]["caption"] == "caption 1" and renamed[1]["image"] == rows[1]["jpg"]
 
     info = _embed(tiny_checkpoint, folder, tmp_path / "e")
     assert info["count"] == 3

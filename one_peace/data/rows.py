@@ -362,15 +362,20 @@ class ShardRows(RowSource):
         return index + 1, row
 
 
-def open_rows(source: str | Path | Sequence[Mapping[str, Any]] | Sequence[str | Path]) -> RowSource:
-    """The row source of a manifest path, a shard folder / file / list of shard files, or in-memory rows."""
+def open_rows(
+    source: str | Path | Sequence[Mapping[str, Any]] | Sequence[str | Path],
+    extensions: Mapping[str, str] | None = None,
+) -> RowSource:
+    """The row source of a manifest path, a shard folder / file / list of shard files, or in-memory rows.
+    ``extensions``: shard member extensions -> the field they also fill, over :data:`DEFAULT_EXTENSIONS`."""
+    ext = {**DEFAULT_EXTENSIONS, **(extensions or {})}
     from one_peace.data.shards import list_shards
 
     if isinstance(source, str | Path):
         path = Path(source)
         if path.is_file() and path.suffix != ".tar":
             return ManifestRows(path)
-        return ShardRows(list_shards(path))
+        return ShardRows(list_shards(path), ext)
     if source and all(isinstance(s, str | Path) for s in source):
-        return ShardRows(list_shards(list(source)))  # type: ignore[arg-type]
+        return ShardRows(list_shards(list(source)), ext)  # type: ignore[arg-type]
     return MemoryRows(source)  # type: ignore[arg-type]

@@ -209,11 +209,12 @@ def source_files(source: str | Path) -> list[Path]:
     return list_shards(source)
 
 
-def iter_rows(source: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_rows(source: str | Path, extensions: Mapping[str, str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(index, row)`` of a manifest file or a shard folder / shard file.
 
     Media of shards arrive as bytes; shard rows also carry ``__shard__`` (the file) and ``__key__`` (the sample's
-    key), WebDataset's names, so that a media source can be named.
+    key), WebDataset's names, so that a media source can be named. ``extensions`` maps member extensions of shards
+    without a one-peace header to the field they also fill (over ``rows.DEFAULT_EXTENSIONS``: ``jpg`` -> ``image``).
     """
     path = Path(source)
     if path.is_file() and path.suffix != ".tar":
@@ -222,9 +223,9 @@ def iter_rows(source: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
     files = list_shards(source)
     if not files:
         raise ManifestError(f"{source}: neither a manifest (.jsonl/.tsv) nor a folder of .tar shards")
-    from one_peace.data.rows import ShardRows
+    from one_peace.data.rows import DEFAULT_EXTENSIONS, ShardRows
 
-    rows = ShardRows(files)  # the loader's reader: one parser of shard members
+    rows = ShardRows(files, {**DEFAULT_EXTENSIONS, **(extensions or {})})  # the loader's reader: one member parser
     try:
         for i in range(len(rows)):
             index, row = rows[i]
