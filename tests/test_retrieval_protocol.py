@@ -460,3 +460,33 @@ def test_resume_refuses_a_manifest_edited_at_the_same_size(tiny_checkpoint, tmp_
     assert manifest.read_text().index(lines[4]) > 1024 and manifest.stat().st_size - 1024 > 6 * len(lines[0])
     with pytest.raises(ValueError, match="changed since it was embedded"):
         _embed(tiny_checkpoint, manifest, tmp_path / "e", part_size=2, mode="resume")
+
+
+def test_the_training_loader_reads_standard_shards_with_a_users_extension_map(tmp_path):
+    from one_peace.adapters.text import TextTokenizer
+
+    from one_peace.data import LoaderConfig, MultimodalLoader
+
+    members = []
+    for n in range(4):
+        members += [(f"{n:05d}.png", _png_bytes(n)), (f"{n:05d}.cap", f"a caption {n}".encode())]
+    folder = tmp_path / "wds"
+    folder.mkdir()
+    _tar(folder / "00000.tar", members)
+    tok = TextTokenizer.train(["a caption 0 1 2 3"] * 4, vocab_size=280)
+    cfg = one_peace.model_config("tiny", ("text", "image"), modality_options={"image": {"image_size": 32}})
+
+    def load(extensions):
+        loader = MultimodalLoader(
+            folder,
+            fields={"image": "image", "text": "text"},
+            model_config=cfg,
+            tokenizer=tok,
+            config=LoaderConfig(batch_size=4, shuffle_window=0, extensions=extensions, max_bad_fraction=1.0),
+        )
+        return list(loader), loader
+
+    batches, loader = load({"cap": "text"})
+    assert int(batches[0]["valid"].sum()) == 4 and not loader.total_bad
+    with pytest.raises(ValueError, match=r"every sample read was bad \(\{'missing field': 4\}\)"):
+        load({})  # `.cap` is no default: every sample lacks its text

@@ -87,6 +87,8 @@ class LoaderConfig:
         allow_changed: Resuming with other data or batching than the saved state's (another manifest, changed files,
             another batch size or world size) is an error unless this is set; then the resumed run starts a new
             epoch.
+        extensions: Shards without a one-peace header: member extension -> the field it also fills, over the
+            WebDataset defaults (``jpg`` -> ``image``, ``txt`` -> ``text``...; ``one_peace.data.rows``).
         num_parallel_calls: Deprecated (one release): taken as ``num_workers`` with a warning.
     """
 
@@ -106,6 +108,7 @@ class LoaderConfig:
     max_bad_fraction: float = 0.01
     min_samples_for_bad_check: int = 1000
     allow_changed: bool = False
+    extensions: dict[str, str] = field(default_factory=dict)
     num_parallel_calls: int | None = None
 
     def __post_init__(self) -> None:
@@ -264,7 +267,7 @@ class MultimodalLoader:
         self.passthrough = tuple(passthrough)
         if isinstance(source, Sequence) and not isinstance(source, str) and not source:
             raise ValueError("the data source is empty (no rows, no shards)")
-        self.source: RowSource = open_rows(source)
+        self.source: RowSource = open_rows(source, self.config.extensions)
         self.manifest: Path | None = self.source.path if isinstance(self.source, ManifestRows) else None
         self.shards: list[Path] | None = self.source.files() if isinstance(self.source, ShardRows) else None
         self.base_dir = self.source.base_dir

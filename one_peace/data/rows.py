@@ -196,6 +196,16 @@ DEFAULT_EXTENSIONS = {
 TEXT_EXTENSIONS = ("txt", "text", "caption", "cls")
 
 
+def _is_text_modality(name: str) -> bool:
+    """Whether ``name`` is a registered modality whose values are not media (text): its members decode as UTF-8."""
+    from one_peace.registry import get_plugin
+
+    try:
+        return not get_plugin(name).media
+    except KeyError:
+        return False
+
+
 class ShardRows(RowSource):
     """The samples of WebDataset shards, addressed as (shard, sample within it).
 
@@ -212,6 +222,7 @@ class ShardRows(RowSource):
         #: WebDataset extensions read as fields of a modality's name (``jpg`` -> ``image``) in shards without a
         #: one-peace header; the extension's own field stays too
         self.extensions = dict(DEFAULT_EXTENSIONS if extensions is None else extensions)
+        self.text_extensions = set(TEXT_EXTENSIONS) | {e for e, m in self.extensions.items() if _is_text_modality(m)}
         self.paths = [str(f) for f in files]
         self.base_dir = Path(self.paths[0]).parent if self.paths else Path(".")
         self._indexes: OrderedDict[int, Any] = OrderedDict()
@@ -345,7 +356,7 @@ class ShardRows(RowSource):
             fh = self._handles.get(path)
             for fld, offset, size in members:
                 data = read_at(fh, offset, size)
-                if not ours and fld in TEXT_EXTENSIONS:
+                if not ours and fld in self.text_extensions:
                     try:
                         row[fld] = data.decode("utf-8").strip()
                     except UnicodeDecodeError as exc:

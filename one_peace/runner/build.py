@@ -61,6 +61,7 @@ def loader_config(cfg: DictConfig, batch_size: int, train: bool, pin_memory: boo
         max_bad_fraction=d.max_bad_fraction,
         min_samples_for_bad_check=d.min_samples_for_bad_check,
         allow_changed=d.allow_changed,
+        extensions={str(k): str(v) for k, v in (d.get("extensions") or {}).items()},
     )
     if not train:  # one pass after training: no worker kept alive for it
         return LoaderConfig(shuffle_window=0, remainder="pad", **{**common, "persistent_workers": False})
@@ -81,7 +82,8 @@ def build_tokenizer(cfg: DictConfig, train: str, text_fields: list[str], out: Pa
     from one_peace.data.shards import iter_rows
 
     texts = list(extra)
-    for line_no, row in iter_rows(train):  # a manifest or a shard folder
+    extensions = {str(k): str(v) for k, v in (cfg.data.get("extensions") or {}).items()}
+    for line_no, row in iter_rows(train, extensions):  # a manifest or a shard folder
         for f in text_fields:
             if f in row:
                 check_text(str(row[f]), f"{train}:{line_no}: field {f!r}")

@@ -86,6 +86,8 @@ class DataSection:
         min_samples_for_bad_check: ... once at least this many were read.
         allow_changed: Resume even though ``data.train`` differs from the checkpoint's (a new epoch on the new
             data); without it such a resume is an error.
+        extensions: Shards without a one-peace header (standard WebDataset): member extension -> the field it also
+            fills, over the defaults (``jpg`` -> ``image``, ``txt`` -> ``text``...), e.g. ``data.extensions.cap=text``.
     """
 
     train: Optional[str] = None  # noqa: UP045
@@ -110,6 +112,7 @@ class DataSection:
     max_bad_fraction: float = 0.01
     min_samples_for_bad_check: int = 1000
     allow_changed: bool = False
+    extensions: Dict[str, str] = field(default_factory=dict)  # noqa: UP006
 
 
 @dataclass
