@@ -18,8 +18,8 @@ import importlib.metadata
 import logging
 import os
 import threading
-import types
 import typing
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +27,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from one_peace.errors import DataError, InvalidValue, MissingField
 from one_peace.media import MediaTypes, Preview, resolve_media
+from one_peace.plugin_options import PluginOptionError as PluginOptionError  # re-exported: part of the contract
+from one_peace.plugin_options import PluginOptions as PluginOptions
+from one_peace.plugin_options import option_hints, type_name, type_ok
+from one_peace.plugin_records import PluginMismatchWarning as PluginMismatchWarning
+from one_peace.plugin_records import distribution_of
 
 if TYPE_CHECKING:
     import torch
@@ -108,59 +113,6 @@ class OfficialKeyRule:
     to_official: Callable[[Any], str]
 
 
-class PluginOptionError(ValueError):
-    """A plugin option that does not exist or has a value of the wrong type; the message names both."""
-
-
-@dataclass
-class PluginOptions:
-    """Base of a plugin's typed options: subclass it as a dataclass whose fields are the options.
-
-    Instances also read like the dict they replace (``options["image_size"]``, ``options.get(...)``).
-    """
-
-    def __getitem__(self, key: str) -> Any:
-        if key not in self.keys():
-            raise KeyError(key)
-        return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        """The option ``key``, or ``default`` when there is no such option."""
-        return getattr(self, key) if key in self.keys() else default
-
-    def keys(self) -> list[str]:
-        """The option names."""
-        return [f.name for f in dataclasses.fields(self)]
-
-    def as_dict(self) -> dict[str, Any]:
-        """The options as a plain (JSON-friendly) dict."""
-        return dataclasses.asdict(self)
-
-
-def _type_name(hint: Any) -> str:
-    return str(getattr(hint, "__name__", hint))
-
-
-def _type_ok(value: Any, hint: Any, default: Any) -> bool:
-    """Whether ``value`` fits the option's annotation (ints count as floats; bools are not ints)."""
-    if hint is Any:
-        return True
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, h, default) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is not None:  # list[int], dict[str, Any], tuple[int, ...], Literal[...]
-        if origin is typing.Literal:
-            return value in typing.get_args(hint)
-        return isinstance(value, (list, tuple) if origin in (list, tuple) else origin)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint) if isinstance(hint, type) else True
-
-
 class ModalityPlugin:
     """Base class of a modality plugin: everything modality-specific the library asks of a modality.
 
@@ -217,10 +169,10 @@ class ModalityPlugin:
             except Exception:  # an annotation that does not resolve: types are not checked
                 hints = {}
             for key, value in cls.defaults.items():
-                if not _type_ok(value, hints.get(key, Any), value):
+                if not type_ok(value, hints.get(key, Any), value):
                     raise PluginError(
                         f"modality plugin {cls.__name__} (module {cls.__module__}): option {key!r} has default "
-                        f"{value!r}, not of its declared type {_type_name(hints.get(key))}"
+                        f"{value!r}, not of its declared type {type_name(hints.get(key))}"
                     )
         elif "defaults" in own:  # options given as a plain dict: derive the dataclass (types from the defaults)
             spec: list[tuple[str, Any, Any]] = [
@@ -244,7 +196,7 @@ class ModalityPlugin:
         """
         where = where or f"modality_options.{self.name}"
         fields = {f.name: f for f in dataclasses.fields(self.Options)}
-        hints = typing.get_type_hints(self.Options)
+        hints = option_hints(self.Options)
         given = dict(values or {})
         for key, value in given.items():
             if key not in fields:
@@ -253,9 +205,9 @@ class ModalityPlugin:
                     f"its options: {sorted(fields)}"
                 )
             default = self.defaults.get(key)
-            if not _type_ok(value, hints.get(key, Any), default):
+            if not type_ok(value, hints.get(key, Any), default):
                 raise PluginOptionError(
-                    f"{where}.{key}: expected {_type_name(hints.get(key))} (default {default!r}), got {value!r} "
+                    f"{where}.{key}: expected {type_name(hints.get(key))} (default {default!r}), got {value!r} "
                     f"(plugin {self.name!r}: {self.source})"
                 )
         options = self.Options(**given)
@@ -473,7 +425,7 @@ class ModalityPlugin:
     def distribution(self) -> tuple[str | None, str | None]:
         """The installed distribution providing this plugin and its version (``(None, None)`` when unknown: a
         module that is not installed, e.g. a notebook's class)."""
-        return _distribution_of(type(self).__module__)
+        return distribution_of(type(self).__module__)
 
     def record(self, config: ModelConfig) -> dict[str, Any]:
         """What checkpoints and embedding folders store about this plugin: its distribution and version, where it
@@ -490,25 +442,6 @@ class ModalityPlugin:
         return f"<modality {self.name!r} from {self.source}>"
 
 
-@functools.lru_cache(maxsize=64)
-def _distribution_of(module: str) -> tuple[str | None, str | None]:
-    top = module.split(".")[0]
-    try:
-        dists = importlib.metadata.packages_distributions().get(top, [])
-    except Exception:
-        dists = []
-    for dist in dists:
-        try:
-            return dist, importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None, None
-
-
-class PluginMismatchWarning(UserWarning):
-    """A checkpoint (or embedding folder) was made with another version of a modality plugin."""
-
-
 def check_record(name: str, recorded: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Compare a plugin record (:meth:`ModalityPlugin.record`) stored at ``where`` with the installed plugin.
 
@@ -518,8 +451,6 @@ def check_record(name: str, recorded: Mapping[str, Any], where: str) -> dict[str
     Raises:
         PluginError: the modality is not registered, or a recorded option is unknown to the installed plugin.
     """
-    import warnings
-
     try:
         plugin = get_plugin(name)
     except KeyError as exc:

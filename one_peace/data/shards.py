@@ -144,13 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-#: files up to this size are hashed whole; larger ones (shards) by 64 evenly spaced 64 KiB blocks, size and mtime
+#: manifests up to this size are hashed whole; larger ones by 64 evenly spaced 64 KiB blocks and their mtime
 FULL_HASH_LIMIT = 256 * 1024 * 1024
 
 
 def files_identity(files: Sequence[str | Path]) -> list[dict[str, Any]]:
-    """Path, size and content hash of each file (``sha256``: the whole file up to 256 MiB, else sampled blocks with
-    the modification time), plus the older first-and-last-KiB hash (``sha256_ends``) that earlier runs recorded. A
+    """Path, size and content hash of each file (``sha256``: a manifest whole up to 256 MiB, else sampled blocks with
+    the modification time; a ``.tar`` shard by its ends and modification time, so that a folder of terabytes is not
+    read at start-up), plus the older first-and-last-KiB hash (``sha256_ends``) that earlier runs recorded. A
     same-size edit in the middle of a manifest (two rows swapped) changes it."""
     import hashlib
 
@@ -164,7 +165,9 @@ def files_identity(files: Sequence[str | Path]) -> list[dict[str, Any]]:
             fh.seek(max(0, size - 1024))
             ends.update(fh.read(1024))
             fh.seek(0)
-            if size <= FULL_HASH_LIMIT:
+            if Path(f).suffix == ".tar":  # shards: written once, large and many; never read whole at start-up
+                content.update(ends.digest() + str(stat.st_mtime_ns).encode())
+            elif size <= FULL_HASH_LIMIT:
                 for block in iter(lambda: fh.read(1 << 20), b""):
                     content.update(block)
             else:
