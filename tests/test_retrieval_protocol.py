@@ -370,10 +370,12 @@ def test_duplicate_ids_are_refused_before_the_index_and_kept_on_request(tiny_che
     manifest = _images(tmp_path / "d", rows)
     with pytest.raises(ValueError, match=r"1 ids name several items .*'same' at rows \[0, 2\].*duplicate_ids=keep"):
         _embed(tiny_checkpoint, manifest, tmp_path / "e")
-    info = _embed(tiny_checkpoint, manifest, tmp_path / "e", mode="resume", duplicate_ids="keep")
-    assert info["duplicates"] == 1 and info["index"]["factory"] == "Flat"
     from one_peace.retrieval import open_index
 
+    with pytest.raises(FileNotFoundError, match=r"stopped on 1 duplicate id .*duplicate_ids=keep mode=resume"):
+        open_index(tmp_path / "e")  # the folder says why it has no index (mode=resume alone would stop again)
+    info = _embed(tiny_checkpoint, manifest, tmp_path / "e", mode="resume", duplicate_ids="keep")
+    assert info["duplicates"] == 1 and info["index"]["factory"] == "Flat"
     assert open_index(tmp_path / "e").store.ids() == ["same", "other", "same", "#3"]
 
 

@@ -254,6 +254,13 @@ class RetrievalIndex:
             raise FileNotFoundError(f"{root}: no info.json (not an embedding folder from python -m one_peace.embed)")
         if not self.store.index_path.is_file():
             unfinished = [src["data"] for src in self.info.get("sources", []) if not src.get("complete")]
+            duplicates = int(self.info.get("duplicates") or 0)
+            if not unfinished and duplicates and "index" not in self.info:
+                raise FileNotFoundError(
+                    f"{root}: the embed stopped on {duplicates} duplicate id{'s' if duplicates > 1 else ''} before "
+                    "building the index: fix the data and embed into a new folder, or run the same command with "
+                    "duplicate_ids=keep mode=resume"
+                )
             if unfinished or "index" not in self.info:
                 raise FileNotFoundError(
                     f"{root}: the embed into this folder did not finish ({unfinished[0] if unfinished else 'no index'})"
