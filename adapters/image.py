@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from one_peace.config import ModelConfig
-from one_peace.errors import InvalidValue, UndecodableMedia
+from one_peace.errors import InvalidValue, OversizedMedia, UndecodableMedia
 from one_peace.media import MediaTypes, Preview
 from one_peace.models.adapter import Adapter, AdapterOutput, init_rel_table, require
 from one_peace.models.relpos import bucket_2d, bucket_2d_rows
@@ -105,29 +106,51 @@ class ImageAdapter(Adapter):
 
 
 def load_image(item: Any) -> Any:
-    """Open ``item`` (path, bytes, PIL image, HWC uint8 array) as an RGB PIL image, with a clear error."""
+    """Open ``item`` (path, bytes, PIL image, HWC uint8 array) as an RGB PIL image, with a clear error.
+
+    Raises:
+        one_peace.errors.InvalidValue: a value that is not one image (a list of paths, a number, ...).
+        one_peace.errors.OversizedMedia: an image over PIL's decompression-bomb limit (``2 x
+            PIL.Image.MAX_IMAGE_PIXELS`` pixels, checked on the header before anything is decoded).
+        one_peace.errors.UndecodableMedia: bytes that are not an image PIL reads.
+    """
     from PIL import Image
 
+    if isinstance(item, Image.Image):
+        return to_rgb(item)
+    if isinstance(item, np.ndarray) or _is_tensor(item):
+        return to_rgb(Image.fromarray(array_to_uint8(item)))
+    if isinstance(item, list | tuple):
+        raise InvalidValue(
+            f"an image is one path, bytes, PIL image or array; got a list of {len(item)} values"
+            " (a row names one image; frames are a video)"
+        )
+    if not isinstance(item, str | Path | bytes | bytearray | memoryview):
+        raise InvalidValue(
+            f"an image is one path, bytes, PIL image or array; got a value of type {type(item).__name__}"
+        )
+    name = str(item)[:120] if isinstance(item, str | Path) else "<bytes>"
     try:
-        if isinstance(item, Image.Image):
-            img = item
-        elif isinstance(item, str | Path):
-            img = Image.open(item)
-            img.load()
-        elif isinstance(item, bytes | bytearray | memoryview):
-            img = Image.open(io.BytesIO(bytes(item)))
-            img.load()
-        elif isinstance(item, np.ndarray) or _is_tensor(item):
-            img = Image.fromarray(array_to_uint8(item))
-        else:
-            raise TypeError(
-                f"unsupported image input type {type(item).__name__} (path, bytes, PIL image, numpy/torch array)"
-            )
-    except (OSError, ValueError) as exc:
-        raise UndecodableMedia(
-            f"cannot decode image {str(item)[:120] if isinstance(item, str | Path) else '<bytes>'}: {exc}"
-        ) from exc
+        img = Image.open(item if isinstance(item, str | Path) else io.BytesIO(bytes(item)))
+        img.load()
+    except Image.DecompressionBombError as exc:
+        raise OversizedMedia(_too_large(name, exc)) from None
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError for some malformed headers
+        raise UndecodableMedia(f"cannot decode image {name}: {exc}") from exc
     return to_rgb(img)
+
+
+def _too_large(name: str, exc: Exception) -> str:
+    """The message for an image over PIL's pixel limit (its pixel count as PIL's header check read it)."""
+    from PIL import Image
+
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    pixels = f" has {int(found.group(1)):,} pixels," if found else " is"
+    limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+    return (
+        f"image {name}{pixels} over PIL's decompression-bomb limit of {limit:,} pixels"
+        " (2 x PIL.Image.MAX_IMAGE_PIXELS: raise it to read such images)"
+    )
 
 
 def _is_tensor(item: Any) -> bool:

@@ -40,6 +40,12 @@ class EmptyMedia(DataError):
     reason = "empty"
 
 
+class OversizedMedia(DataError):
+    """Media larger than a decoder is allowed to expand (PIL's decompression-bomb pixel limit)."""
+
+    reason = "too large"
+
+
 class MissingField(DataError):
     """A manifest row without a field the recipe reads."""
 
@@ -53,7 +59,7 @@ class InvalidValue(DataError):
 
 
 #: reasons of media problems: their label names the modality ("undecodable image", "empty audio")
-_MEDIA_REASONS = ("undecodable", "empty")
+_MEDIA_REASONS = ("undecodable", "empty", "too large")
 
 
 def reason_label(exc: BaseException, modality: str | None = None) -> str:
@@ -61,7 +67,7 @@ def reason_label(exc: BaseException, modality: str | None = None) -> str:
 
     The error's ``reason`` (lower-case words: ``missing field``, ``missing file``, ``invalid value``, ``non-finite
     values``), with the modality for media that does not decode or holds nothing (``undecodable image``, ``empty
-    audio``); anything that is not a :class:`DataError` is ``bad sample``.
+    audio``, ``too large image``); anything that is not a :class:`DataError` is ``bad sample``.
     """
     reason = getattr(exc, "reason", DataError.reason) if isinstance(exc, DataError) else DataError.reason
     return f"{reason} {modality}" if modality and reason in _MEDIA_REASONS else reason
