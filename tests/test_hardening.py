@@ -137,3 +137,35 @@ def test_search_answers_with_one_line(tiny, tmp_path, capsys):
         main([f"index={folder}", f"query.image={tiny['root'] / 'bomb.png'}"])
     with pytest.raises(SystemExit, match=r"^error: image input 0: an image is one path.*got a list of 2"):
         main([f"index={folder}", f"query.image=[{tiny['root'] / '0.png'},{tiny['root'] / '1.png'}]"])
+
+
+# ------------------------------------------------------------------------------ the data a resume reads
+def test_resuming_over_a_same_size_edit_is_refused_naming_the_file_or_starts_a_new_epoch(tmp_path):
+    """The identity hashed the first and last KiB and the size: a one-character edit in the middle resumed."""
+    from one_peace.adapters.text import TextTokenizer
+    from one_peace.data import LoaderConfig, MultimodalLoader
+
+    cfg = one_peace.model_config("tiny", ("text",))
+    tok = TextTokenizer.train(["a red square", "a blue circle"] * 4, vocab_size=280)
+    manifest = tmp_path / "train.jsonl"
+    rows = [{"id": f"r{i:03d}", "text": "a red square " + "x" * 40} for i in range(200)]  # > 2 KiB: a middle exists
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def loader(allow: bool = False) -> MultimodalLoader:
+        lc = LoaderConfig(batch_size=4, shuffle_window=0, allow_changed=allow)
+        return MultimodalLoader(manifest, fields={"text": "text"}, model_config=cfg, tokenizer=tok, config=lc)
+
+    first = loader()
+    next(iter(first))
+    state = first.state_dict()
+    first.close()
+    text = manifest.read_text()
+    middle = text.index('"r100"')
+    manifest.write_text(text[:middle] + '"r1X0"' + text[middle + 6 :])  # the same size, one character changed
+    assert manifest.stat().st_size == len(text)
+    with pytest.raises(ValueError, match=r"train\.jsonl: same size \([\d,]+ bytes\), other content.*allow_changed"):
+        loader().load_state_dict(state)
+    allowed = loader(allow=True)
+    allowed.load_state_dict(state)
+    assert allowed.epoch == state["epoch"] + 1 and allowed.position == 0
+    allowed.close()

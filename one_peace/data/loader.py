@@ -33,7 +33,7 @@ from one_peace.data.decode import REPORT_KEY, BatchDecoder
 from one_peace.data.manifest import default_fields, validate_manifest
 from one_peace.data.rows import ManifestRows, RowSource, ShardRows, open_rows
 from one_peace.data.sampler import EpochSampler, Plan
-from one_peace.data.shards import same_identity
+from one_peace.data.shards import describe_change, same_identity
 from one_peace.registry import ModalityPlugin, get_plugin, list_modalities
 
 logger = logging.getLogger(__name__)
@@ -556,8 +556,8 @@ class MultimodalLoader:
         }
 
     def data_identity(self) -> dict[str, Any]:
-        """What data this loader reads: path(s), sizes, a hash of each file's first and last KiB, row count (read
-        once)."""
+        """What data this loader reads: path(s), sizes, content hashes (:func:`~one_peace.data.shards.files_identity`),
+        row count (read once)."""
         from one_peace.data.shards import files_identity
 
         if self._identity is None:  # once: the files are not expected to change under a running loader
@@ -582,8 +582,8 @@ class MultimodalLoader:
             )
         elif state.get("data") is not None and not same_identity(state["data"], self.data_identity()):
             problem = (
-                f"resume: the data differs from the checkpoint's (saved {state['data']}, now {self.data_identity()}); "
-                "resume with the same data, or set data.allow_changed=true to start a new epoch on the new data"
+                f"resume: the data differs from the checkpoint's ({describe_change(state['data'], self.data_identity())}"
+                "); resume with the same data, or set data.allow_changed=true to start a new epoch on the new data"
             )
         elif state.get("sampler") is not None and state["sampler"] != self.sampler.describe():
             ours = self.sampler.describe()

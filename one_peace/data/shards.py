@@ -204,6 +204,39 @@ def _same_file(recorded: dict[str, Any], now: dict[str, Any]) -> bool:
     return bool(shared) and all(recorded[k] == now[k] for k in ("path", "size", *shared))
 
 
+def describe_change(recorded: Any, now: Any) -> str:
+    """What differs between two data identities (as :func:`same_identity` compares them), file by file: ``train.jsonl:
+    same size (4,096 bytes), other content``; ``a.tar: 10 -> 12 bytes``; files that came or went; the row count."""
+
+    def files(identity: Any) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        if isinstance(identity, dict) and "path" in identity and "size" in identity:
+            found[str(identity["path"])] = identity
+        elif isinstance(identity, dict):
+            for value in identity.values():
+                found.update(files(value))
+        elif isinstance(identity, list):
+            for value in identity:
+                found.update(files(value))
+        return found
+
+    before, after = files(recorded), files(now)
+    lines = []
+    for path in sorted(before.keys() | after.keys()):
+        old, new = before.get(path), after.get(path)
+        if old is None:
+            lines.append(f"{path}: not in the checkpoint's data")
+        elif new is None:
+            lines.append(f"{path}: gone")
+        elif old.get("size") != new.get("size"):
+            lines.append(f"{path}: {old.get('size'):,} -> {new.get('size'):,} bytes")
+        elif not _same_file(old, new):
+            lines.append(f"{path}: same size ({new.get('size'):,} bytes), other content")
+    if isinstance(recorded, dict) and isinstance(now, dict) and recorded.get("rows") != now.get("rows"):
+        lines.append(f"rows: {recorded.get('rows')} -> {now.get('rows')}")
+    return "; ".join(lines) or "the data settings differ"
+
+
 def source_files(source: str | Path) -> list[Path]:
     """The files a manifest path or shard folder / file stands for."""
     path = Path(source)
