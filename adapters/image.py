@@ -27,6 +27,8 @@ IMAGE_TYPES = MediaTypes(("image/*",), (".png", ".jpg", ".jpeg", ".webp", ".bmp"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PATCH = 16
+#: the largest ``image_size`` a config may ask for (ONE-PEACE fine-tunes up to 896 for segmentation)
+MAX_IMAGE_SIZE = 1024
 
 
 class ChannelLayerNorm(nn.Module):
@@ -250,12 +252,22 @@ class ImageModality(ModalityPlugin):
         return lambda item: {"pixels": preprocess_image(item, size)}
 
     def validate_options(self, options: PluginOptions) -> None:
-        """``image_size`` a positive multiple of the 16-pixel patch; grid sides positive."""
+        """``image_size`` a multiple of the 16-pixel patch up to :data:`MAX_IMAGE_SIZE`; grid sides in ``[1, 64]``
+        (bounds checked before anything is allocated)."""
         size = options["image_size"]
         if size < PATCH or size % PATCH:
             raise ValueError(f"image_size must be a positive multiple of {PATCH}, got {size}")
-        if options["bucket_size"] < 1 or (options["rel_bucket_size"] is not None and options["rel_bucket_size"] < 1):
-            raise ValueError("bucket_size and rel_bucket_size must be >= 1")
+        if size > MAX_IMAGE_SIZE:
+            raise ValueError(
+                f"image_size must be at most {MAX_IMAGE_SIZE}, got {size} (an image is (image_size / {PATCH})**2 "
+                "tokens; its attention and relative-position index grow with the 4th power of the side: 2048 needs "
+                "over 4 GB a forward)"
+            )
+        most = MAX_IMAGE_SIZE // PATCH
+        for key in ("bucket_size", "rel_bucket_size"):
+            value = options[key]
+            if value is not None and not 1 <= value <= most:
+                raise ValueError(f"{key} must be in [1, {most}] (the grid of the largest image_size), got {value}")
 
     def position_padding(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         """Images are never padded."""

@@ -157,11 +157,14 @@ class TextTokenizer:
 
     @classmethod
     def from_config(cls, folder: str | Path, entry: dict[str, Any]) -> TextTokenizer:
-        """Load what :meth:`save` wrote, given its config entry."""
+        """Load what :meth:`save` wrote, given its config entry (``max_tokens``: an integer >= 1)."""
+        max_tokens = entry.get("max_tokens", 70)
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
+            raise ValueError(f"max_tokens must be an integer >= 1, got {max_tokens!r}")
         if entry.get("kind") == "gpt2_bpe":
-            return cls.from_bpe_dir(folder, entry.get("max_tokens", 70))
+            return cls.from_bpe_dir(folder, max_tokens)
         if entry.get("kind") == "tokenizers":
-            return cls.from_file(Path(folder) / "tokenizer.json", entry.get("max_tokens", 70))
+            return cls.from_file(Path(folder) / "tokenizer.json", max_tokens)
         raise ValueError(f"{folder}/config.json: unknown tokenizer kind {entry.get('kind')!r}")
 
     def __repr__(self) -> str:

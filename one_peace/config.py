@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +52,26 @@ class ModelConfig:
             self.modality_options = {m: ({} if o is None else o) for m, o in self.modality_options.items()}
 
     def validate(self) -> None:
-        """Check the values, raising ``ValueError`` naming the offending field."""
+        """Check the values, raising ``ValueError`` naming the offending field (types first: a ``config.json`` with
+        ``"layer_scale_init": "abc"`` is refused here, not by an arithmetic error while building)."""
+        from one_peace.plugin_options import option_hints, type_ok
+
+        hints = option_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "modality_options":  # checked below, with the plugins' own option types
+                continue
+            if f.name == "modalities":
+                if not isinstance(value, list | tuple) or not all(isinstance(m, str) for m in value):
+                    raise ValueError(f"model config field 'modalities' must be a list of names, got {value!r}")
+            elif not type_ok(value, hints[f.name], f.default):
+                raise ValueError(
+                    f"model config field {f.name!r}: expected {getattr(hints[f.name], '__name__', hints[f.name])}, "
+                    f"got {value!r}"
+                )
+        for key in ("layer_scale_init", "drop_path_rate"):
+            if not math.isfinite(getattr(self, key)) or getattr(self, key) < 0:
+                raise ValueError(f"model config field {key!r} must be a finite number >= 0, got {getattr(self, key)}")
         for key in ("embed_dim", "layers", "heads", "ffn_dim"):
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
@@ -80,6 +100,8 @@ class ModelConfig:
             )
         from one_peace.registry import get_plugin
 
+        for modality in self.modalities:  # KeyError naming the registered modalities (and plugins that failed)
+            get_plugin(modality)
         for modality, opts in self.modality_options.items():  # unknown keys and wrong types name the plugin
             get_plugin(modality).parse_options(opts)
 

@@ -143,6 +143,7 @@ def test_search_answers_with_one_line(tiny, tmp_path, capsys):
 def test_resuming_over_a_same_size_edit_is_refused_naming_the_file_or_starts_a_new_epoch(tmp_path):
     """The identity hashed the first and last KiB and the size: a one-character edit in the middle resumed."""
     from one_peace.adapters.text import TextTokenizer
+
     from one_peace.data import LoaderConfig, MultimodalLoader
 
     cfg = one_peace.model_config("tiny", ("text",))
@@ -169,3 +170,172 @@ def test_resuming_over_a_same_size_edit_is_refused_naming_the_file_or_starts_a_n
     allowed.load_state_dict(state)
     assert allowed.epoch == state["epoch"] + 1 and allowed.position == 0
     allowed.close()
+
+
+# ------------------------------------------------------------------------------------- crafted checkpoints
+def _variant(tiny, tmp_path: Path, edit=None, shard: bool = False) -> Path:
+    """A copy of the tiny checkpoint folder, optionally as one shard + index, with ``edit(doc)`` on config.json."""
+    import shutil
+
+    folder = tmp_path / "v"
+    shutil.copytree(tiny["checkpoint"], folder)
+    if shard:
+        (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
+        from safetensors import safe_open
+
+        with safe_open(str(folder / "model-00001-of-00001.safetensors"), framework="pt") as fh:
+            keys = list(fh.keys())
+        index = {"metadata": {}, "weight_map": dict.fromkeys(keys, "model-00001-of-00001.safetensors")}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    if edit is not None:
+        doc = json.loads((folder / "config.json").read_text())
+        edit(doc)
+        (folder / "config.json").write_text(json.dumps(doc))
+    return folder
+
+
+def _set(path: str, value):
+    def edit(doc):
+        *parents, last = path.split(".")
+        node = doc
+        for key in parents:
+            node = node[key]
+        node[last] = value
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("model.layer_scale_init", "abc", r"'layer_scale_init': expected float, got 'abc'"),
+        ("model.official_padding", "yes", r"'official_padding': expected bool, got 'yes'"),
+        ("model.drop_path_rate", float("nan"), r"'drop_path_rate' must be a finite number"),
+        ("model.modalities", ["text", "image", "smell"], r"unknown modality 'smell'; registered modalities: .*image"),
+        ("model.modality_options.text.max_tokens", "70", r"max_tokens: expected int .*got '70'"),
+        ("model.modality_options.text.max_tokens", -5, r"max_tokens must be >= 1, got -5"),
+        ("model.modality_options.image.image_size", 2048, r"image_size must be at most 1024, got 2048"),
+        ("model.layers", 10**6, r"at least [\d,]+ parameters \(1000000 layers.*the weights hold"),
+        ("model.embed_dim", 4096, r"at least [\d,]+ parameters .*width 4096"),
+        ("tokenizer.max_tokens", -5, r"\(tokenizer\): max_tokens must be an integer >= 1, got -5"),
+        ("tokenizer.max_tokens", "70", r"\(tokenizer\): max_tokens must be an integer >= 1, got '70'"),
+        ("tokenizer.files", ["/etc/passwd"], r"\(tokenizer\): '/etc/passwd' is not a file of the folder"),
+        ("tokenizer", ["tokenizer.json"], r"'tokenizer' must be an object"),
+    ],
+)
+def test_a_bad_config_json_is_refused_before_building_naming_file_and_key(tiny, tmp_path, path, value, message):
+    """Raw TypeError/KeyError naming no file, a 40-billion-parameter build from a 3 kB edit, an image_size that
+    allocates gigabytes, a tokenizer limit of -5 that silently dropped the last 5 tokens of every text."""
+    from one_peace.checkpoint import CheckpointError
+
+    folder = _variant(tiny, tmp_path, _set(path, value))
+    with pytest.raises(CheckpointError, match=rf"{folder}.*config\.json.*{message}"):
+        one_peace.load(folder)
+
+
+def _fifo(folder: Path) -> str:
+    import os
+
+    os.mkfifo(folder / "pipe.safetensors")
+    return "pipe.safetensors"
+
+
+@pytest.mark.parametrize(
+    ("weight_map", "message"),
+    [
+        ("absolute", r"'/.*' is not a file of the folder"),
+        ("escape", r"'\.\./.*' is not a file of the folder"),
+        ("fifo", r"pipe\.safetensors is not a regular file \(a FIFO"),
+        ("link", r"is a link to .*outside the folder"),
+        ("missing", r"'weight_map' must be a non-empty object"),
+        ("list", r"'weight_map' must be a non-empty object .* got list"),
+        ("number", r"weight_map values must be file names, got 3"),
+        ("invalid", r"invalid JSON \(safetensors index\)"),
+    ],
+)
+def test_the_safetensors_index_never_leads_out_of_the_folder_or_hangs(tiny, tmp_path, weight_map, message):
+    """An absolute weight_map entry loaded weights from anywhere, a FIFO hung load for ever, a missing or list
+    weight_map or invalid JSON gave KeyError/TypeError/JSONDecodeError naming no file."""
+    from one_peace.checkpoint import CheckpointError
+
+    folder = _variant(tiny, tmp_path, shard=True)
+    index_path = folder / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    first = next(iter(index["weight_map"]))
+    outside = tmp_path / "elsewhere.safetensors"
+    import shutil
+
+    shutil.copyfile(folder / "model-00001-of-00001.safetensors", outside)
+    if weight_map == "absolute":
+        index["weight_map"][first] = str(outside)
+    elif weight_map == "escape":
+        index["weight_map"][first] = "../elsewhere.safetensors"
+    elif weight_map == "fifo":
+        index["weight_map"][first] = _fifo(folder)
+    elif weight_map == "link":
+        (folder / "linked.safetensors").symlink_to(outside)
+        index["weight_map"][first] = "linked.safetensors"
+    elif weight_map == "missing":
+        del index["weight_map"]
+    elif weight_map == "list":
+        index["weight_map"] = list(index["weight_map"])
+    elif weight_map == "number":
+        index["weight_map"][first] = 3
+    text = json.dumps(index) if weight_map != "invalid" else json.dumps(index)[:-5]
+    index_path.write_text(text)
+    with pytest.raises(CheckpointError, match=rf"{index_path}.*{message}|{message}"):
+        one_peace.load(folder)
+
+
+def test_a_hub_snapshot_may_link_into_its_blobs(tiny, tmp_path):
+    """The Hugging Face cache stores files in blobs/ and links them from snapshots/<revision>/: that stays loadable."""
+    import shutil
+
+    blobs, snapshot = tmp_path / "models--x" / "blobs", tmp_path / "models--x" / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for f in Path(tiny["checkpoint"]).iterdir():
+        shutil.copyfile(f, blobs / f"sha-{f.name}")
+        (snapshot / f.name).symlink_to(Path("../../blobs") / f"sha-{f.name}")
+    model = one_peace.load(snapshot)
+    assert model.config.embed_dim == tiny["config"].embed_dim
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int8, torch.bool])
+def test_integer_or_bool_weights_are_refused_naming_the_key(tiny, tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    from one_peace.checkpoint import CheckpointError
+
+    folder = _variant(tiny, tmp_path)
+    state = load_file(str(folder / "model.safetensors"))
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = torch.ones_like(state[key], dtype=dtype)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"key '{key}' holds {dtype}.*expects floating-point"):
+        one_peace.load(folder)
+
+
+def test_a_pickle_of_shared_lists_is_refused_at_once(tmp_path):
+    """A 2 kB .pt of nested lists sharing references expanded exponentially in the safe loader (2.5 GB in 45 s)."""
+    import subprocess
+    import sys
+
+    nested: list = [1]
+    for _ in range(60):
+        nested = [nested, nested]
+    path = tmp_path / "shared.pt"
+    torch.save({"model": {"encoder_wrapper.x": torch.zeros(1)}, "cfg": {"model": nested}}, path)
+    assert path.stat().st_size < 4096
+    for code in (
+        "from one_peace.checkpoint.safe_pickle import safe_torch_load as f; f(p)",
+        "from one_peace.convert import main; raise SystemExit(main([p, p + '.out']))",
+    ):
+        got = subprocess.run(
+            [sys.executable, "-c", f"import sys; p = sys.argv[1]; {code}", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert got.returncode != 0
+        assert "expand to more than 1,000,000 values (shared references)" in got.stderr, got.stderr[-2000:]

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from one_peace.checkpoint.assign import _assign, _build_meta, persistent_buffers
+from one_peace.checkpoint.folder import INDEX, WEIGHTS, read_folder, weight_files
 from one_peace.checkpoint.official import (
     IGNORED,
     infer_config,
@@ -35,6 +36,8 @@ from one_peace.registry import get_plugin
 
 __all__ = [
     "IGNORED",
+    "INDEX",
+    "WEIGHTS",
     "CheckpointError",
     "iter_weights",
     "load",
@@ -44,8 +47,6 @@ __all__ = [
     "save",
 ]
 
-WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 PRETRAIN = "pretrain_decoder.safetensors"
 
 
@@ -146,31 +147,6 @@ def _replace_dir(tmp: Path, folder: Path) -> None:
         tmp.rename(folder)
 
 
-def _read_folder_config(folder: Path) -> dict[str, Any]:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: not a one-peace checkpoint folder (no config.json)")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: invalid JSON: {exc}") from None
-    if not isinstance(doc, dict) or "model" not in doc:
-        raise CheckpointError(f"{path}: missing the 'model' section")
-    version = doc.get("format_version")
-    if version != CONFIG_FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {version!r} is not supported (expected {CONFIG_FORMAT_VERSION})")
-    return doc
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    if (folder / WEIGHTS).is_file():
-        return [folder / WEIGHTS]
-    if (folder / INDEX).is_file():
-        index = json.loads((folder / INDEX).read_text())
-        return [folder / name for name in sorted(set(index["weight_map"].values()))]
-    raise CheckpointError(f"{folder}: no {WEIGHTS} or {INDEX}")
-
-
 def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, str]]:
     from safetensors import SafetensorError, safe_open
 
@@ -185,7 +161,7 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, st
 
 def iter_weights(folder: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` of every weight in a checkpoint folder (single file or shards), read lazily."""
-    for name, tensor, _ in _iter_safetensors(_weight_files(Path(folder))):
+    for name, tensor, _ in _iter_safetensors(weight_files(Path(folder))):
         yield name, tensor
 
 
@@ -198,23 +174,22 @@ def _load_folder(
 ) -> OnePeaceModel:
     from one_peace.tokenizer import load_tokenizer
 
-    doc = _read_folder_config(folder)
-    try:
-        config = ModelConfig.from_dict(doc["model"], source=str(folder / "config.json"))
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{folder / 'config.json'}: invalid model section: {exc}") from None
-    apply_plugin_records(config, doc.get("plugins"), str(folder / "config.json"))
+    checked = read_folder(folder)  # config.json, the index and the files it names, the config against the weights
+    doc, config = checked.doc, checked.config
     model = _build_meta(config)
-    _assign(model, _iter_safetensors(_weight_files(folder)), str(folder), dtype, device)
+    _assign(model, _iter_safetensors(checked.weight_files), str(folder), dtype, device)
     if doc.get("tokenizer") and bpe_dir is None:
-        missing = [f for f in doc["tokenizer"].get("files", []) if not (folder / f).is_file()]
-        if missing:
-            raise CheckpointError(
-                f"{folder}: config.json names tokenizer files that are missing: {missing} "
-                "(copy them back, or pass bpe_dir=... for the official BPE files)"
-            )
         entry = doc["tokenizer"]
-        model.tokenizer = load_tokenizer(folder, entry, modality=entry.get("modality", tokenizer_modality(config)))
+        where = f"{checked.config_path} (tokenizer)"
+        modality = entry.get("modality", tokenizer_modality(config))
+        if modality not in config.modalities:
+            raise CheckpointError(
+                f"{where}: 'modality' must be one of the model's {list(config.modalities)}, got {modality!r}"
+            )
+        try:
+            model.tokenizer = load_tokenizer(folder, entry, modality=modality)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
     if bpe_dir is not None:
         model.tokenizer = load_tokenizer(bpe_dir, modality=tokenizer_modality(config))
     if official_padding is not None:

@@ -16,6 +16,15 @@ def _build_meta(config: ModelConfig) -> OnePeaceModel:
         return OnePeaceModel(config)
 
 
+def _kind(dtype: torch.dtype) -> str:
+    """``float``, ``complex``, ``bool`` or ``int``: what a stored tensor must share with the model's."""
+    if dtype.is_floating_point:
+        return "float"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "int"
+
+
 def persistent_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The buffers that belong in a state dict (``register_buffer(..., persistent=True)``), by name."""
     out = {}
@@ -49,6 +58,11 @@ def _assign(
         if tuple(tensor.shape) != tuple(p.shape):
             raise CheckpointError(
                 f"{source}: key {key!r} has shape {tuple(tensor.shape)}, the model expects {tuple(p.shape)}"
+            )
+        if _kind(tensor.dtype) != _kind(p.dtype):
+            raise CheckpointError(
+                f"{source}: key {key!r} holds {tensor.dtype} values, the model expects "
+                + ("floating-point ones" if p.is_floating_point() else str(p.dtype))
             )
         target_dtype = dtype or (torch.float32 if tensor.is_floating_point() else tensor.dtype)
         if not tensor.is_floating_point():

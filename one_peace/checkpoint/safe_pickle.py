@@ -102,25 +102,53 @@ ALLOWED_GLOBALS: dict[str, Any] = {
 }
 
 
+#: values (dict entries, list items, scalars, tensors) a checkpoint may expand to: an official 4B file has about
+#: 3,000 tensors and a config of a few thousand values. Pickle's memo lets a 2 kB file share one list many times
+#: over (``a = [b, b]``, ``b = [c, c]``, ...): walked as a tree, 40 levels are 2**40 values.
+MAX_VALUES = 1_000_000
+#: nesting depth of a checkpoint's containers (an official config nests about 6 deep)
+MAX_DEPTH = 64
+
+
+class _TooLarge(Exception):
+    """A checkpoint whose objects expand past :data:`MAX_VALUES` or nest past :data:`MAX_DEPTH`."""
+
+
 def to_plain(obj: Any) -> Any:
-    """Turn stand-ins into plain Python data (dicts, lists, scalars); tensors are left as they are."""
-    if isinstance(obj, _DictConfigStub):
-        content = (obj.state or {}).get("_content")
-        return {k: to_plain(v) for k, v in content.items()} if isinstance(content, dict) else content
-    if isinstance(obj, _ListConfigStub):
-        content = (obj.state or {}).get("_content")
-        return [to_plain(v) for v in content] if isinstance(content, list) else content
-    if isinstance(obj, _NodeStub):
-        return to_plain((obj.state or {}).get("_val"))
-    if isinstance(obj, _NamespaceStub):
-        return {k: to_plain(v) for k, v in (obj.state or {}).items()}
-    if isinstance(obj, _MetadataStub | _Sentinel):
-        return None
-    if isinstance(obj, dict):
-        return {k: to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(to_plain(v) for v in obj)
-    return obj
+    """Turn stand-ins into plain Python data (dicts, lists, scalars); tensors are left as they are.
+
+    Raises:
+        _TooLarge: more than :data:`MAX_VALUES` values counted as a tree (shared references count each time they
+            are reached: what the result would be when written out), or deeper than :data:`MAX_DEPTH`.
+    """
+    seen = 0
+
+    def walk(o: Any, depth: int) -> Any:
+        nonlocal seen
+        seen += 1
+        if seen > MAX_VALUES:
+            raise _TooLarge(f"its objects expand to more than {MAX_VALUES:,} values (shared references)")
+        if depth > MAX_DEPTH:
+            raise _TooLarge(f"its objects nest deeper than {MAX_DEPTH} levels")
+        if isinstance(o, _DictConfigStub):
+            content = (o.state or {}).get("_content")
+            return {k: walk(v, depth + 1) for k, v in content.items()} if isinstance(content, dict) else content
+        if isinstance(o, _ListConfigStub):
+            content = (o.state or {}).get("_content")
+            return [walk(v, depth + 1) for v in content] if isinstance(content, list) else content
+        if isinstance(o, _NodeStub):
+            return walk((o.state or {}).get("_val"), depth + 1)
+        if isinstance(o, _NamespaceStub):
+            return {k: walk(v, depth + 1) for k, v in (o.state or {}).items()}
+        if isinstance(o, _MetadataStub | _Sentinel):
+            return None
+        if isinstance(o, dict):
+            return {k: walk(v, depth + 1) for k, v in o.items()}
+        if isinstance(o, list | tuple):
+            return type(o)(walk(v, depth + 1) for v in o)
+        return o
+
+    return walk(obj, 0)
 
 
 def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
@@ -160,6 +188,10 @@ def safe_torch_load(path: str | Path, mmap: bool = False) -> Any:
         ) from None
     try:
         return to_plain(data)
+    except _TooLarge as exc:
+        raise CheckpointError(
+            f"{path}: refused: {exc}; not a ONE-PEACE checkpoint (nothing in it was executed)"
+        ) from None
     except (TypeError, AttributeError, RecursionError, ValueError) as exc:
         raise CheckpointError(
             f"{path}: refused: its config objects are malformed ({type(exc).__name__}); not a ONE-PEACE checkpoint "

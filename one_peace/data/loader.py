@@ -581,9 +581,10 @@ class MultimodalLoader:
                 f"go on from epoch {saved_epoch + 1} (model, optimizer and step are restored as saved)"
             )
         elif state.get("data") is not None and not same_identity(state["data"], self.data_identity()):
+            change = describe_change(state["data"], self.data_identity())
             problem = (
-                f"resume: the data differs from the checkpoint's ({describe_change(state['data'], self.data_identity())}"
-                "); resume with the same data, or set data.allow_changed=true to start a new epoch on the new data"
+                f"resume: the data differs from the checkpoint's ({change}); resume with the same data, or set "
+                "data.allow_changed=true to start a new epoch on the new data"
             )
         elif state.get("sampler") is not None and state["sampler"] != self.sampler.describe():
             ours = self.sampler.describe()
