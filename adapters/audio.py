@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from one_peace.config import ModelConfig
-from one_peace.errors import EmptyMedia, NonFiniteData, UndecodableMedia
+from one_peace.errors import EmptyMedia, InvalidValue, NonFiniteData, UndecodableMedia
 from one_peace.media import MediaTypes, Preview
 from one_peace.models.adapter import (
     Adapter,
@@ -271,12 +271,15 @@ def load_audio(item: Any) -> tuple[np.ndarray, int]:
 
     if isinstance(item, tuple) and len(item) == 2:
         data, sr = item
-        if isinstance(data, torch.Tensor):
-            data = data.detach().cpu().numpy()
-        return np.asarray(data, dtype=np.float32), int(sr)
+        if (
+            isinstance(sr, bool)
+            or not isinstance(sr, int | np.integer | float)
+            or not (sr > 0 and float(sr).is_integer())
+        ):
+            raise InvalidValue(f"an audio sample rate must be a positive integer (Hz), got {sr!r}")
+        return _waveform(data), int(sr)
     if isinstance(item, torch.Tensor | np.ndarray):
-        arr = item.detach().cpu().numpy() if isinstance(item, torch.Tensor) else item
-        return np.asarray(arr, dtype=np.float32), SAMPLE_RATE
+        return _waveform(item), SAMPLE_RATE
     if isinstance(item, str | Path) and Path(item).suffix.lower() in AV_SUFFIXES:
         return _load_with_av(item)
     try:
@@ -298,6 +301,22 @@ def load_audio(item: Any) -> tuple[np.ndarray, int]:
             f"cannot decode audio {item if isinstance(item, str | Path) else '<bytes>'}: {exc}"
         ) from exc
     return data, int(sr)
+
+
+def _waveform(data: Any) -> np.ndarray:
+    """A waveform array as float32 ``(N,)`` or ``(N, C)``: channels-first ``(C, N)`` (torchaudio's layout, up to 16
+    channels) is turned around; anything else is an :class:`~one_peace.errors.InvalidValue`."""
+    if isinstance(data, torch.Tensor):
+        data = data.detach().cpu().numpy()
+    try:
+        arr = np.asarray(data, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InvalidValue(f"an audio waveform must be a numeric array, got {type(data).__name__}: {exc}") from None
+    if arr.ndim == 2 and arr.shape[0] <= 16 and arr.shape[0] < arr.shape[1]:
+        arr = arr.T
+    if arr.ndim not in (1, 2):
+        raise InvalidValue(f"an audio waveform is (samples,) or (samples, channels), got shape {tuple(arr.shape)}")
+    return arr
 
 
 def _av_available() -> bool:

@@ -266,6 +266,10 @@ class TextModality(ModalityPlugin):
         def preprocess(text: Any) -> dict[str, Any]:
             if not isinstance(text, str):
                 raise InvalidValue(f"text must be a string, got {type(text).__name__} {str(text)[:60]!r}")
+            try:
+                self.check_value(text)  # a lone surrogate reached the tokenizer as a raw TypeError
+            except ValueError as exc:
+                raise InvalidValue(f"text {exc}") from None
             ids = tokenizer.ids(text) if hasattr(tokenizer, "ids") else None
             if ids is None:  # a tokenizer without the full-ids method: its own truncation, nothing to report
                 return {"tokens": torch.tensor(tokenizer.encode(text), dtype=torch.long)}

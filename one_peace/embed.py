@@ -124,6 +124,12 @@ def _check(cfg: EmbedConfig) -> None:
         raise ValueError(f"workers: must be >= 0, got {cfg.workers}")
     if not Path(cfg.data).exists():
         raise FileNotFoundError(f"data: {cfg.data} not found (a manifest or a folder of .tar shards)")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out: {cfg.out} is a file; embed writes a folder (parts, index, info.json) there")
+    if any(p.exists() and not p.is_dir() for p in out.parents):
+        raise ValueError(f"out: a parent of {cfg.out} is a file, not a folder")
+    _device(cfg.device)  # an unknown device name is refused before the model loads
     if cfg.index != "none":
         from one_peace.retrieval.faiss_index import faiss, parse_memory
 
@@ -136,11 +142,9 @@ def _check(cfg: EmbedConfig) -> None:
 
 
 def _device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-    return torch.device("cpu")
+    from one_peace.train.device import resolve_device
+
+    return resolve_device(name, key="device")
 
 
 def _model_dtype(name: str, device: torch.device) -> torch.dtype:

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from one_peace.runner import build
 from one_peace.runner.config import register
 from one_peace.runner.distributed import barrier, init_distributed, rank0_first, shutdown
-from one_peace.runner.outputs import OutputDirInUse, lock_output_dir, prepare_output_dir
+from one_peace.runner.outputs import OutputDirInUse, lock_output_dir, prepare_output_dir, record_config
 
 register()
 
@@ -63,6 +63,7 @@ def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
     if rank == 0:  # one run per output folder; rank 0 holds the lock for the whole job
         held.append(lock_output_dir(out))
         prepare_output_dir(out, tcfg.resume, bool(cfg.overwrite), say)
+        record_config(out, cfg, build.cli_overrides())
     barrier()
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -144,5 +145,20 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(f"error: {exc}") from None
 
 
+def check_output_dir_argument(argv: list[str]) -> None:
+    """Refuse an ``output_dir=`` override that names a file, before Hydra makes its run folder there (Hydra's own
+    ``mkdir`` failed with a raw ``FileExistsError`` traceback)."""
+    for arg in argv:
+        key, sep, value = arg.lstrip("+~").partition("=")
+        if sep and key == "output_dir" and value:
+            path = Path(value)
+            blocked = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+            if blocked is not None:
+                raise SystemExit(f"error: output_dir={value}: {blocked} is a file, not a folder")
+
+
 if __name__ == "__main__":
+    import sys
+
+    check_output_dir_argument(sys.argv[1:])
     main()

@@ -37,6 +37,8 @@ def test_readme_main_job_runs_and_beats_the_baseline(tmp_path):
     results = json.loads((tmp_path / "outputs" / "vl_seq2seq" / "eval.json").read_text())
     assert results["token_f1"] > results["baseline_token_f1"], results
     assert Path(results["checkpoint"]).is_dir()
+    recorded = (tmp_path / "outputs" / "vl_seq2seq" / ".hydra" / "config.yaml").read_text()  # written by the run
+    assert "recipe_name: vl_seq2seq" in recorded, recorded[:500]
     rows = [json.loads(x) for x in (tmp_path / "outputs" / "vl_seq2seq" / "metrics.jsonl").read_text().splitlines()]
     assert rows and all({"samples_per_s", "tokens_per_s", "data_wait", "mfu"} <= set(r) for r in rows), rows[-1]
     assert all(r["samples_per_s"] > 0 and 0 <= r["data_wait"] <= 1 and 0 < r["mfu"] < 1.5 for r in rows)

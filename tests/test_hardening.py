@@ -339,3 +339,203 @@ def test_a_pickle_of_shared_lists_is_refused_at_once(tmp_path):
         )
         assert got.returncode != 0
         assert "expand to more than 1,000,000 values (shared references)" in got.stderr, got.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------- encode inputs
+@pytest.fixture(scope="module")
+def audio_model():
+    from one_peace.adapters.text import TextTokenizer
+
+    tok = TextTokenizer.train(["a red square", "a blue circle"] * 4, vocab_size=280)
+    cfg = one_peace.model_config("tiny", ("text", "audio"))
+    cfg.modality_options = {"text": {"vocab_size": tok.vocab_size}}
+    model = one_peace.build_model(cfg).eval()
+    model.tokenizer = tok
+    return model
+
+
+@pytest.mark.parametrize(
+    ("modality", "item", "message"),
+    [
+        ("audio", (np.zeros(16000, np.float32), 0), r"sample rate must be a positive integer \(Hz\), got 0"),
+        ("audio", (np.zeros(16000, np.float32), 44.1), r"sample rate must be a positive integer \(Hz\), got 44\.1"),
+        ("audio", np.zeros((2, 2, 16000), np.float32), r"\(samples,\) or \(samples, channels\), got shape \(2, 2"),
+        ("audio", (["a", "b"], 16000), r"waveform must be a numeric array"),
+        ("text", "abc \ud800 def", r"character 4 is a lone surrogate"),
+    ],
+)
+def test_encode_refuses_bad_values_naming_the_input(audio_model, modality, item, message):
+    """Raw ValueError('Sample rate should be over 0'), RuntimeError(expand ...) and TypeError(TextInputSequence must
+    be str) before."""
+    from one_peace.errors import InvalidValue
+
+    with pytest.raises(InvalidValue, match=rf"{modality} input 1: .*{message}"):
+        audio_model.encode(modality, ["fine" if modality == "text" else np.zeros(16000, np.float32), item])
+
+
+def test_channels_first_audio_is_read_as_channels(audio_model):
+    """torchaudio's (channels, samples) layout was averaged over samples: one value per channel, then repeated."""
+    wave = np.sin(np.linspace(0, 400, 32000)).astype(np.float32)
+    first = audio_model.encode("audio", [(torch.from_numpy(wave)[None], 16000)])
+    last = audio_model.encode("audio", [(wave[:, None], 16000)])
+    torch.testing.assert_close(first, last)
+
+
+# ------------------------------------------------------------------------------------------------- manifests
+@pytest.mark.parametrize("fmt", ["tsv", "jsonl"])
+def test_a_byte_order_mark_is_not_part_of_the_first_field_or_row(tmp_path, fmt):
+    """Excel's "CSV UTF-8" starts the file with a BOM: the TSV header's first field was '\\ufeffid' (so no 'id'),
+    and a JSONL first row did not parse."""
+    from one_peace.data.manifest import iter_manifest
+    from one_peace.data.rows import ManifestRows
+
+    path = tmp_path / f"m.{fmt}"
+    if fmt == "tsv":
+        path.write_bytes(b"\xef\xbb\xbfid\ttext\nr0\ta red square\nr1\ta blue circle\n")
+    else:
+        path.write_bytes(b'\xef\xbb\xbf{"id": "r0", "text": "a red square"}\n{"id": "r1", "text": "a blue circle"}\n')
+    streamed = [row for _, row in iter_manifest(path)]
+    indexed = ManifestRows(path)
+    assert streamed == [indexed[i][1] for i in range(len(indexed))]
+    assert streamed == [{"id": "r0", "text": "a red square"}, {"id": "r1", "text": "a blue circle"}]
+
+
+# ---------------------------------------------------------------------------------------------- runs
+def test_a_resume_without_a_checkpoint_drops_the_dead_runs_metrics(tmp_path):
+    """A run killed before its first checkpoint left steps 1-3 in metrics.jsonl; the resumed run (from step 0)
+    logged them again: each step twice."""
+    from types import SimpleNamespace
+
+    from one_peace.train.checkpointing import resume_checkpoint
+
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3)))
+    trainer = SimpleNamespace(out=tmp_path, rank=0, world=1, step=0)
+    assert resume_checkpoint(trainer) is False
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
+
+
+def test_a_refused_second_run_leaves_the_live_runs_config_alone(tmp_path):
+    """Hydra wrote .hydra/config.yaml before the run found the folder locked: the live run's record was replaced."""
+    import subprocess
+    import sys
+
+    from one_peace.runner.outputs import lock_output_dir, record_config
+
+    out = tmp_path / "run"
+    live = lock_output_dir(out)  # a live run holds the folder
+    try:
+        record_config(out, {"seed": 1}, ["seed=1"])
+        before = (out / ".hydra" / "config.yaml").read_text()
+        got = subprocess.run(
+            [sys.executable, "-m", "one_peace.run", f"output_dir={out}", "seed=7"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        live.close()
+    assert got.returncode != 0 and f"output_dir={out} is in use by another run" in got.stderr, got.stderr[-2000:]
+    assert (out / ".hydra" / "config.yaml").read_text() == before == "seed: 1\n"
+
+
+def _run_cli(tmp_path: Path, *args: str) -> str:
+    import subprocess
+    import sys
+
+    got = subprocess.run(
+        [sys.executable, "-m", "one_peace.run", "recipe=vl_contrastive", f"output_dir={tmp_path / 'o'}", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert got.returncode != 0
+    return got.stderr.strip().splitlines()[-1]
+
+
+def test_run_level_mistakes_get_one_line_naming_the_key_before_any_work(tmp_path, tiny):
+    """A missing data.train read 'shard ... not found'; output_dir a file, a Hydra traceback; a prompts file that is
+    not JSON, a raw JSONDecodeError after training; data.image_size=50 with a checkpoint, refused after loading it."""
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "prompts.json").write_text("not json")
+    (tmp_path / "t.jsonl").write_text('{"id": "a", "text": "x"}\n')
+    cases = [
+        (
+            (f"data.train={tmp_path / 'nope.jsonl'}", f"data.valid={tmp_path / 't.jsonl'}"),
+            r"^error: data\.train=.*nope\.jsonl: not found",
+        ),
+        ((f"output_dir={tmp_path / 'afile' / 'run'}",), r"^error: output_dir=.*afile is a file, not a folder"),
+        (
+            ("eval.task=zero_shot", f"eval.prompts={tmp_path / 'prompts.json'}"),
+            r"^error: eval\.prompts: .*prompts\.json is not valid JSON",
+        ),
+        (
+            (f"model.pretrained={tiny['checkpoint']}", "data.image_size=50"),
+            r"^error: data\.image_size=50: .*multiple of 16",
+        ),
+        (("trainer.device=tpu",), r"^error: trainer\.device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    ]
+    import re
+
+    for args, message in cases:
+        line = _run_cli(tmp_path, *args)
+        assert re.search(message, line), (args, line)
+    assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+def test_embed_refuses_a_file_as_out_and_an_unknown_device_before_loading(tmp_path, tiny):
+    from one_peace import embed as embed_mod
+
+    (tmp_path / "afile").write_text("")
+    base = dict(
+        checkpoint=str(tiny["checkpoint"]), data=str(tiny["root"] / "m.jsonl"), modality="image", progress=False
+    )
+    with pytest.raises(ValueError, match=r"^out: .*afile is a file; embed writes a folder"):
+        embed_mod.embed(embed_mod.EmbedConfig(out=str(tmp_path / "afile"), **base))
+    with pytest.raises(ValueError, match=r"^device must be auto, cpu, cuda or cuda:N, got 'tpu'"):
+        embed_mod.embed(embed_mod.EmbedConfig(out=str(tmp_path / "e"), device="tpu", **base))
+
+
+# ------------------------------------------------------------------------------------------------- shard CLI
+def test_the_shard_cli_skips_a_malformed_line_and_names_a_media_field_it_does_not_store(tmp_path, capsys):
+    """A malformed line stopped the CLI with a partial .tar left behind; a media field named 'img' was stored as
+    its file name, so the shards held no images, without a word."""
+    from PIL import Image
+
+    from one_peace.data.shards import iter_rows, main
+
+    lines = []
+    for i in range(5):
+        Image.fromarray(np.full((8, 8, 3), i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        lines.append(json.dumps({"id": f"r{i}", "img": f"{i}.png", "text": "a square"}))
+    lines.insert(2, '{"id": "broken", "img": ')
+    (tmp_path / "m.jsonl").write_text("\n".join(lines) + "\n")
+    assert main([str(tmp_path / "m.jsonl"), str(tmp_path / "shards"), "--shard-size", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "field 'img' holds image file names ('0.png') but is stored as text" in printed
+    assert "--fields image=img" in printed and "skipped 1 line(s)" in printed and "m.jsonl:3" in printed
+    index = json.loads((tmp_path / "shards" / "shards.json").read_text())
+    assert index["counts"] == {"shard-000000.tar": 2, "shard-000001.tar": 2, "shard-000002.tar": 1}
+    assert index["skipped_count"] == 1
+    assert [row["id"] for _, row in iter_rows(tmp_path / "shards")] == [f"r{i}" for i in range(5)]
+    assert main([str(tmp_path / "m.jsonl"), str(tmp_path / "mapped"), "--fields", "image=img"]) == 0
+    assert "stored as text" not in capsys.readouterr().out
+    assert all(isinstance(row["img"], bytes) for _, row in iter_rows(tmp_path / "mapped"))
+
+
+def test_an_interrupted_shard_run_leaves_no_partial_tar(tmp_path, monkeypatch):
+    from one_peace.data import shards as shards_mod
+
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps({"id": f"r{i}", "text": "x"}) + "\n" for i in range(5)))
+    real, calls = shards_mod.json.dumps, []
+
+    def dumps(obj, *a, **kw):
+        calls.append(1)
+        if len(calls) == 4:  # the fourth sample's header: mid-way through the second shard
+            raise KeyboardInterrupt
+        return real(obj, *a, **kw)
+
+    monkeypatch.setattr(shards_mod.json, "dumps", dumps)
+    with pytest.raises(KeyboardInterrupt):
+        shards_mod.write_shards(tmp_path / "m.jsonl", tmp_path / "out", shard_size=2)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["shard-000000.tar"]  # complete, nothing partial

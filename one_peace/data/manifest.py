@@ -20,6 +20,10 @@ from one_peace.media import resolve_media as resolve_media  # on the ground floo
 logger = logging.getLogger(__name__)
 
 
+#: the UTF-8 byte-order mark spreadsheet programs (Excel's "CSV UTF-8") put before a file's first line
+BOM = b"\xef\xbb\xbf"
+
+
 class ManifestError(ValueError):
     """A manifest is malformed; the message names the file, the line and the field."""
 
@@ -107,7 +111,10 @@ class ManifestReader:
             if not raw:
                 self.close()
                 raise StopIteration
+            start = self.offset
             self.offset += len(raw)
+            if start == 0 and raw.startswith(BOM):
+                raw = raw[len(BOM) :]
             self.line_no += 1
             try:
                 line = raw.decode("utf-8")

@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from one_peace.data.manifest import ManifestError, manifest_format, parse_line
+from one_peace.data.manifest import BOM, ManifestError, manifest_format, parse_line
 
 Row = tuple[int, Mapping[str, Any]]
 
@@ -130,6 +130,8 @@ class ManifestRows(RowSource):
         with open(self.path, "rb") as fh:
             offset = 0
             for line_no, raw in enumerate(fh, start=1):
+                if offset == 0 and raw.startswith(BOM):  # a byte-order mark is not part of the first line
+                    offset, raw = len(BOM), raw[len(BOM) :]
                 if raw.strip():
                     if self.fmt == "tsv" and self.header is None:
                         self.header = raw.decode("utf-8", errors="replace").rstrip("\r\n").split("\t")

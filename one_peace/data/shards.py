@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import tarfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -76,17 +77,30 @@ def write_shards(
 
     Media are stored as members: the fields the field map ``fields`` (``modality -> field``) gives to a media
     modality (its plugin's ``media``), the fields named after a registered media modality, and any ``data:`` URI.
+    A field of another name whose values are media file names (``img: cat.jpg``) is stored as text and warned
+    about, with the ``--fields`` that would store the files. A line that does not parse is skipped, counted and
+    listed in ``shards.json`` (``skipped``); each shard is written under a temporary name and renamed when
+    complete, so an interrupted run leaves no partial ``.tar``.
+
+    Raises:
+        ManifestError: no line of the manifest could be read.
     """
     from tqdm import tqdm
 
+    from one_peace.data.manifest import ManifestReader
+
     manifest, out = Path(manifest), Path(out_dir)
+    if not manifest.is_file():
+        raise ManifestError(f"{manifest}: manifest not found")
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     counts: dict[str, int] = {}
+    skipped: list[str] = []
     tar: tarfile.TarFile | None = None
     in_shard = 0
-    media_fields = {m for m in list_modalities() if get_plugin(m).media}
-    media_fields |= {f for m, f in (fields or {}).items() if get_plugin(m).media}
+    media_modalities = [m for m in list_modalities() if get_plugin(m).media]
+    media_fields = set(media_modalities) | {f for m, f in (fields or {}).items() if get_plugin(m).media}
+    looks_like_media: dict[str, tuple[int, str, str]] = {}  # field -> (first line, value, modality)
 
     def add(name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
@@ -94,38 +108,86 @@ def write_shards(
         assert tar is not None
         tar.addfile(info, io.BytesIO(data))
 
-    for line_no, row in tqdm(iter_manifest(manifest), desc="sharding", unit="sample"):
-        if tar is None or in_shard >= shard_size:
-            if tar is not None:
-                tar.close()
-                counts[written[-1].name] = in_shard
-            written.append(out / f"{prefix}-{len(written):06d}.tar")
-            tar = tarfile.open(written[-1], "w")  # noqa: SIM115 - closed when the shard is full
-            in_shard = 0
-        key = re.sub(r"[^\w-]", "_", str(row.get("id", f"line{line_no}")))
-        meta = {
-            k: v for k, v in row.items() if not (k in media_fields or (isinstance(v, str) and v.startswith("data:")))
-        }
-        media = {k: v for k, v in row.items() if k not in meta}
-        files = [f"{k}" for k in media]
-        meta["__members__"] = files
-        add(f"{key}.json", json.dumps(meta).encode())
-        for k, v in media.items():
-            try:
-                value = resolve_media(v, manifest.parent)
-                data = Path(value).read_bytes() if isinstance(value, Path) else value
-            except (OSError, ValueError) as exc:
-                data = b""
-                print(f"warning: {manifest}:{line_no}: field {k!r}: {exc} (stored empty; counted as bad when read)")
-            if isinstance(data, list):
-                data = json.dumps([str(d) for d in data]).encode()
-            add(f"{key}.{k}.{_ext(v, k)}", data)
-        in_shard += 1
-    if tar is not None:
+    def finish() -> None:
+        assert tar is not None
         tar.close()
+        os.replace(_partial(written[-1]), written[-1])
         counts[written[-1].name] = in_shard
-    (out / INDEX).write_text(json.dumps({"counts": counts, "source": str(manifest)}, indent=2) + "\n")
+
+    reader = ManifestReader(manifest)
+    rows = tqdm(desc="sharding", unit="sample")
+    try:
+        while True:
+            try:
+                line_no, row = next(reader)
+            except StopIteration:
+                break
+            except ManifestError as exc:  # one bad line costs that line
+                skipped.append(str(exc))
+                continue
+            if tar is None or in_shard >= shard_size:
+                if tar is not None:
+                    finish()
+                written.append(out / f"{prefix}-{len(written):06d}.tar")
+                tar = tarfile.open(_partial(written[-1]), "w")  # noqa: SIM115 - closed when the shard is full
+                in_shard = 0
+            key = re.sub(r"[^\w-]", "_", str(row.get("id", f"line{line_no}")))
+            meta = {
+                k: v
+                for k, v in row.items()
+                if not (k in media_fields or (isinstance(v, str) and v.startswith("data:")))
+            }
+            for k, v in meta.items():
+                if k not in looks_like_media and isinstance(v, str) and "\n" not in v and len(v) < 4096:
+                    kind = next((m for m in media_modalities if get_plugin(m).media_types().accepts(v)), None)
+                    if kind is not None:
+                        looks_like_media[k] = (line_no, v, kind)
+            media = {k: v for k, v in row.items() if k not in meta}
+            meta["__members__"] = list(media)
+            add(f"{key}.json", json.dumps(meta).encode())
+            for k, v in media.items():
+                try:
+                    value = resolve_media(v, manifest.parent)
+                    data = Path(value).read_bytes() if isinstance(value, Path) else value
+                except (OSError, ValueError) as exc:
+                    data = b""
+                    print(f"warning: {manifest}:{line_no}: field {k!r}: {exc} (stored empty; counted as bad when read)")
+                if isinstance(data, list):
+                    data = json.dumps([str(d) for d in data]).encode()
+                add(f"{key}.{k}.{_ext(v, k)}", data)
+            in_shard += 1
+            rows.update()
+        if tar is not None:
+            finish()
+    except BaseException:
+        if tar is not None:
+            tar.close()
+            _partial(written[-1]).unlink(missing_ok=True)
+        raise
+    finally:
+        rows.close()
+        reader.close()
+    if not counts:
+        raise ManifestError(
+            f"{manifest}: no line could be read ({len(skipped)} skipped; first: {skipped[0] if skipped else 'empty'})"
+        )
+    for k, (line_no, value, kind) in looks_like_media.items():
+        print(
+            f"warning: {manifest}:{line_no}: field {k!r} holds {kind} file names ({value!r}) but is stored as text, "
+            f"not as the files: pass --fields {kind}={k} (fields={{'{kind}': '{k}'}}) to store them in the shards"
+        )
+    if skipped:
+        print(f"warning: {manifest}: skipped {len(skipped)} line(s) that do not parse (first: {skipped[0]})")
+    index = {"counts": counts, "source": str(manifest), "skipped": skipped[:100], "skipped_count": len(skipped)}
+    tmp = out / f".{INDEX}.tmp"
+    tmp.write_text(json.dumps(index, indent=2) + "\n")
+    os.replace(tmp, out / INDEX)
     return written
+
+
+def _partial(path: Path) -> Path:
+    """Where a shard is written until it is complete (``.shard-000000.tar.partial``: not a ``*.tar``)."""
+    return path.with_name(f".{path.name}.partial")
 
 
 def main(argv: list[str] | None = None) -> int:

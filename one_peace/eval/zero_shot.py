@@ -22,24 +22,37 @@ def load_classes(classes: str | Sequence[str]) -> list[str]:
         path = Path(classes)
         if not path.is_file():
             raise FileNotFoundError(f"classes: {classes} is neither a file nor a list")
-        text = path.read_text(encoding="utf-8")
         if path.suffix == ".json":
-            names = json.loads(text)
+            names = _json_file(path, "classes")
             if not isinstance(names, list):
                 raise ValueError(f"classes: {path} must hold a JSON list of class names")
             return [str(n) for n in names]
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"classes: {path} is not UTF-8 text ({exc})") from None
         return [line.strip() for line in text.splitlines() if line.strip()]
     return [str(c) for c in classes]
 
 
+def _json_file(path: Path, key: str) -> Any:
+    """The JSON document of ``path`` (the value of option ``key``), with errors naming both."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}: {path} is not a file")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{key}: {path} is not UTF-8 text ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{key}: {path} is not valid JSON: {exc}") from None
+
+
 def load_prompts(prompts: str | Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
     """``label -> [prompt, ...]`` from a dict or a JSON file."""
-    if isinstance(prompts, str):
-        data = json.loads(Path(prompts).read_text(encoding="utf-8"))
-    else:
-        data = prompts
+    where = f"prompts: {prompts}" if isinstance(prompts, str) else "prompts"
+    data = _json_file(Path(prompts), "prompts") if isinstance(prompts, str) else prompts
     if not isinstance(data, Mapping) or not all(isinstance(v, list) and v for v in data.values()):
-        raise ValueError("prompts: expected a mapping label -> non-empty list of prompts")
+        raise ValueError(f"{where}: expected a mapping label -> non-empty list of prompts")
     return {str(k): [str(p) for p in v] for k, v in data.items()}
 
 
@@ -75,6 +88,13 @@ class ZeroShotEvaluator:
     confusion_png: str | None = None
     name: str = "zero_shot"
     _class_names: list[str] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        """Read ``prompts`` and ``classes`` files now: a bad file is refused before a run trains, not after."""
+        if self.prompts is not None:
+            load_prompts(self.prompts)
+        if self.classes is not None:
+            load_classes(self.classes)
 
     def class_prompts(self, ctx: EvalContext) -> dict[str, list[str]]:
         """The prompts of every class, in class order."""

@@ -255,7 +255,7 @@ def build_model(cfg: DictConfig, modalities: list[str], tokenizer: Any) -> OnePe
     return model
 
 
-def _cli_overrides() -> list[str]:
+def cli_overrides() -> list[str]:
     """The command line's overrides when running under Hydra (empty otherwise)."""
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -291,7 +291,7 @@ def load_pretrained(cfg: DictConfig, modalities: list[str], say: Any = print) ->
     model = load(path, bpe_dir=cfg.model.get("bpe_dir"), **extra)
     if size is not None:
         say(f"model.pretrained: images run at {size} px as data.image_size asks (positions and tables resized)")
-    asked = [o.split("=")[0] for o in _cli_overrides()]
+    asked = [o.split("=")[0] for o in cli_overrides()]
     if any(k == "model" or k in {f"model.{d}" for d in (*MODEL_DIMS, "size")} for k in asked):
         theirs = {d: getattr(model.config, d) for d in MODEL_DIMS}
         ours = {d: int(cfg.model[d]) for d in MODEL_DIMS}
@@ -338,6 +338,11 @@ def trainer_config(cfg: DictConfig) -> Any:
 
 def check_config(cfg: DictConfig, modalities: list[str]) -> None:
     """Check the values before any work: model dimensions and plugin options, trainer and loader settings."""
+    if cfg.data.image_size is not None and "image" in modalities:
+        try:  # the image plugin's own bounds, named by the run's key (with model.pretrained it is applied later)
+            get_plugin("image").parse_options({"image_size": int(cfg.data.image_size)})
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"data.image_size={cfg.data.image_size}: {exc}") from None
     if not cfg.model.get("pretrained"):
         model_config(cfg, modalities, vocab_size=None)
     trainer_config(cfg)
@@ -348,3 +353,9 @@ def check_config(cfg: DictConfig, modalities: list[str]) -> None:
         require("fairseq2", "fairseq2", feature="data.backend=fairseq2")
     if (cfg.data.train is None) != (cfg.data.valid is None):
         raise ValueError("data.train and data.valid go together (neither = the demo data)")
+    for key in ("train", "valid"):
+        value = cfg.data[key]
+        if value is not None and not Path(str(value)).exists():
+            raise FileNotFoundError(
+                f"data.{key}={value}: not found (a manifest .jsonl/.tsv, a .tar shard or a folder of .tar shards)"
+            )

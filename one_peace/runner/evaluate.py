@@ -54,7 +54,14 @@ def evaluator_for(cfg: Any, spec: Any, needs: dict[str, Any]) -> Evaluator | Non
 def check_eval_section(cfg: Any, specs: dict[str, Any], needs: dict[str, Any]) -> None:
     """Build every task's evaluator once, so that a bad ``eval`` section fails before training."""
     for name, spec in specs.items():
-        evaluator_for(cfg, spec, needs[name])
+        try:
+            evaluator_for(cfg, spec, needs[name])
+        except (ValueError, FileNotFoundError) as exc:  # "prompts: FILE ..." -> "eval.prompts: FILE ..."
+            text = str(exc)
+            option = text.split(":", 1)[0]
+            if option.isidentifier() and option in (cfg.eval or {}):
+                raise type(exc)(f"eval.{text}") from None
+            raise
 
 
 def evaluate_all(

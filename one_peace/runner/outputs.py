@@ -63,3 +63,17 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, say: Any = prin
             os.replace(out / name, aside / name)
             moved.append(name)
     say(f"overwrite=true: moved the previous run ({', '.join(moved)}) to {aside}")
+
+
+def record_config(out: Path, cfg: Any, overrides: list[str]) -> None:
+    """Write the run's composed config and command-line overrides to ``.hydra/`` (``config.yaml``,
+    ``overrides.yaml``), atomically, once the run holds the folder: Hydra's own copy (``hydra.output_subdir``) was
+    written before the lock was taken, so a refused second run replaced the live run's record."""
+    from omegaconf import OmegaConf
+
+    folder = out / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in (("config.yaml", OmegaConf.to_yaml(cfg)), ("overrides.yaml", OmegaConf.to_yaml(overrides))):
+        tmp = folder / f".{name}.tmp"
+        tmp.write_text(content)
+        os.replace(tmp, folder / name)

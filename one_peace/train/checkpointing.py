@@ -212,6 +212,7 @@ def resume_checkpoint(self: Any) -> bool:
 
     When the newest one cannot be read (corrupt files), the previous complete one is used instead, and the
     fallback is printed (single process; under torchrun every rank must agree, so the error is raised instead).
+    Rows of ``metrics.jsonl`` after the step resumed from (step 0 when there is no checkpoint) are dropped.
     """
     found = complete_checkpoints(self.out)
     for i, ckpt in enumerate(found):
@@ -224,6 +225,7 @@ def resume_checkpoint(self: Any) -> bool:
             continue
         _trim_metrics(self)
         return True
+    _trim_metrics(self)  # a run that died before its first checkpoint: its rows will be logged again from step 0
     return False
 
 

@@ -24,8 +24,8 @@ import torch
 PRECISIONS = ("fp32", "bf16-autocast", "bf16", "fp16")
 
 
-def resolve_device(spec: str = "auto") -> torch.device:
-    """The training device of ``spec`` (see the module docstring).
+def resolve_device(spec: str = "auto", key: str = "trainer.device") -> torch.device:
+    """The device of ``spec`` (see the module docstring); ``key`` names the option in errors.
 
     Raises:
         ValueError: an unknown spec, or ``cuda`` asked for where there is none.
@@ -38,11 +38,11 @@ def resolve_device(spec: str = "auto") -> torch.device:
     try:
         device = torch.device(spec)
     except RuntimeError:
-        raise ValueError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {spec!r}") from None
+        raise ValueError(f"{key} must be auto, cpu, cuda or cuda:N, got {spec!r}") from None
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"trainer.device must be auto, cpu, cuda or cuda:N, got {spec!r}")
+        raise ValueError(f"{key} must be auto, cpu, cuda or cuda:N, got {spec!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"trainer.device={spec}: this machine has no CUDA device (use cpu or auto)")
+        raise ValueError(f"{key}={spec}: this machine has no CUDA device (use cpu or auto)")
     return device
 
 
