@@ -338,11 +338,13 @@ def trainer_config(cfg: DictConfig) -> Any:
 
 def check_config(cfg: DictConfig, modalities: list[str]) -> None:
     """Check the values before any work: model dimensions and plugin options, trainer and loader settings."""
-    if cfg.data.image_size is not None and "image" in modalities:
-        try:  # the image plugin's own bounds, named by the run's key (with model.pretrained it is applied later)
-            get_plugin("image").parse_options({"image_size": int(cfg.data.image_size)})
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"data.image_size={cfg.data.image_size}: {exc}") from None
+    for modality in modalities if cfg.data.image_size is not None else ():
+        plugin = get_plugin(modality)  # the plugins with an image_size option check it, named by the run's key
+        if "image_size" in {f.name for f in dataclasses.fields(plugin.Options)}:
+            try:  # (with model.pretrained it is applied after loading: checked here, before any work)
+                plugin.parse_options({"image_size": int(cfg.data.image_size)})
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"data.image_size={cfg.data.image_size}: {exc}") from None
     if not cfg.model.get("pretrained"):
         model_config(cfg, modalities, vocab_size=None)
     trainer_config(cfg)
