@@ -13,10 +13,12 @@ import asyncio
 import logging
 import mimetypes
 import queue
+import re
 import tarfile
 import threading
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,17 +31,25 @@ from one_peace.errors import DataError
 logger = logging.getLogger(__name__)
 
 
-class QueryError(ValueError):
-    """A request that cannot be answered; ``status`` is the HTTP status (4xx) and the message is shown to the user."""
+def _no_paths(exc: BaseException) -> str:
+    """An error message with any absolute file path replaced (answers never reveal the server's files)."""
+    return re.sub(r"(?<![\w.])/(?:[\w.@+-]+/)*[\w.@+-]+", "<path>", str(exc))
 
-    def __init__(self, message: str, status: int = 400) -> None:
+
+class QueryError(ValueError):
+    """A request that cannot be answered; ``status`` is the HTTP status (4xx, or 503 for a dropped query) and the
+    message is shown to the user; ``retry_after`` (seconds) becomes a ``Retry-After`` header."""
+
+    def __init__(self, message: str, status: int = 400, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 @dataclass
 class _Job:
-    index: Any
+    index: Any  # None: an embedding request (no search)
+    model: Any
     samples: dict[str, dict[str, Any]]  # modality -> preprocessed sample
     raw: dict[str, Any]
     top_k: int
@@ -47,7 +57,15 @@ class _Job:
     nprobe: int | None = None
     ef_search: int | None = None
     queued: float = field(default_factory=time.perf_counter)
+    deadline: float = float("inf")
     future: Future[dict[str, Any]] = field(default_factory=Future)
+
+
+@dataclass
+class _ModelIndex:
+    """What :meth:`SearchService.prepare` reads of an index (its model), for embedding requests without one."""
+
+    model: Any
 
 
 class SearchService:
@@ -60,6 +78,7 @@ class SearchService:
         bpe_dir: Official GPT-2 BPE files (official ``.pt`` checkpoints).
         device: Where the query models run.
         max_batch: Most queries embedded in one forward.
+        limits: The server's bounds (:class:`~one_peace.serve.limits.Limits`): queue length, deadlines, decode caps.
     """
 
     def __init__(
@@ -69,8 +88,12 @@ class SearchService:
         bpe_dir: str | None = None,
         device: str = "cpu",
         max_batch: int = 32,
+        limits: Any = None,
     ) -> None:
         from one_peace.retrieval import open_index
+        from one_peace.serve.limits import Limits
+
+        self.limits = limits or Limits()
 
         if not folders:
             raise ValueError("index=: give at least one embedding folder (index=DIR [index=DIR2 ...])")
@@ -86,10 +109,17 @@ class SearchService:
                 models[key] = index.model  # loaded here, once
             index.model = models[key]
             self.indexes[name] = index
+        self._models: dict[str, Any] = {}  # served model names (checkpoint folder names, then index names) -> model
+        for index in self.indexes.values():
+            self._models.setdefault(Path(str(index.checkpoint)).name, index.model)
+        for name, index in self.indexes.items():
+            self._models.setdefault(name, index.model)
         self._ids: dict[str, dict[str, int]] = {}
         self.max_batch = max_batch
-        self.batches: list[int] = []  # sizes of the forwards run (for tests and the health page)
+        self.batches: deque[int] = deque(maxlen=1024)  # sizes of the last forwards (for tests and the health page)
+        self.counts = {"embedded": 0, "abandoned": 0, "expired": 0, "refused_full": 0}
         self._queue: queue.Queue[_Job | None] = queue.Queue()
+        self._decodes = threading.BoundedSemaphore(self.limits.max_decodes)
         self._thread = threading.Thread(target=self._work, name="one-peace-query-worker", daemon=True)
         self._thread.start()
 
@@ -137,12 +167,24 @@ class SearchService:
         unknown = [m for m in query if m not in model.adapters]
         if unknown:
             raise QueryError(f"the model of this index has no {unknown} modality; it takes {list(model.adapters)}")
+        from one_peace.serve.limits import check_media
+
+        for m, raw in query.items():  # bytes only: a server never opens a path or fetches a URL a client sent
+            if model.plugins[m].media and not isinstance(raw, bytes):
+                raise QueryError(
+                    f"the {m} query must be an uploaded file (base64 in the JSON API), not text: a media field is "
+                    "never read as a path or a URL on the server",
+                    422,
+                )
+            if isinstance(raw, bytes):
+                check_media(m, raw, self.limits)  # pixels / duration from the headers, before any decoding
         samples = {}
-        for m, raw in query.items():
-            try:
-                samples[m] = preprocessor(model, m)(raw)
-            except DataError as exc:
-                raise QueryError(f"the {m} query cannot be used: {exc}", 422) from None
+        with self._decodes:  # a bounded number of uploads decoded at once
+            for m, raw in query.items():
+                try:
+                    samples[m] = preprocessor(model, m)(raw)
+                except DataError as exc:
+                    raise QueryError(f"the {m} query cannot be used: {_no_paths(exc)}", 422) from None
         return samples
 
     def submit(
@@ -154,9 +196,23 @@ class SearchService:
         fuse: str,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        model: Any = None,
     ) -> Future[dict[str, Any]]:
-        """Queue a prepared query for the worker; the future resolves to ``{"results", "timings"}``."""
-        job = _Job(index, samples, raw, top_k, fuse, nprobe, ef_search)
+        """Queue a prepared query for the worker; the future resolves to ``{"results", "timings"}``.
+
+        Raises:
+            QueryError: 429 (with ``Retry-After``) when ``limits.max_queue`` queries already wait.
+        """
+        if self._queue.qsize() >= self.limits.max_queue:
+            self.counts["refused_full"] += 1
+            raise QueryError(
+                f"the server is busy ({self._queue.qsize()} queries waiting, max_queue {self.limits.max_queue}); "
+                "try again shortly",
+                429,
+                retry_after=1,
+            )
+        job = _Job(index, index.model if index is not None else model, samples, raw, top_k, fuse, nprobe, ef_search)
+        job.deadline = job.queued + self.limits.request_timeout_s
         self._queue.put(job)
         return job.future
 
@@ -168,26 +224,64 @@ class SearchService:
         fuse: str = "joint",
         nprobe: int | None = None,
         ef_search: int | None = None,
+        disconnected: Callable[[], Awaitable[bool]] | None = None,
     ) -> dict[str, Any]:
         """Preprocess (in a thread), embed (on the worker, batched with concurrent queries) and search
-        (``nprobe`` / ``ef_search``: the index's search parameter for this query)."""
+        (``nprobe`` / ``ef_search``: the index's search parameter for this query). ``disconnected`` says whether
+        the client has gone: its query is then dropped before it is embedded."""
         t0 = time.perf_counter()
         name, index = self.get(name)
         samples = await asyncio.to_thread(self.prepare, index, dict(query))
         prepared = time.perf_counter()
-        out = await asyncio.wrap_future(self.submit(index, samples, dict(query), top_k, fuse, nprobe, ef_search))
+        future = self.submit(index, samples, dict(query), top_k, fuse, nprobe, ef_search)
+        out = await self.wait(future, disconnected)
         out["index"] = name
         out["modality"] = index.modality
         out["timings"]["preprocess_ms"] = round((prepared - t0) * 1000, 2)
         out["timings"]["total_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         return out
 
+    async def wait(
+        self, future: Future[dict[str, Any]], disconnected: Callable[[], Awaitable[bool]] | None = None
+    ) -> dict[str, Any]:
+        """The result of a submitted query; when ``disconnected()`` turns true first (checked every 50 ms) the query is
+        cancelled, so the worker drops it unembedded."""
+        wrapped = asyncio.wrap_future(future)
+        if disconnected is None:
+            return await wrapped
+        while True:
+            done, _ = await asyncio.wait({wrapped}, timeout=0.05)
+            if done:
+                return wrapped.result()
+            if await disconnected():
+                future.cancel()
+                raise QueryError("the client went away", 499)
+
+    def _take(self, job: _Job) -> bool:
+        """Whether ``job`` is still wanted: a cancelled one (its client went away) or one past its deadline is
+        dropped here, before it is embedded, and counted."""
+        if job.future.cancelled() or not job.future.set_running_or_notify_cancel():
+            self.counts["abandoned"] += 1
+            return False
+        if time.perf_counter() > job.deadline:
+            self.counts["expired"] += 1
+            job.future.set_exception(
+                QueryError(
+                    f"the query waited over {self.limits.request_timeout_s:g} s (request_timeout_s); the server is "
+                    "overloaded, try again",
+                    503,
+                    retry_after=2,
+                )
+            )
+            return False
+        return True
+
     def _work(self) -> None:
         while True:
             job = self._queue.get()
             if job is None:
                 return
-            jobs = [job]
+            jobs = [job] if self._take(job) else []
             time.sleep(0.002)  # let queries that arrive together share a forward
             while len(jobs) < self.max_batch:
                 try:
@@ -197,7 +291,10 @@ class SearchService:
                 if nxt is None:
                     self._queue.put(None)
                     break
-                jobs.append(nxt)
+                if self._take(nxt):
+                    jobs.append(nxt)
+            if not jobs:
+                continue
             try:
                 self._run(jobs)
             except Exception as exc:  # a bug: every waiting request gets it (as a 500), the worker lives on
@@ -216,19 +313,23 @@ class SearchService:
         groups: dict[tuple[int, str], list[int]] = {}
         for i, j in enumerate(jobs):
             if len(j.samples) == 1:
-                groups.setdefault((id(j.index.model), next(iter(j.samples))), []).append(i)
+                groups.setdefault((id(j.model), next(iter(j.samples))), []).append(i)
             else:  # a composed query: one fused forward of its own
                 vectors[i] = j.index.embed_query(j.raw, fuse=j.fuse)
         for (_, modality), members in groups.items():
-            model = jobs[members[0]].index.model
+            model = jobs[members[0]].model
             batch = model.plugins[modality].collate([jobs[i].samples[modality] for i in members])
             with _EvalMode(model), torch.inference_mode():
                 emb = forward_batch(model, modality, batch, normalize=True).float().cpu().numpy()
             for row, i in enumerate(members):
                 vectors[i] = emb[row : row + 1]
             self.batches.append(len(members))
+            self.counts["embedded"] += len(members)
         embedded = time.perf_counter()
         for i, j in enumerate(jobs):
+            if j.index is None:  # an embedding request
+                j.future.set_result({"vector": vectors[i][0]})
+                continue
             t = time.perf_counter()
             hits = j.index.search_vectors(vectors[i], top_k=j.top_k, nprobe=j.nprobe, ef_search=j.ef_search)[0]
             j.future.set_result(
@@ -242,6 +343,51 @@ class SearchService:
                     },
                 }
             )
+
+    def queued(self) -> int:
+        """Queries waiting for the worker."""
+        return self._queue.qsize()
+
+    def models(self) -> list[str]:
+        """The names ``/v1/embeddings`` takes as ``model``: each query model's checkpoint folder name, then each
+        index's name (the model that embeds its queries)."""
+        return list(self._models)
+
+    def model_named(self, name: Any) -> Any:
+        """The query model served as ``name``.
+
+        Raises:
+            QueryError: 404 naming the served models.
+        """
+        if not isinstance(name, str) or name not in self._models:
+            raise QueryError(f"model: {str(name)[:80]!r} is not served here; models: {self.models()}", 404)
+        return self._models[name]
+
+    async def embed(
+        self,
+        model: Any,
+        items: list[tuple[str, Any]],
+        disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> tuple[list[np.ndarray], int]:
+        """Normalised embeddings of ``(modality, raw)`` items (as ``model.encode`` gives them) and the number of text
+        tokens they held: each item is checked and preprocessed in a thread, then embedded on the worker, batched
+        with concurrent queries."""
+
+        def prepare_all() -> list[dict[str, Any]]:
+            out = []
+            for i, (modality, raw) in enumerate(items):
+                stub = _ModelIndex(model)
+                try:
+                    out.append(self.prepare(stub, {modality: raw})[modality])
+                except QueryError as exc:
+                    raise QueryError(f"input[{i}]: {exc}", exc.status) from None
+            return out
+
+        samples = await asyncio.to_thread(prepare_all)
+        futures = [self.submit(None, {m: s}, {m: raw}, 0, "joint", model=model) for (m, raw), s in zip(items, samples)]
+        vectors = [(await self.wait(f, disconnected))["vector"] for f in futures]
+        tokens = sum(int(s["tokens"].numel()) for s in samples if "tokens" in s and hasattr(s["tokens"], "numel"))
+        return vectors, tokens
 
     def close(self) -> None:
         """Stop the worker."""
