@@ -16,6 +16,7 @@ import asyncio
 import io
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,8 +58,10 @@ def _image_size(data: bytes) -> tuple[int, int] | None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:  # lazy: reads the header only
-            return int(img.width), int(img.height)
+        with warnings.catch_warnings():  # PIL warns past MAX_IMAGE_PIXELS at open: the cap below decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:  # lazy: reads the header only
+                return int(img.width), int(img.height)
     except Image.DecompressionBombError as exc:  # over PIL's own limit: the pixel count is in its message
         found = re.search(r"\((\d+) pixels\)", str(exc))
         return (int(found.group(1)), 1) if found else (2**31, 1)
