@@ -12,7 +12,6 @@ import socket
 import socketserver
 import threading
 import time
-from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
