@@ -226,6 +226,9 @@ class _Embedder:
                 self.truncated += any(s.get("truncated") for s in group)
                 fields = row_metadata(row, skip=(self.field,) if self.media else ())
                 meta[pos] = {**fields, "id": item_id, "row": pos, "source": src, "source_kind": kind}
+                located = (row.get("__members__") or {}).get(self.field)
+                if kind == "shard" and located:
+                    meta[pos]["source_member"] = ":".join(str(x) for x in located)
                 yield pos, group
 
         vectors, rows = [], []

@@ -178,8 +178,9 @@ class ManifestRows(RowSource):
         self._handles.close()
 
 
-#: a sample of a shard: key, header fields, members ``(field, offset, size)``, its own error, one-peace header or not
-_Sample = tuple[str, dict[str, Any], list[tuple[str, int, int]], str | None, bool]
+#: a sample of a shard: key, header fields, members ``(field, offset, size, extension)``, its own error, one-peace
+#: header or not
+_Sample = tuple[str, dict[str, Any], list[tuple[str, int, int, str]], str | None, bool]
 #: standard WebDataset extensions and the field they also fill (shards without a one-peace header)
 DEFAULT_EXTENSIONS = {
     "jpg": "image",
@@ -331,7 +332,7 @@ class ShardRows(RowSource):
                         flush()
                         current = start(key, header=False)
                     field = ext.split(".", 1)[0] if current["expected"] is not None else ext
-                    current["members"].append((field, member.offset_data, member.size))
+                    current["members"].append((field, member.offset_data, member.size, ext))
             flush()
             current = None
         except (tarfile.TarError, OSError, ValueError) as exc:
@@ -356,7 +357,9 @@ class ShardRows(RowSource):
         row: dict[str, Any] = {"__key__": key, "__shard__": path, **meta}
         try:
             fh = self._handles.get(path)
-            for fld, offset, size in members:
+            located: dict[str, list[Any]] = {}
+            for fld, offset, size, ext in members:
+                located[fld] = [offset, size, ext]
                 data = read_at(fh, offset, size)
                 if not ours and fld in self.text_extensions:
                     try:
@@ -372,6 +375,8 @@ class ShardRows(RowSource):
             for ext, alias in self.extensions.items():
                 if ext in row and alias not in row:
                     row[alias] = row[ext]
+                    located.setdefault(alias, located.get(ext, []))
+        row["__members__"] = located  # where each member's bytes are: served later without scanning the tar
         return index + 1, row
 
 

@@ -11,7 +11,8 @@ the metadata schema is fixed, and the model identity every reader checks.
     plugins           every modality of the model -> its plugin record
     preprocessing     {"options", "long_text", "description"}
     schema            metadata column -> arrow type (fixed by the first parts; a column whose type changes is text)
-    reserved          the columns embed computes (``id``, ``row``, ``source``, ``source_kind``)
+    reserved          the columns embed computes (``id``, ``row``, ``source``, ``source_kind``, ``source_member``:
+                      ``"<offset>:<size>:<extension>"`` of a shard item's member, read without scanning the tar)
     duplicate_ids     "error" (refused: ids name items) or "keep"
     sources           one record per embedded manifest / shard folder (absolute path, identity, parts, rows)
     part_size, count, bad, index
@@ -33,7 +34,7 @@ FORMAT_VERSION = 2
 #: formats this version reads (format 1 folders are read as they are: no schema, no plugin record)
 READABLE = (1, 2)
 #: metadata columns embed computes; a row field of one of these names is stored as ``field.<name>``
-RESERVED_COLUMNS = ("id", "row", "source", "source_kind")
+RESERVED_COLUMNS = ("id", "row", "source", "source_kind", "source_member")
 DUPLICATE_POLICIES = ("error", "keep")
 
 

@@ -416,7 +416,9 @@ class SearchService:
             if not path.is_file():
                 raise QueryError(f"the source of {item_id!r} is gone ({path.name})", 404)
             return path, mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        if kind == "shard" and source:
+        if kind == "shard" and source and meta.get("source_member"):
+            return _read_member(str(source).rpartition("#")[0], str(meta["source_member"]), item_id)
+        if kind == "shard" and source:  # a folder embedded before members were located: one scan of the shard
             shard, _, key = str(source).rpartition("#")
             prefix = f"{key}.{index.info.get('field', index.modality)}."
             try:
@@ -429,3 +431,31 @@ class SearchService:
                 raise QueryError(f"the shard member of {item_id!r} is gone", 404)
             return data, mimetypes.guess_type(member.name)[0] or "application/octet-stream"  # type: ignore[union-attr]
         raise QueryError(f"item {item_id!r} has no media to serve (its source is {kind or 'not recorded'})", 404)
+
+
+def _read_member(shard: str, located: str, item_id: str) -> tuple[bytes, str]:
+    """The bytes of a shard member at the ``"<offset>:<size>:<extension>"`` embed recorded (one read, no scan).
+
+    Raises:
+        QueryError: 404 when the record is malformed or the shard is not a regular file any more.
+    """
+    import os
+    import stat
+
+    try:
+        offset, size, ext = located.split(":", 2)
+        start, length = int(offset), int(size)
+    except ValueError:
+        raise QueryError(f"the shard member of {item_id!r} is not recorded readably", 404) from None
+    try:
+        fd = os.open(shard, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        raise QueryError(f"the shard of {item_id!r} is gone", 404) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or start < 0 or length < 0 or start + length > info.st_size:
+            raise QueryError(f"the shard member of {item_id!r} is gone", 404)
+        data = os.pread(fd, length, start)
+    finally:
+        os.close(fd)
+    return data, mimetypes.guess_type(f"x.{ext}")[0] or "application/octet-stream"
