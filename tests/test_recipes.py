@@ -534,8 +534,9 @@ def test_from_scratch_training_on_field_mapped_shards(tmp_path):
 def test_a_run_that_fails_releases_its_output_dir_lock(tmp_path):
     """The lock is released however run() ends, so a retry in the same process is not refused."""
     out = tmp_path / "run"
-    missing = [f"data.train={tmp_path / 'missing.jsonl'}", f"data.valid={tmp_path / 'x.jsonl'}"]
-    with pytest.raises(FileNotFoundError, match=r"missing\.jsonl not found") as err:  # fails after the lock
+    (tmp_path / "empty").mkdir()  # exists (the up-front checks pass), holds no shard: found after the lock
+    missing = [f"data.train={tmp_path / 'empty'}", f"data.valid={tmp_path / 'empty'}"]
+    with pytest.raises(FileNotFoundError, match=r"no \.tar shards found in .*empty") as err:  # fails after the lock
         run(_cfg("vl_contrastive", out, *missing))
     assert err.traceback  # the failed run's frames stay alive here, as in a debugger or a retry loop
     import fcntl
