@@ -77,7 +77,9 @@ def corpus(tmp_path_factory) -> dict:
     sounds = _embed(str(audio_ckpt), clips, "audio", root / "sounds")
     rows = [json.loads(x) for x in valid.read_text().splitlines()]
     clip_rows = [json.loads(x) for x in clips.read_text().splitlines()]
+    motions = _motion_index(root, tokenizer)
     return {
+        "motions": motions,
         "valid": valid,
         "rows": rows,
         "clips": clips,
@@ -86,6 +88,30 @@ def corpus(tmp_path_factory) -> dict:
         "sounds": sounds,
         "root": root,
     }
+
+
+def _motion_index(root: Path, tokenizer) -> Path | None:
+    """An index of the example motion plugin (a third-party modality: its uploads and previews come from its hooks),
+    or ``None`` without the plugin installed."""
+    import torch
+
+    import one_peace
+    from one_peace.registry import get_plugin
+
+    if "motion" not in one_peace.list_modalities():
+        return None
+    model = one_peace.build_model("tiny", layer_scale_init=0.0, modalities=("text", "motion"))
+    model.tokenizer = tokenizer
+    model.config.modality_options["text"] = {"vocab_size": tokenizer.vocab_size}
+    model = one_peace.build_model(model.config)
+    model.tokenizer = tokenizer
+    checkpoint = one_peace.save(model, root / "motion-model")
+    folder = root / "motion-data"
+    folder.mkdir()
+    names = get_plugin("motion").example_inputs(model.config, folder, 6, torch.Generator().manual_seed(0))
+    rows = [{"id": f"walk{i}", "motion": name} for i, name in enumerate(names)]
+    (folder / "motions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return _embed(str(checkpoint), folder / "motions.jsonl", "motion", root / "motions")
 
 
 def _clips(folder: Path, n: int) -> Path:
@@ -287,6 +313,7 @@ def server(corpus):
         "one_peace.serve",
         f"index={corpus['images']}",
         f"index={corpus['sounds']}",
+        *([f"index={corpus['motions']}"] if corpus["motions"] else []),
         f"port={port}",
     ]
     log = open(corpus["root"] / "server.log", "w")  # noqa: SIM115 - closed below
@@ -407,3 +434,17 @@ def test_the_page_in_headless_chromium(server, browser, corpus):
     assert error.is_displayed() and "image query cannot be used" in error.text, error.text
     d.save_screenshot(str(ARTIFACTS / "search-page-error.png"))
     assert not d.find_elements("css selector", "#results .card")  # the old results are gone, not mistaken for answers
+    if corpus["motions"] is None:
+        return
+    # a plugin's modality: its upload control (accept list from its media_types) and its hits' previews (its hook)
+    d.find_element("id", "clear").click()
+    Select(d.find_element("id", "index")).select_by_value("motions")
+    upload = d.find_element("id", "input-motion")
+    assert ".npy" in upload.get_attribute("accept") and not d.find_element("id", "drop").is_displayed()
+    upload.send_keys(str(corpus["root"] / "motion-data" / "motion_3.npy"))
+    _search(d, 3)  # the failed search before did not count
+    first = d.find_elements("css selector", "#results .card")[0]
+    assert first.get_attribute("data-id") == "walk3", d.find_element("id", "error").text
+    _wait(d, lambda x: first.find_elements("css selector", ".preview img"))
+    _wait(d, lambda x: first.find_element("css selector", ".preview img").get_attribute("naturalWidth") != "0")
+    d.save_screenshot(str(ARTIFACTS / "search-page-plugin.png"))

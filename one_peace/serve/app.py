@@ -1,5 +1,6 @@
 """The FastAPI app: the search page, ``POST /search``, ``POST /v1/embeddings`` (OpenAI's embeddings API),
-``GET /v1/models``, ``GET /items/{index}/{id}``, ``GET /indexes``, ``GET /health``.
+``GET /v1/models``, ``GET /items/{index}/{id}``, ``GET /previews/{index}/{id}`` (the plugin's preview of an item),
+``GET /indexes``, ``GET /health``.
 
 Needs the ``serve`` extra (imported by ``python -m one_peace.serve`` after checking for it). Every error answers
 ``{"error": "<what went wrong>"}`` with a 4xx status (a bug answers 500 with a one-line message; the traceback goes
@@ -213,6 +214,11 @@ def create_app(
             "model": model_name,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
+
+    @app.get("/previews/{index}/{item_id:path}")
+    async def preview(index: str, item_id: str) -> Response:
+        data, content_type = await asyncio.to_thread(service.preview, index, item_id)
+        return Response(data, media_type=content_type)
 
     @app.get("/items/{index}/{item_id:path}")
     async def item(index: str, item_id: str) -> Response:

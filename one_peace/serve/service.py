@@ -125,8 +125,9 @@ class SearchService:
 
     # ------------------------------------------------------------------------------------------- describing
     def describe(self) -> list[dict[str, Any]]:
-        """Every index: name, modality, size, the modalities its model can take as a query, and its tuned search
-        parameters (``{"nprobe": n}`` / ``{"efSearch": n}``; empty for exact search)."""
+        """Every index: name, modality, size, the modalities its model can take as a query (``inputs``: each with
+        ``media`` and the upload ``accept`` list from its plugin's ``media_types``), whether its plugin draws
+        previews, and its tuned search parameters (``{"nprobe": n}`` / ``{"efSearch": n}``; empty for exact)."""
         return [
             {
                 "name": name,
@@ -134,6 +135,8 @@ class SearchService:
                 "count": len(index),
                 "field": index.info.get("field", index.modality),
                 "query_modalities": list(index.model.adapters),
+                "inputs": [_input_of(m, index.model.plugins[m]) for m in index.model.adapters],
+                "preview": type(index.model.plugins[index.modality]).preview is not _base_preview(),
                 "search_params": index.search_params(),
             }
             for name, index in self.indexes.items()
@@ -395,6 +398,25 @@ class SearchService:
         self._thread.join(timeout=5)
 
     # ----------------------------------------------------------------------------------------------- media
+    def preview(self, name: str, item_id: str, max_size: int = 256) -> tuple[bytes, str]:
+        """A small rendering of item ``item_id`` by its plugin's ``preview`` hook (a PNG, a WAV clip, text) and its
+        content type: how the page shows a plugin modality's hits.
+
+        Raises:
+            QueryError: 404 for an unknown item, one without served media, or a plugin that draws no preview;
+                422 when the plugin cannot read the item.
+        """
+        name, index = self.get(name)
+        media, _ = self.media(name, item_id)
+        plugin = index.model.plugins[index.modality]
+        try:
+            shown = plugin.preview(media, index.model.config, max_size=max_size)
+        except (DataError, ValueError, OSError) as exc:
+            raise QueryError(f"no preview of {item_id!r}: {_no_paths(exc)}", 422) from None
+        if shown is None:
+            raise QueryError(f"the {index.modality} plugin draws no preview", 404)
+        return shown.data, shown.mime_type
+
     def media(self, name: str, item_id: str) -> tuple[Path | bytes, str]:
         """The media of item ``item_id`` of index ``name`` and its content type, from its recorded source only.
 
@@ -459,3 +481,14 @@ def _read_member(shard: str, located: str, item_id: str) -> tuple[bytes, str]:
     finally:
         os.close(fd)
     return data, mimetypes.guess_type(f"x.{ext}")[0] or "application/octet-stream"
+
+
+def _input_of(modality: str, plugin: Any) -> dict[str, Any]:
+    """How the page takes a query of ``modality``: text, or a file of the plugin's media types."""
+    return {"modality": modality, "media": bool(plugin.media), "accept": plugin.media_types().accept_attribute()}
+
+
+def _base_preview() -> Any:
+    from one_peace.registry import ModalityPlugin
+
+    return ModalityPlugin.preview

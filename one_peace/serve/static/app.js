@@ -28,9 +28,33 @@ async function loadIndexes() {
   describe();
 }
 
+const BESPOKE = { image: "drop", audio: "audio-box", video: "video-box" };  // built-in controls (drop zone, recorder)
+
+function pluginInputs(d) {
+  // a file input for every media modality of the model without a control of its own, from its plugin's media types
+  const box = $("plugin-inputs");
+  box.innerHTML = "";
+  for (const input of (d && d.inputs) || []) {
+    if (!input.media || input.modality in BESPOKE) continue;
+    const label = document.createElement("label");
+    label.textContent = `${input.modality} `;
+    const file = document.createElement("input");
+    file.type = "file";
+    file.id = `input-${input.modality}`;
+    file.name = input.modality;
+    file.dataset.modality = input.modality;
+    if (input.accept) file.accept = input.accept;
+    label.appendChild(file);
+    box.appendChild(label);
+  }
+  const takes = new Set(((d && d.inputs) || []).map((i) => i.modality));
+  for (const [modality, id] of Object.entries(BESPOKE)) $(id).hidden = !takes.has(modality);
+}
+
 function describe() {
   const d = currentIndex();
   if (d) $("index-info").textContent = `query by: ${d.query_modalities.join(", ")}`;
+  pluginInputs(d);
   const params = (d && d.search_params) || {};
   const name = "nprobe" in params ? "nprobe" : "efSearch" in params ? "efSearch" : null;
   $("probe-label").hidden = !name;
@@ -67,6 +91,10 @@ function card(hit, index) {
     media.controls = true;
     media.muted = true;
     media.src = url;
+  } else if (served && index.preview) {
+    media = document.createElement("div");  // the plugin's preview hook draws it (a PNG, a sound clip, text)
+    media.className = "preview";
+    showPreview(media, `/previews/${encodeURIComponent(index.name)}/${encodeURIComponent(hit.id)}`, hit.id);
   } else if (served) {
     media = document.createElement("a");
     media.href = url;
@@ -86,7 +114,8 @@ function card(hit, index) {
   }
   const dl = document.createElement("dl");
   for (const [k, v] of Object.entries(meta)) {
-    if (["id", "source", "source_kind", "row"].includes(k) || v === null || v === undefined) continue;
+    if (["id", "source", "source_kind", "source_member", "row"].includes(k) || v === null || v === undefined) continue;
+    if (k === "field.id" && String(v) === String(hit.id)) continue;  // the row's own id, already the card's title
     const dt = document.createElement("dt");
     dt.textContent = k;
     const dd = document.createElement("dd");
@@ -96,6 +125,26 @@ function card(hit, index) {
   el.appendChild(dl);
   el.dataset.id = hit.id;
   return el;
+}
+
+async function showPreview(box, url, id) {
+  try {
+    const res = await fetch(url);
+    if (!res.ok) throw new Error((await res.json()).error || res.status);
+    const type = res.headers.get("content-type") || "";
+    let el;
+    if (type.startsWith("text/")) {
+      el = document.createElement("pre");
+      el.textContent = await res.text();
+    } else {
+      el = document.createElement(type.startsWith("audio/") ? "audio" : type.startsWith("video/") ? "video" : "img");
+      el.src = URL.createObjectURL(await res.blob());
+      if (el.tagName === "IMG") el.alt = id; else el.controls = true;
+    }
+    box.appendChild(el);
+  } catch (err) {
+    box.textContent = `no preview: ${err.message || err}`;
+  }
 }
 
 async function search(event) {
@@ -113,10 +162,13 @@ async function search(event) {
   const text = $("text").value.trim();
   if (text) form.append("text", text);
   for (const m of ["image", "audio", "video"]) {
-    const f = $(m).files[0];
+    const f = $(BESPOKE[m]).hidden ? null : $(m).files[0];
     if (f) form.append(m, f, f.name);
   }
-  if (recorded && !$("audio").files[0]) form.append("audio", recorded, "recording.webm");
+  for (const el of document.querySelectorAll("#plugin-inputs input[type=file]")) {
+    if (el.files[0]) form.append(el.dataset.modality, el.files[0], el.files[0].name);
+  }
+  if (recorded && !$("audio-box").hidden && !$("audio").files[0]) form.append("audio", recorded, "recording.webm");
   $("status").textContent = "searching...";
   const started = performance.now();
   let res, body;
@@ -177,6 +229,7 @@ async function toggleRecording() {
 
 function clearQuery() {
   $("query").reset();
+  for (const el of document.querySelectorAll("#plugin-inputs input[type=file]")) el.value = "";
   recorded = null;
   $("drop-preview").hidden = true;
   $("drop-label").textContent = "drop an image here, or click to pick one";
