@@ -19,6 +19,7 @@ import hmac
 import logging
 from importlib.resources import files
 from typing import Any
+from urllib.parse import unquote
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -86,7 +87,8 @@ def create_app(
             if path in PUBLIC[:2] or path.startswith(PUBLIC[2]):
                 return await call_next(request)
             given = request.headers.get("authorization", "")
-            token = given[7:] if given.lower().startswith("bearer ") else request.cookies.get("one_peace_key", "")
+            cookie = unquote(request.cookies.get("one_peace_key", ""))  # the page sets it URI-encoded
+            token = given[7:] if given.lower().startswith("bearer ") else cookie
             if not hmac.compare_digest(token.encode(), api_key.encode()):
                 return error(401, "an API key is required: Authorization: Bearer <key>")
             return await call_next(request)

@@ -4,6 +4,19 @@ const $ = (id) => document.getElementById(id);
 let indexes = [];
 let recorded = null;  // a Blob recorded with the microphone (WebM/Opus where the browser records that)
 
+async function api(url, options) {
+  // a server bound beyond loopback asks for its API key (401): asked once, kept in a same-site cookie
+  let res = await fetch(url, options);
+  if (res.status === 401) {
+    const key = window.prompt("this server needs its API key");
+    if (key) {
+      document.cookie = `one_peace_key=${encodeURIComponent(key)}; path=/; SameSite=Strict`;
+      res = await fetch(url, options);
+    }
+  }
+  return res;
+}
+
 function showError(message) {
   const box = $("error");
   box.textContent = message;
@@ -15,7 +28,7 @@ function currentIndex() {
 }
 
 async function loadIndexes() {
-  const res = await fetch("/indexes");
+  const res = await api("/indexes");
   indexes = (await res.json()).indexes;
   const select = $("index");
   select.innerHTML = "";
@@ -129,7 +142,7 @@ function card(hit, index) {
 
 async function showPreview(box, url, id) {
   try {
-    const res = await fetch(url);
+    const res = await api(url);
     if (!res.ok) throw new Error((await res.json()).error || res.status);
     const type = res.headers.get("content-type") || "";
     let el;
@@ -173,7 +186,7 @@ async function search(event) {
   const started = performance.now();
   let res, body;
   try {
-    res = await fetch("/search", { method: "POST", body: form });
+    res = await api("/search", { method: "POST", body: form });
     body = await res.json();
   } catch (err) {
     $("status").textContent = "";
