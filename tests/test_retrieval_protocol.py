@@ -325,14 +325,25 @@ def test_row_fields_never_overwrite_what_embed_computed(tiny_checkpoint, tmp_pat
     ``id_field=``, and a ``source`` the page would serve."""
     from one_peace.retrieval import open_index
 
-    rows = [{"key": f"k{n}", "id": "x", "row": 99, "source": "/etc/passwd", "source_kind": "file"} for n in range(4)]
+    rows = [
+        {
+            "key": f"k{n}",
+            "id": "x",
+            "row": 99,
+            "source": "/etc/passwd",
+            "source_kind": "file",
+            "source_member": "0:9:png",
+        }
+        for n in range(4)
+    ]
     manifest = _images(tmp_path / "d", rows)
     info = _embed(tiny_checkpoint, manifest, tmp_path / "e", id_field="key")
-    assert info["format"] == 2 and info["reserved"] == ["id", "row", "source", "source_kind"]
+    assert info["format"] == 2 and info["reserved"] == ["id", "row", "source", "source_kind", "source_member"]
     index = open_index(tmp_path / "e")
     meta = index.store.metadata(2)
     assert meta["id"] == "k2" and meta["row"] == 2 and meta["source"] == str((tmp_path / "d" / "2.png").resolve())
     assert meta["field.source"] == "/etc/passwd" and meta["field.id"] == "x" and meta["source_kind"] == "file"
+    assert meta["field.source_member"] == "0:9:png" and meta.get("source_member") is None
     assert info["plugin"]["options"]["image_size"] == 32 and set(info["plugins"]) == {"text", "image"}
 
 
