@@ -323,7 +323,14 @@ def load(
     bpe_dir: str | Path | None = None,
     **kwargs: Any,
 ) -> OnePeaceModel:
-    """Load a checkpoint folder of ours or an official ONE-PEACE file (see :func:`load_official` for kwargs)."""
+    """Load a checkpoint folder of ours, an official ONE-PEACE file (see :func:`load_official` for kwargs), or an
+    official checkpoint by name (``"one-peace-4b"``: :mod:`one_peace.pretrained` downloads and converts it once;
+    ``sha256=`` pins its hash)."""
+    if isinstance(path, str) and not Path(path).exists():
+        from one_peace.pretrained import PRETRAINED, resolve
+
+        if path in PRETRAINED or ("/" not in path and os.sep not in path and not Path(path).suffix):  # a name
+            path = resolve(path, sha256=kwargs.pop("sha256", None), progress=kwargs.pop("progress", True))
     path = Path(path)
     if path.is_dir():
         allowed = {"official_padding"}
