@@ -1,5 +1,5 @@
 """Official ONE-PEACE checkpoints by name: ``one_peace.load("one-peace-4b")``; ``python -m one_peace.pretrained``
-lists them.
+lists them. Checkpoint folders on the Hugging Face Hub: ``one_peace.load("hf-hub:org/name[@revision]")``.
 
 A name downloads its official file (a progress bar; an interrupted download resumes with an HTTP range request) and
 the official GPT-2 BPE files into the cache (``$ONE_PEACE_CACHE``, default ``~/.cache/one-peace``), checks its
@@ -120,6 +120,36 @@ def resolve(name: str, sha256: str | None = None, progress: bool = True) -> Path
     _write_json(record, {"name": name, "url": url, "sha256": seen, "size": download.stat().st_size})
     download.unlink()
     return folder
+
+
+def resolve_hub(spec: str) -> Path:
+    """The local snapshot folder of ``hf-hub:org/name[@revision]`` (a checkpoint folder of ours on the Hugging Face
+    Hub), through ``huggingface_hub``'s cache (``HF_HUB_CACHE``); offline (``HF_HUB_OFFLINE`` /
+    ``ONE_PEACE_OFFLINE``) only the cache is read. The folder is then loaded through the checkpoint-folder reader
+    (which lets a snapshot's files link into the cache's ``blobs/``).
+
+    Raises:
+        PretrainedError: a malformed name, or a repository that is neither cached (offline) nor reachable.
+    """
+    repo, _, revision = spec.removeprefix("hf-hub:").partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise PretrainedError(f"{spec!r}: expected hf-hub:<org>/<name>[@<revision>]")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:  # pragma: no cover - tokenizers depends on it
+        raise PretrainedError("hf-hub: names need the huggingface_hub package (pip install huggingface_hub)") from None
+    try:
+        folder = snapshot_download(
+            repo_id=repo,
+            revision=revision or None,
+            cache_dir=os.environ.get("HF_HUB_CACHE") or None,
+            local_files_only=offline(),
+            allow_patterns=["*.json", "*.safetensors", "*.bpe", "*.txt", "README.md"],
+        )
+    except Exception as exc:  # huggingface_hub's offline, 404 and network errors: one line naming the repo
+        where = "in the cache (downloads are off)" if offline() else "on the Hub"
+        raise PretrainedError(f"{spec}: not found {where}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    return Path(folder)
 
 
 def fetch(url: str, dest: Path, progress: bool = True, desc: str | None = None, timeout: float = 60.0) -> str:

@@ -134,3 +134,38 @@ def test_the_names_are_listed(capsys, tmp_path, monkeypatch):
     assert main([]) == 0
     out = capsys.readouterr().out
     assert "one-peace-4b " in out and "not cached" in out and "audio-text retrieval" in out
+
+
+def test_an_hf_hub_name_loads_offline_from_a_hub_layout_cache(tmp_path, monkeypatch):
+    """``hf-hub:org/name`` through huggingface_hub's cache (snapshots linking into blobs/), without the network."""
+    pytest.importorskip("huggingface_hub")
+    from one_peace.adapters.text import TextTokenizer
+
+    from one_peace.pretrained import PretrainedError
+
+    tok = TextTokenizer.train(["a red square", "a blue circle"] * 4, vocab_size=280)
+    cfg = one_peace.model_config("tiny", ("text",), modality_options={"text": {"vocab_size": tok.vocab_size}})
+    model = one_peace.build_model(cfg).eval()
+    model.tokenizer = tok
+    saved = one_peace.save(model, tmp_path / "model")
+    repo = tmp_path / "hub" / "models--someone--tiny-one-peace"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for f in saved.iterdir():
+        blob = hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f, repo / "blobs" / blob)
+        (snapshot / f.name).symlink_to(Path("../../blobs") / blob)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("ONE_PEACE_OFFLINE", "1")
+    loaded = one_peace.load("hf-hub:someone/tiny-one-peace")
+    texts = ["a red square", "a blue circle"]
+    torch.testing.assert_close(loaded.encode("text", texts), model.encode("text", texts))
+    assert one_peace.load(f"hf-hub:someone/tiny-one-peace@{commit}").config == loaded.config
+    with pytest.raises(PretrainedError, match=r"hf-hub:someone/other: not found in the cache \(downloads are off\)"):
+        one_peace.load("hf-hub:someone/other")
+    with pytest.raises(PretrainedError, match=r"expected hf-hub:<org>/<name>"):
+        one_peace.load("hf-hub:no-org")

@@ -325,7 +325,11 @@ def load(
 ) -> OnePeaceModel:
     """Load a checkpoint folder of ours, an official ONE-PEACE file (see :func:`load_official` for kwargs), or an
     official checkpoint by name (``"one-peace-4b"``: :mod:`one_peace.pretrained` downloads and converts it once;
-    ``sha256=`` pins its hash)."""
+    ``sha256=`` pins its hash), or a folder of ours on the Hugging Face Hub (``"hf-hub:org/name[@revision]"``)."""
+    if isinstance(path, str) and path.startswith("hf-hub:"):
+        from one_peace.pretrained import resolve_hub
+
+        path = resolve_hub(path)
     if isinstance(path, str) and not Path(path).exists():
         from one_peace.pretrained import PRETRAINED, resolve
 
