@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from one_peace.config import ModelConfig
-from one_peace.errors import InvalidValue, OversizedMedia, UndecodableMedia
+from one_peace.errors import InvalidValue, OversizedMedia, UndecodableMedia, bomb_pixels
 from one_peace.media import MediaTypes, Preview
 from one_peace.models.adapter import Adapter, AdapterOutput, init_rel_table, require
 from one_peace.models.relpos import bucket_2d, bucket_2d_rows
@@ -146,8 +145,8 @@ def _too_large(name: str, exc: Exception) -> str:
     """The message for an image over PIL's pixel limit (its pixel count as PIL's header check read it)."""
     from PIL import Image
 
-    found = re.search(r"\((\d+) pixels\)", str(exc))
-    pixels = f" has {int(found.group(1)):,} pixels," if found else " is"
+    count = bomb_pixels(exc)
+    pixels = f" has {count:,} pixels," if count is not None else " is"
     limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
     return (
         f"image {name}{pixels} over PIL's decompression-bomb limit of {limit:,} pixels"

@@ -46,6 +46,14 @@ class OversizedMedia(DataError):
     reason = "too large"
 
 
+def bomb_pixels(exc: BaseException) -> int | None:
+    """The pixel count in PIL's ``DecompressionBombError`` message (``Image size (N pixels) exceeds ...``), if any."""
+    import re
+
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    return int(found.group(1)) if found else None
+
+
 class MissingField(DataError):
     """A manifest row without a field the recipe reads."""
 

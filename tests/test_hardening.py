@@ -18,18 +18,23 @@ import torch
 import one_peace
 
 
-def bomb_png(path: Path, side: int = 20_000) -> Path:
-    """A 70-byte PNG whose header claims ``side x side`` pixels: PIL refuses it as a decompression bomb at open."""
+def png_claiming(width: int, height: int) -> bytes:
+    """A 70-byte PNG whose header claims ``width x height`` pixels (nothing behind it is that large)."""
     from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", (1, 1)).save(buf, "PNG")
     raw = bytearray(buf.getvalue())
     header = bytearray(raw[16:29])
-    header[0:8] = struct.pack(">II", side, side)
+    header[0:8] = struct.pack(">II", width, height)
     raw[16:29] = header
     raw[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(header)))
-    path.write_bytes(bytes(raw))
+    return bytes(raw)
+
+
+def bomb_png(path: Path, side: int = 20_000) -> Path:
+    """A PNG claiming ``side x side`` pixels: PIL refuses it as a decompression bomb at open."""
+    path.write_bytes(png_claiming(side, side))
     return path
 
 

@@ -140,20 +140,9 @@ def test_undecodable_uploads_never_reveal_server_paths(client):
 
 # ------------------------------------------------------------------------------------ caps before decoding
 def _png_claiming(width: int, height: int) -> bytes:
-    """A few-byte PNG whose header claims ``width x height`` pixels."""
-    import struct
-    import zlib
+    from test_hardening import png_claiming
 
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", (1, 1)).save(buf, "PNG")
-    raw = bytearray(buf.getvalue())
-    header = bytearray(raw[16:29])
-    header[0:8] = struct.pack(">II", width, height)
-    raw[16:29] = header
-    raw[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + bytes(header)))
-    return bytes(raw)
+    return png_claiming(width, height)
 
 
 def _flac(seconds: int) -> bytes:

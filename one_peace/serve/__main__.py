@@ -9,9 +9,10 @@ to 127.0.0.1 unless ``host=`` says otherwise.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from one_peace.cli import parse
+from one_peace.serve.limits import Limits
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ServeConfig:
         request_timeout_s: A query not embedded within this is dropped (503).
         header_timeout_s: A connection must finish its request line and headers within this (else it is closed).
         body_timeout_s: A request body must keep arriving within this (408).
+        max_decodes: Uploads decoded at once (bounds the decoding memory).
         api_key_env: The environment variable holding the API key (required when ``host`` is not loopback).
         api_key_file: A file holding the API key (instead of the environment variable). The key is never a
             command-line value: command lines are visible to every user of the machine.
@@ -45,15 +47,16 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     device: str = "cpu"
-    max_upload_mb: float = 20.0
+    max_upload_mb: float = Limits.max_upload_mb
     max_top_k: int = 100
     max_batch: int = 32
-    max_image_pixels: int = 25_000_000
-    max_media_seconds: float = 120.0
-    max_queue: int = 64
-    request_timeout_s: float = 30.0
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
+    max_image_pixels: int = Limits.max_image_pixels
+    max_media_seconds: float = Limits.max_media_seconds
+    max_queue: int = Limits.max_queue
+    request_timeout_s: float = Limits.request_timeout_s
+    header_timeout_s: float = Limits.header_timeout_s
+    body_timeout_s: float = Limits.body_timeout_s
+    max_decodes: int = Limits.max_decodes
     api_key_env: str = "ONE_PEACE_API_KEY"
     api_key_file: str | None = None
 
@@ -108,21 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from one_peace.serve.app import create_app
-    from one_peace.serve.limits import Limits, header_timeout_protocol
+    from one_peace.serve.limits import header_timeout_protocol
     from one_peace.serve.service import SearchService
 
     cfg = parse(ServeConfig, _gather_indexes(list(sys.argv[1:] if argv is None else argv)), "python -m one_peace.serve")
     key = api_key(cfg)  # before anything loads: a non-loopback bind without a key never starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    limits = Limits(
-        max_upload_mb=cfg.max_upload_mb,
-        max_image_pixels=cfg.max_image_pixels,
-        max_media_seconds=cfg.max_media_seconds,
-        max_queue=cfg.max_queue,
-        request_timeout_s=cfg.request_timeout_s,
-        header_timeout_s=cfg.header_timeout_s,
-        body_timeout_s=cfg.body_timeout_s,
-    )
+    limits = Limits(**{f.name: getattr(cfg, f.name) for f in fields(Limits)})  # the config carries every bound
     service = SearchService(list(cfg.index), cfg.checkpoint, cfg.bpe_dir, cfg.device, cfg.max_batch, limits)
     for d in service.describe():
         print(f"index {d['name']}: {d['count']} {d['modality']} items; queries by {', '.join(d['query_modalities'])}")

@@ -121,30 +121,23 @@ def create_app(
         name = form.get("index")
         _, index = service.get(str(name) if name else None)
         query: dict[str, Any] = {}
+        unknown = []
         for key, value in form.multi_items():
             if key in ("index", "top_k", "fuse", "nprobe", "ef_search"):
                 continue
             if key not in index.model.adapters:
-                continue  # reported below with every unknown field
-            if isinstance(value, UploadFile):
+                unknown.append(key)
+            elif isinstance(value, UploadFile):
                 data = await value.read(limits.max_upload_bytes + 1)
                 if len(data) > limits.max_upload_bytes:
                     raise QueryError(f"the {key} upload is over the {limits.max_upload_mb:g} MB limit", 413)
                 if not data:
                     continue  # an empty file field: the page sends one when nothing was picked
                 query[key] = data
-            elif str(value).strip():
-                if index.model.plugins[key].media:
-                    raise QueryError(
-                        f"the {key} query must be an uploaded file, not text: a media field is never read as a path "
-                        "or a URL on the server",
-                        422,
-                    )
+            elif str(value).strip():  # text; text in a media field is refused by the service, before any work
                 if len(str(value)) > MAX_TEXT:
                     raise QueryError(f"the {key} query is longer than {MAX_TEXT} characters")
                 query[key] = str(value).strip()
-        unknown = [k for k, _ in form.multi_items() if k not in ("index", "top_k", "fuse", "nprobe", "ef_search")]
-        unknown = [k for k in unknown if k not in index.model.adapters]
         if unknown:
             raise QueryError(f"unknown query field(s) {unknown}; this index's model takes {list(index.model.adapters)}")
         try:

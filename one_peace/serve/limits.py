@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from one_peace.errors import bomb_pixels
 from one_peace.serve.service import QueryError
 
 
@@ -53,18 +53,20 @@ class Limits:
         return int(self.max_upload_mb * 1024 * 1024)
 
 
-def _image_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` from an image header (nothing decoded), or ``None`` for bytes PIL does not read."""
+def _image_size(data: bytes) -> tuple[int, str] | None:
+    """The pixel count from an image header (nothing decoded) and how to show it (``"W x H = N"``), or ``None`` for
+    bytes PIL does not read."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():  # PIL warns past MAX_IMAGE_PIXELS at open: the cap below decides
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:  # lazy: reads the header only
-                return int(img.width), int(img.height)
+                pixels = img.width * img.height
+                return pixels, f"{img.width} x {img.height} = {pixels:,}"
     except Image.DecompressionBombError as exc:  # over PIL's own limit: the pixel count is in its message
-        found = re.search(r"\((\d+) pixels\)", str(exc))
-        return (int(found.group(1)), 1) if found else (2**31, 1)
+        pixels = bomb_pixels(exc) or 2**31
+        return pixels, f"{pixels:,}"
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         return None
 
@@ -111,9 +113,8 @@ def check_media(name: str, data: bytes, limits: Limits) -> None:
     """
     size = _image_size(data)
     if size is not None:
-        pixels = size[0] * size[1]
+        pixels, shown = size
         if pixels > limits.max_image_pixels:
-            shown = f"{size[0]} x {size[1]} = {pixels:,}" if size[1] > 1 else f"{pixels:,}"
             raise QueryError(
                 f"the {name} upload is {shown} pixels; this server decodes at most {limits.max_image_pixels:,} "
                 "(max_image_pixels)",

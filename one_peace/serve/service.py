@@ -263,7 +263,7 @@ class SearchService:
     def _take(self, job: _Job) -> bool:
         """Whether ``job`` is still wanted: a cancelled one (its client went away) or one past its deadline is
         dropped here, before it is embedded, and counted."""
-        if job.future.cancelled() or not job.future.set_running_or_notify_cancel():
+        if not job.future.set_running_or_notify_cancel():  # cancelled: its client went away
             self.counts["abandoned"] += 1
             return False
         if time.perf_counter() > job.deadline:
@@ -377,9 +377,8 @@ class SearchService:
         with concurrent queries."""
 
         def prepare_all() -> list[dict[str, Any]]:
-            out = []
+            out, stub = [], _ModelIndex(model)
             for i, (modality, raw) in enumerate(items):
-                stub = _ModelIndex(model)
                 try:
                     out.append(self.prepare(stub, {modality: raw})[modality])
                 except QueryError as exc:
