@@ -9,7 +9,6 @@ into ``pretrain_decoder.safetensors``.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import tempfile
@@ -20,9 +19,7 @@ from pathlib import Path
 import torch
 
 from one_peace.checkpoint import (
-    INDEX,
     PRETRAIN,
-    WEIGHTS,
     _build_meta,
     _replace_dir,
     official_state_items,
@@ -31,6 +28,7 @@ from one_peace.checkpoint import (
 )
 from one_peace.checkpoint.official import IGNORED, is_ignored
 from one_peace.checkpoint.safe_pickle import CheckpointError
+from one_peace.checkpoint.writer import WeightWriter, parse_size
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -85,20 +83,8 @@ def convert(
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
     try:
         pretrain: dict[str, torch.Tensor] = {}
-        shard: dict[str, torch.Tensor] = {}
-        size = 0
-        weight_map: dict[str, str] = {}
+        writer = WeightWriter(tmp, shard_size)
         seen: set[str] = set()
-
-        def flush() -> None:
-            nonlocal shard, size
-            if shard:
-                name = f"shard-{len(report.shards):05d}.safetensors"
-                save_file(shard, str(tmp / name), metadata={"format": "pt"})
-                report.shards.append(name)
-                weight_map.update(dict.fromkeys(shard, name))
-                shard, size = {}, 0
-
         for name, tensor, key in official_state_items(state, config, extra, str(src), report.unknown, pretrain):
             if name not in expected:
                 raise CheckpointError(f"{src}: mapped key {name!r} is not a parameter of the inferred model")
@@ -106,18 +92,14 @@ def convert(
                 raise CheckpointError(
                     f"{src}: key {key!r} (ours: {name}) has shape {tuple(tensor.shape)}, expected {expected[name]}"
                 )
-            t = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-            shard[name] = t.contiguous()  # mmapped source: no copy until safetensors serialises the shard
-            size += t.numel() * t.element_size()
+            # mmapped source: no copy until safetensors serialises the shard
+            writer.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
             seen.add(name)
             report.tensors += 1
-            if size >= shard_size:
-                flush()
-        flush()
+        report.shards = writer.finish()
         report.missing = sorted(set(expected) - seen)
         if report.missing:
             raise CheckpointError(f"{src}: no source for model parameter(s) {report.missing[:10]}")
-        _name_shards(tmp, report, weight_map)
         if pretrain:
             save_file({k: v.contiguous() for k, v in pretrain.items()}, str(tmp / PRETRAIN))
             report.pretrain = sorted(pretrain)
@@ -129,28 +111,6 @@ def convert(
         raise
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _name_shards(folder: Path, report: ConversionReport, weight_map: dict[str, str]) -> None:
-    if len(report.shards) == 1:
-        (folder / report.shards[0]).rename(folder / WEIGHTS)
-        report.shards = [WEIGHTS]
-        return
-    n = len(report.shards)
-    renames = {old: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, old in enumerate(report.shards)}
-    for old, new in renames.items():
-        (folder / old).rename(folder / new)
-    report.shards = list(renames.values())
-    index = {"metadata": {}, "weight_map": {k: renames[v] for k, v in sorted(weight_map.items())}}
-    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _parse_size(text: str) -> int:
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().rstrip("b")
-    if t and t[-1] in units:
-        return int(float(t[:-1]) * units[t[-1]])
-    return int(t)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             args.src,
             args.dst,
             args.bpe_dir,
-            _parse_size(args.shard_size),
+            parse_size(args.shard_size),
             _DTYPES[args.dtype] if args.dtype else None,
             args.image_size,
         )

@@ -45,6 +45,7 @@ __all__ = [
     "official_state_items",
     "persistent_buffers",
     "save",
+    "write_st_files",
 ]
 
 PRETRAIN = "pretrain_decoder.safetensors"
@@ -92,8 +93,9 @@ def tokenizer_modality(config: ModelConfig) -> str:
     return next((m for m in config.modalities if get_plugin(m).needs_tokenizer), LANGUAGE)
 
 
-def write_config(folder: Path, config: ModelConfig, tokenizer: Any, **extra: Any) -> None:
-    """Write ``config.json`` (and the tokenizer files) into ``folder``."""
+def write_config(folder: Path, config: ModelConfig, tokenizer: Any, st_files: bool = True, **extra: Any) -> None:
+    """Write ``config.json`` (and the tokenizer files) into ``folder``, with the sentence-transformers files
+    (:func:`write_st_files`) unless ``st_files=False``."""
     entry = dict(tokenizer.save(folder)) if tokenizer is not None else None
     if entry is not None:  # which plugin reads it back
         entry.setdefault("modality", tokenizer_modality(config))
@@ -106,6 +108,34 @@ def write_config(folder: Path, config: ModelConfig, tokenizer: Any, **extra: Any
         **extra,
     }
     (folder / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
+    if st_files:
+        write_st_files(folder)
+
+
+#: the sentence-transformers pipeline of every folder: our module (:class:`one_peace.st.OnePeaceEncoder`, the whole
+#: model: no per-modality Router, which would hold a copy of the shared attention per route), then L2 normalisation
+ST_MODULES = [
+    {"idx": 0, "name": "0", "path": "", "type": "one_peace.st.OnePeaceEncoder"},
+    {"idx": 1, "name": "1", "path": "1_Normalize", "type": "sentence_transformers.base.modules.Normalize"},
+]
+
+
+def write_st_files(folder: Path) -> None:
+    """``modules.json`` and ``config_sentence_transformers.json``: ``SentenceTransformer(folder,
+    trust_remote_code=True)`` loads the folder through :mod:`one_peace.st` (the flag: the module is not part of
+    sentence-transformers). The config declares the one-peace version it needs."""
+    from one_peace import __version__
+
+    (folder / "modules.json").write_text(json.dumps(ST_MODULES, indent=2) + "\n")
+    config = {
+        "model_type": "SentenceTransformer",
+        "__version__": {"one_peace": __version__},
+        "requirements": {"one-peace": {"specifier": f">={__version__}", "reason": "the model's code (one_peace.st)"}},
+        "prompts": {},
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+    }
+    (folder / "config_sentence_transformers.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def plugin_records(config: ModelConfig) -> dict[str, dict[str, Any]]:

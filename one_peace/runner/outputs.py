@@ -65,15 +65,50 @@ def prepare_output_dir(out: Path, resume: bool, overwrite: bool, say: Any = prin
     say(f"overwrite=true: moved the previous run ({', '.join(moved)}) to {aside}")
 
 
+def code_versions() -> dict[str, str]:
+    """The versions a run records: one-peace (and its git commit, ``-dirty`` with uncommitted changes, when it runs
+    from a git checkout), torch and Python."""
+    import platform
+    import subprocess
+
+    import torch
+
+    import one_peace
+
+    found = {"one-peace": one_peace.__version__, "torch": str(torch.__version__), "python": platform.python_version()}
+    root = Path(one_peace.__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    # only a checkout that tracks this package: an install inside another project's work tree is not ours
+    if git("ls-files", "--error-unmatch", "one_peace/__init__.py") is not None:
+        commit = git("rev-parse", "HEAD")
+        if commit:
+            dirty = git("status", "--porcelain", "--untracked-files=no", "--", "one_peace", "adapters", "recipes")
+            found["git commit"] = commit + ("-dirty" if dirty else "")
+    return found
+
+
 def record_config(out: Path, cfg: Any, overrides: list[str]) -> None:
-    """Write the run's composed config and command-line overrides to ``.hydra/`` (``config.yaml``,
-    ``overrides.yaml``), atomically, once the run holds the folder: Hydra's own copy (``hydra.output_subdir``) was
-    written before the lock was taken, so a refused second run replaced the live run's record."""
+    """Write the run's composed config, command-line overrides and code versions to ``.hydra/`` (``config.yaml``,
+    ``overrides.yaml``, ``versions.yaml``: :func:`code_versions`), atomically, once the run holds the folder: Hydra's
+    own copy (``hydra.output_subdir``) was written before the lock was taken, so a refused second run replaced the
+    live run's record."""
     from omegaconf import OmegaConf
 
     folder = out / ".hydra"
     folder.mkdir(parents=True, exist_ok=True)
-    for name, content in (("config.yaml", OmegaConf.to_yaml(cfg)), ("overrides.yaml", OmegaConf.to_yaml(overrides))):
+    records = (
+        ("config.yaml", OmegaConf.to_yaml(cfg)),
+        ("overrides.yaml", OmegaConf.to_yaml(overrides)),
+        ("versions.yaml", OmegaConf.to_yaml(code_versions())),
+    )
+    for name, content in records:
         tmp = folder / f".{name}.tmp"
         tmp.write_text(content)
         os.replace(tmp, folder / name)
