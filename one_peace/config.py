@@ -28,7 +28,8 @@ class ModelConfig:
         official_padding: Reproduce the official code's padding leaks (audio positional convs see padded
             frames) for parity with official outputs; ``False`` makes every item independent of its batch.
         attn_backend: ``"sdpa"`` (default, any device), ``"flex"`` (FlexAttention: no dense bias; fast compiled on a
-            GPU) or ``"xformers"`` (CUDA only). A runtime choice: not written into checkpoints.
+            GPU), ``"xformers"`` (CUDA only) or ``"math"`` (plain matmuls: what exports trace). A runtime choice: not
+            written into checkpoints.
         name: Size name this config came from, for display.
     """
 
@@ -82,9 +83,10 @@ class ModelConfig:
             raise ValueError("model config field 'modalities' must name at least one modality")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"model config field 'drop_path_rate' must be in [0, 1), got {self.drop_path_rate}")
-        if self.attn_backend not in ("sdpa", "flex", "xformers"):
+        if self.attn_backend not in ("sdpa", "flex", "xformers", "math"):
             raise ValueError(
-                f"model config field 'attn_backend' must be 'sdpa', 'flex' or 'xformers', got {self.attn_backend!r}"
+                "model config field 'attn_backend' must be 'sdpa', 'flex', 'xformers' or 'math', got "
+                f"{self.attn_backend!r}"
             )
         if not isinstance(self.modality_options, dict) or not all(
             isinstance(o, dict) for o in self.modality_options.values()

@@ -30,6 +30,7 @@ import torch
 from one_peace.cli import parse
 from one_peace.data.shards import iter_rows
 from one_peace.errors import DataError, UndecodableMedia, bad_record
+from one_peace.models.precision import PRECISIONS
 from one_peace.registry import get_plugin
 from one_peace.retrieval.folder import prepare_folder, update_index
 from one_peace.retrieval.format import DUPLICATE_POLICIES, model_hash, row_metadata, schema_json
@@ -58,7 +59,9 @@ class EmbedConfig:
         batch_size: Items per forward.
         workers: Decoding threads (0: decode in the main thread).
         device: ``auto`` (``cuda:$LOCAL_RANK`` / ``cuda`` when present, else ``cpu``), or a device.
-        model_dtype: ``auto`` (float32 on CPU, bfloat16 on CUDA), ``float32``, ``bfloat16`` or ``float16``.
+        precision: ``auto`` (bf16 where a measured matmul peak says it is faster: CUDA, CPUs with AMX; else fp32),
+            ``fp32``, ``bf16``, ``fp16`` or ``int8`` (ONNX Runtime's int8 graph: the ``export`` extra). Recorded in the
+            folder: a resume or append must embed in the same precision.
         dtype: How vectors are stored: ``float16`` or ``float32``.
         index: ``auto``, ``flat``, ``hnsw``, ``ivf`` (IVF + SQ8), ``ivfpq`` or ``none``.
         index_memory: Memory budget of the index (``4GB``, ``512MB``...).
@@ -90,7 +93,7 @@ class EmbedConfig:
     batch_size: int = 64
     workers: int = 4
     device: str = "auto"
-    model_dtype: str = "auto"
+    precision: str = "auto"
     dtype: str = "float16"
     index: str = "auto"
     index_memory: str = "4GB"
@@ -110,7 +113,7 @@ def _check(cfg: EmbedConfig) -> None:
     for key, value, allowed in (
         ("mode", cfg.mode, MODES),
         ("dtype", cfg.dtype, ("float16", "float32")),
-        ("model_dtype", cfg.model_dtype, ("auto", "float32", "bfloat16", "float16")),
+        ("precision", cfg.precision, PRECISIONS),
         ("index", cfg.index, ("auto", "flat", "hnsw", "ivf", "ivfpq", "none")),
         ("long_text", cfg.long_text, ("truncate", "chunks")),
         ("duplicate_ids", cfg.duplicate_ids, DUPLICATE_POLICIES),
@@ -147,10 +150,16 @@ def _device(name: str) -> torch.device:
     return resolve_device(name, key="device")
 
 
-def _model_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+def _precision(name: str, device: torch.device) -> tuple[str, torch.dtype]:
+    """The resolved precision and the dtype the model is loaded in (int8 runs ONNX Runtime on fp32 weights)."""
+    from one_peace.models.precision import DTYPES, resolve_precision
+
+    resolved = resolve_precision(name, device)
+    if resolved == "int8":
+        from one_peace.extras import require
+
+        require("export", "onnxruntime", "onnx", "onnxscript", feature="precision=int8")
+    return resolved, DTYPES.get(resolved, torch.float32)
 
 
 def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int, ahead: int) -> Iterator[Any]:
@@ -184,10 +193,11 @@ def _source_of(value: Any, row: dict[str, Any], resolved: Any, media: bool) -> t
 class _Embedder:
     """One embed job on one rank (see :func:`embed`)."""
 
-    def __init__(self, cfg: EmbedConfig, model: Any, rank: int, world: int, model_id: str) -> None:
+    def __init__(self, cfg: EmbedConfig, model: Any, rank: int, world: int, model_id: str, precision: str) -> None:
         from one_peace.models.encoding import chunker, preprocessor
 
         self.cfg, self.model, self.rank, self.world, self.model_id = cfg, model, rank, world, model_id
+        self.precision = precision  # resolved; the model was loaded in its dtype (fp32 for int8)
         self.field = cfg.field or cfg.modality
         self.plugin = get_plugin(cfg.modality)
         self.media = self.plugin.media
@@ -232,8 +242,9 @@ class _Embedder:
                 yield pos, group
 
         vectors, rows = [], []
+        int8 = "int8" if self.precision == "int8" else None  # otherwise the model is already in its dtype
         for pos, emb in embed_samples(
-            self.model, self.cfg.modality, samples(), self.cfg.batch_size, compile=self.cfg.compile
+            self.model, self.cfg.modality, samples(), self.cfg.batch_size, compile=self.cfg.compile, precision=int8
         ):
             vectors.append(emb.float().cpu().numpy())
             rows.append(meta.pop(pos))
@@ -268,23 +279,22 @@ def embed(cfg: EmbedConfig, model: Any = None) -> dict[str, Any]:
         if not dist.is_initialized():
             dist.init_process_group("gloo")  # only barriers cross ranks: files carry the work
     device = _device(cfg.device)
+    precision, dtype = _precision(cfg.precision, device)
     if model is None:
-        model = one_peace.load(
-            cfg.checkpoint, bpe_dir=cfg.bpe_dir, device=device, dtype=_model_dtype(cfg.model_dtype, device)
-        )
+        model = one_peace.load(cfg.checkpoint, bpe_dir=cfg.bpe_dir, device=device, dtype=dtype)
     model.eval()
     if cfg.modality not in model.adapters:
         raise ValueError(f"modality: {cfg.modality!r} is not in the model (it has {list(model.adapters)})")
     digest = model_hash(model)
     store = EmbeddingStore(cfg.out)
     if rank == 0:
-        info = prepare_folder(cfg, store, model, digest)
+        info = prepare_folder(cfg, store, model, digest, precision)
         store.save_info(info)
     _barrier(world)
     info = store.info()
     key = str(Path(cfg.data).resolve())
     source_no, source = next((i, s) for i, s in enumerate(info["sources"]) if s["data"] == key)
-    job = _Embedder(cfg, model, rank, world, digest)
+    job = _Embedder(cfg, model, rank, world, digest, precision)
     done = store.finished_parts()
     t0 = time.perf_counter()
     rows = _run_parts(cfg, job, source, source_no, done)

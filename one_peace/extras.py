@@ -20,6 +20,12 @@ EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
     "video": (("av", "video decoding (PyAV)"),),
     "serve": (("fastapi", "the search page"), ("uvicorn", "its server"), ("multipart", "uploads (python-multipart)")),
     "gpu": (("xformers", "the xformers attention backend"),),
+    "st": (("sentence_transformers", "SentenceTransformer(folder, trust_remote_code=True)"),),
+    "export": (
+        ("onnxruntime", "running exported graphs and int8"),
+        ("onnx", "ONNX graphs"),
+        ("onnxscript", "ONNX export"),
+    ),
 }
 
 

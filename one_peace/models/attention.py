@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("sdpa", "flex", "xformers")
+BACKENDS = ("sdpa", "flex", "xformers", "math")
 #: Device types autocast knows (``torch.is_autocast_enabled`` raises for others, e.g. ``meta``).
 _AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "hpu", "mps", "xla", "mtia")
 
@@ -78,7 +78,8 @@ def attention(
     ``bias`` is additive (relative positions, ``-inf`` on masked keys) and broadcastable to
     ``(B, H, S, S)``, or a :class:`FlexBias` (then FlexAttention runs, whatever ``backend`` says).
     ``backend="xformers"`` uses ``xformers.ops.memory_efficient_attention`` for CUDA tensors (imported lazily; it
-    has no CPU kernels) and falls back to SDPA elsewhere.
+    has no CPU kernels) and falls back to SDPA elsewhere. ``backend="math"`` spells the formula out in matmuls and a
+    softmax: the form :mod:`one_peace.export` traces (SDPA's decomposition for ONNX breaks a later ``view``).
     """
     if isinstance(bias, FlexBias):
         return _flex_attention(q, k, v, bias)
@@ -86,6 +87,9 @@ def attention(
         bias = bias.to(q.dtype)
     if backend == "xformers" and q.is_cuda:
         return _xformers_attention(q, k, v, bias)
+    if backend == "math":  # plain matmuls and softmax: what exported graphs hold (ONNX Runtime fuses them again)
+        scores = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+        return torch.matmul(torch.softmax(scores + bias if bias is not None else scores, dim=-1), v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 

@@ -275,7 +275,7 @@ class OnePeaceModel(nn.Module):
         names = list(inputs)
         outs = [self.adapters[m](inputs[m], keep_ids.get(m)) for m in names]
         sizes = {m: o.tokens.shape[0] for m, o in zip(names, outs)}
-        if len(set(sizes.values())) > 1:
+        if any(n != sizes[names[0]] for n in sizes.values()):  # (not a set: sizes may be symbolic when traced)
             raise ValueError(f"fused modalities must have the same batch size, got {sizes}")
         x = torch.cat([o.tokens for o in outs], dim=1) if len(outs) > 1 else outs[0].tokens
         masks = [o.padding_mask for o in outs]
@@ -335,16 +335,18 @@ class OnePeaceModel(nn.Module):
         progress: bool = False,
         long_text: str = "truncate",
         compile: bool = False,
+        precision: str | None = None,
     ) -> Any:
         """``(N, D)`` embeddings of one modality in input order, L2-normalised unless ``normalize=False``.
 
         ``items``: raw inputs (paths, bytes, PIL images, arrays, ``(waveform, rate)`` pairs, videos...) batched by
-        length under inference mode, or a ready batch dict (one plain forward). Every option is described in
+        length under inference mode, or a ready batch dict (one plain forward). ``precision``: ``"fp32"``,
+        ``"bf16"``, ``"fp16"``, ``"int8"`` (ONNX Runtime) or ``"auto"``. Every option is described in
         :func:`one_peace.models.encoding.encode`.
         """
         from one_peace.models.encoding import encode
 
-        return encode(self, modality, items, batch_size, normalize, output, progress, long_text, compile)
+        return encode(self, modality, items, batch_size, normalize, output, progress, long_text, compile, precision)
 
     def encode_multimodal(
         self,

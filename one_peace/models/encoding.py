@@ -109,12 +109,26 @@ def compiled_forward(model: OnePeaceModel) -> Callable[..., Any]:
 
 
 def forward_batch(
-    model: OnePeaceModel, modality: str, batch: Mapping[str, Any], normalize: bool, compiled: bool = False
+    model: OnePeaceModel,
+    modality: str,
+    batch: Mapping[str, Any],
+    normalize: bool,
+    compiled: bool = False,
+    precision: str | None = None,
 ) -> torch.Tensor:
-    """Embeddings of one ready batch (no mode or grad changes); ``compiled``: through :func:`compiled_forward`."""
-    forward = compiled_forward(model) if compiled else model.forward_features
-    out = forward({modality: to_device(model, batch)})
-    return project(model, modality, out.hidden[modality], normalize)
+    """Embeddings of one ready batch (no mode or grad changes); ``compiled``: through :func:`compiled_forward`;
+    ``precision`` (resolved: not ``auto``): the model in that precision (:mod:`one_peace.models.precision`), in the
+    model's dtype when ``None``."""
+    from one_peace.models.precision import int8_runner, model_in
+
+    if precision == "int8":
+        if not normalize:
+            raise ValueError("precision='int8' gives L2-normalised embeddings only (normalize=True)")
+        return int8_runner(model, modality)(dict(batch)).to(next(model.parameters()).device)
+    runner = model_in(model, precision) if precision is not None else model
+    forward = compiled_forward(runner) if compiled else runner.forward_features
+    out = forward({modality: to_device(runner, batch)})
+    return project(runner, modality, out.hidden[modality], normalize)
 
 
 class _EvalMode:
@@ -141,14 +155,20 @@ def embed_samples(
     batch_size: int = 64,
     normalize: bool = True,
     compile: bool = False,
+    precision: str | None = None,
 ) -> Iterator[tuple[Any, torch.Tensor]]:
     """Stream ``(key, embedding)`` for ``(key, [sample, ...])`` pairs, batching by length inside windows.
 
     Each key carries one or more preprocessed samples (several: the chunks of a long text); its embedding is the
     L2-normalised mean of its samples' normalised embeddings (one sample: its embedding). Keys come out in the
     order they went in. Runs under inference mode and eval mode; ``compile`` runs the compiled forward
-    (:func:`compiled_forward`).
+    (:func:`compiled_forward`); ``precision``: see :func:`forward_batch` (``auto`` is resolved here).
     """
+    if precision is not None:
+        from one_peace.models.precision import resolve_precision
+
+        precision = resolve_precision(precision, next(model.parameters()).device)
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     plugin = model.plugins[modality]
@@ -160,7 +180,10 @@ def embed_samples(
         parts: list[list[torch.Tensor]] = [[] for _ in pending]
         for start in range(0, len(order), batch_size):
             chosen = order[start : start + batch_size]
-            emb = forward_batch(model, modality, plugin.collate([flat[j][1] for j in chosen]), normalize, compile)
+            batch = plugin.collate([flat[j][1] for j in chosen])
+            emb = forward_batch(model, modality, batch, normalize, compile, precision)
+            if precision is not None:  # another precision's vectors, in the model's dtype as without one
+                emb = emb.to(dtype)
             for row, j in enumerate(chosen):
                 parts[flat[j][0]].append(emb[row])
         for (key, _), got in zip(pending, parts):
@@ -191,6 +214,7 @@ def encode(
     progress: bool = False,
     long_text: str = "truncate",
     compile: bool = False,
+    precision: str | None = None,
 ) -> Any:
     """``(N, D)`` embeddings of one modality, in input order, L2-normalised unless ``normalize=False``.
 
@@ -208,6 +232,9 @@ def encode(
             call) or ``"chunks"``: the normalised mean of the embeddings of consecutive limit-sized chunks.
         compile: Run the forward through ``torch.compile`` (compiled once per model, see
             :func:`compiled_forward`): faster per item after a one-time compilation.
+        precision: ``None`` (the model's own dtype), ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8"`` (ONNX Runtime's
+            int8 graph of this modality: the ``export`` extra) or ``"auto"`` (bf16 where measured faster, else
+            fp32); see :mod:`one_peace.models.precision`. Vectors come back in the model's dtype.
 
     Raw items run under ``torch.inference_mode()`` in eval mode (the training flag is restored afterwards); a
     ready batch dict is one plain forward in the caller's mode, with gradients when enabled (as before).
@@ -219,6 +246,8 @@ def encode(
     if long_text not in LONG_TEXT_MODES:
         raise ValueError(f"long_text must be one of {LONG_TEXT_MODES}, got {long_text!r}")
     if isinstance(items, Mapping):  # a ready batch: one forward as before (caller's mode and grad: trainable)
+        if precision is not None:
+            raise ValueError("precision= applies to raw items; a ready batch runs in the model's own precision")
         emb = forward_batch(model, modality, items, normalize, compile)
         return emb.float().cpu().numpy() if output == "numpy" else emb
     items = as_item_list(items)
@@ -243,7 +272,7 @@ def encode(
         from tqdm import tqdm
 
         stream = tqdm(stream, total=len(items), desc=f"encode {modality}", unit="item")
-    rows = [emb for _, emb in embed_samples(model, modality, stream, batch_size, normalize, compile)]
+    rows = [emb for _, emb in embed_samples(model, modality, stream, batch_size, normalize, compile, precision)]
     if truncated:
         limit = getattr(model.tokenizer, "max_tokens", None)
         warnings.warn(

@@ -3,9 +3,10 @@
 Index matrices address rows of a per-modality relative-position table of shape ``(rows, heads)``.
 Position 0 of every block is CLS, which has three extra table rows (query CLS, key CLS, CLS-CLS).
 
-The caches are keyed by (shape, device): an index is computed once on the CPU, copied to each device it is asked
-for once, and every caller gets its own copy (``clone``), never the cached tensor, so nothing a caller does to it
-can change what the next caller gets. Every tensor is created with an explicit device.
+A traced graph with symbolic sizes (``torch.export`` / ONNX export with dynamic lengths) computes the index in the
+graph instead. The caches are keyed by (shape, device): an index is computed once on the CPU, copied to each device
+it is asked for once, and every caller gets its own copy (``clone``), never the cached tensor, so nothing a caller
+does to it can change what the next caller gets. Every tensor is created with an explicit device.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def _on_device(kind: str, args: tuple[int, ...], device: torch.device) -> torch.
 
 
 def _get(kind: str, args: tuple[int, ...], device: torch.device | str | None) -> torch.Tensor:
+    if any(isinstance(a, torch.SymInt) for a in args):  # traced with symbolic sizes (export): computed in the graph
+        build = _bucket_1d.__wrapped__ if kind == "1d" else _bucket_2d.__wrapped__
+        return build(*args).to(torch.device(device if device is not None else "cpu"))
     with torch.inference_mode(False):  # a cache filled under encode()'s inference mode must serve training too
         return _on_device(kind, args, torch.device(device if device is not None else "cpu")).clone()
 

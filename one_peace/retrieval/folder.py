@@ -16,8 +16,11 @@ from one_peace.retrieval.store import EmbeddingStore
 __all__ = ["model_hash", "prepare_folder", "update_index"]
 
 
-def prepare_folder(cfg: Any, store: EmbeddingStore, model: Any, digest: str) -> dict[str, Any]:
-    """Create or check ``info.json`` for ``cfg.mode`` (``cfg``: an :class:`one_peace.embed.EmbedConfig`).
+def prepare_folder(
+    cfg: Any, store: EmbeddingStore, model: Any, digest: str, precision: str | None = None
+) -> dict[str, Any]:
+    """Create or check ``info.json`` for ``cfg.mode`` (``cfg``: an :class:`one_peace.embed.EmbedConfig`;
+    ``precision``: the resolved precision the vectors are computed in, recorded and checked on resume/append).
 
     Returns the info with this run's source recorded.
     """
@@ -39,6 +42,7 @@ def prepare_folder(cfg: Any, store: EmbeddingStore, model: Any, digest: str) -> 
                 "bpe_dir": str(Path(cfg.bpe_dir).resolve()) if cfg.bpe_dir else None,
                 "hash": digest,
                 "size": {"embed_dim": model.config.embed_dim, "layers": model.config.layers},
+                "precision": precision,
             },
             "modality": cfg.modality,
             "field": cfg.field or cfg.modality,
@@ -69,6 +73,12 @@ def prepare_folder(cfg: Any, store: EmbeddingStore, model: Any, digest: str) -> 
                 f"mode={cfg.mode}: {cfg.out} was embedded with another model (hash {recorded}, checkpoint "
                 f"{info.get('model', {}).get('checkpoint')}); this checkpoint hashes {digest}. Vectors of two models "
                 "do not mix: embed into a new folder"
+            )
+        had = info.get("model", {}).get("precision")
+        if had is not None and precision is not None and had != precision:
+            raise ValueError(
+                f"mode={cfg.mode}: {cfg.out} was embedded in precision {had}, this run would embed in {precision} "
+                f"(precision={cfg.precision}); vectors of two precisions do not mix: pass precision={had}"
             )
         info["duplicate_ids"] = cfg.duplicate_ids  # the policy of the latest run (resume may accept duplicates)
         for k in ("modality", "id_field"):
