@@ -101,11 +101,12 @@ class LogMelFrontEnd(nn.Module):
         return self._consts[key]
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
-        """``(B, N)`` waveform -> ``(B, T, D)`` frame features."""
-        window, filters = self._window_and_filters(wave)
-        spec = torch.stft(wave, 400, 160, window=window, center=False, return_complex=True).abs().pow(2)
+        """``(B, N)`` waveform -> ``(B, T, D)`` frame features (the spectrum in float32 whatever the model's dtype:
+        the FFT has no bf16/fp16 kernels on CPUs, and the log of small powers needs the range)."""
+        window, filters = self._window_and_filters(wave.float())
+        spec = torch.stft(wave.float(), 400, 160, window=window, center=False, return_complex=True).abs().pow(2)
         logmel = torch.log(torch.einsum("bft,fm->bmt", spec, filters) + 1e-6)
-        x = F.gelu(self.conv(logmel))
+        x = F.gelu(self.conv(logmel.to(wave.dtype)))
         return self.proj(self.out_norm(x.transpose(1, 2)))
 
 

@@ -301,7 +301,7 @@ def embed(cfg: EmbedConfig, model: Any = None) -> dict[str, Any]:
     _barrier(world)
     result: dict[str, Any] = {}
     if rank == 0:
-        queries = query_vectors(cfg, model) if cfg.index != "none" else None
+        queries = query_vectors(cfg, model, precision) if cfg.index != "none" else None
         result = _finish(cfg, store, info, source_no, rows, job.truncated, time.perf_counter() - t0, queries)
     _barrier(world)
     if world > 1:
@@ -434,9 +434,9 @@ def _finish(
 QUERY_SAMPLE = 2000
 
 
-def query_vectors(cfg: EmbedConfig, model: Any) -> np.ndarray | None:
+def query_vectors(cfg: EmbedConfig, model: Any, precision: str | None = None) -> np.ndarray | None:
     """The vectors an index is tuned and measured on (``index_queries``, or ``query_field`` values embedded as
-    ``query_modality``); ``None``: tune on corpus vectors."""
+    ``query_modality`` in the corpus's ``precision``); ``None``: tune on corpus vectors."""
     if cfg.index_queries is not None:
         path = Path(cfg.index_queries)
         if path.is_dir():
@@ -466,7 +466,8 @@ def query_vectors(cfg: EmbedConfig, model: Any) -> np.ndarray | None:
             break
     if not values:
         raise ValueError(f"query_field: no row of {cfg.data} has a usable {cfg.query_field!r} field")
-    return np.asarray(model.encode(cfg.query_modality, values, output="numpy"), dtype=np.float32)
+    int8 = "int8" if precision == "int8" else None  # other precisions: the model was loaded in their dtype
+    return np.asarray(model.encode(cfg.query_modality, values, output="numpy", precision=int8), dtype=np.float32)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -304,7 +304,9 @@ def _write_description(model: OnePeaceModel, modality: str, report: ExportReport
         "modality": modality,
         "plugin": plugin.record(model.config),
         "preprocessing": plugin.describe_preprocessing(model.config),
-        "inputs": {k: {"dims": d, "dtype": str(batch[k].dtype).removeprefix("torch.")} for k, d in report.inputs.items()},
+        "inputs": {
+            k: {"dims": d, "dtype": str(batch[k].dtype).removeprefix("torch.")} for k, d in report.inputs.items()
+        },
         "output": {"name": OUTPUT, "dims": ["batch", model.config.embed_dim], "l2_normalised": True},
     }
     if plugin.needs_tokenizer and model.tokenizer is not None:

@@ -67,8 +67,8 @@ def _image_batches(model) -> list[dict[str, torch.Tensor]]:
     return [model.prepare("image", images[:1]), model.prepare("image", images)]
 
 
-def _check_export(model, modality: str, batches, folder: Path) -> None:
-    report = export(model, modality, folder, format="onnx")
+def _check_export(model, modality: str, batches, folder: Path, format: str = "onnx") -> None:
+    report = export(model, modality, folder, format=format)
     lengths = {tuple(b[k].shape[1] for k in sorted(b) if b[k].dim() > 1) for b in batches}
     assert len({len(next(iter(b.values()))) for b in batches}) >= 2  # two batch sizes
     assert modality == "image" or len(lengths) >= 2  # two sequence lengths
@@ -115,6 +115,7 @@ def test_text_export_matches_eager_and_its_example_runs_with_onnxruntime_alone(m
 def test_every_modality_exports_and_matches_eager(model, modality, tmp_path):
     batches = {"image": _image_batches, "audio": _audio_batches, "motion": _motion_batches}[modality](model)
     _check_export(model, modality, batches, tmp_path / modality)
+    _check_export(model, modality, batches, tmp_path / f"{modality}-pt2", format="torch_export")
 
 
 def test_a_plugin_that_cannot_be_traced_is_refused_naming_it_and_the_operation(model, tmp_path, monkeypatch):
@@ -177,6 +178,4 @@ def test_embed_records_its_precision_and_refuses_to_mix_them_on_resume(model, tm
     assert store.info()["model"]["precision"] == "int8"
     np.testing.assert_allclose(store.vectors(), model.encode("text", TEXTS, precision="int8").numpy(), atol=1e-6)
     with pytest.raises(ValueError, match="embedded in precision int8, this run would embed in fp32"):
-        embed_mod.embed(
-            embed_mod.EmbedConfig(out=str(tmp_path / "int8"), precision="fp32", mode="resume", **base)
-        )
+        embed_mod.embed(embed_mod.EmbedConfig(out=str(tmp_path / "int8"), precision="fp32", mode="resume", **base))

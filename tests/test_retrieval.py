@@ -93,6 +93,7 @@ def _embed(checkpoint: Path, data: Path, out: Path, **kw) -> dict:
         batch_size=kw.pop("batch_size", 4),
         workers=2,
         progress=False,
+        precision=kw.pop("precision", "fp32"),  # compared with fp32 encode() (auto is bf16 on AMX CPUs)
         **kw,
     )
     return embed_mod.embed(cfg)

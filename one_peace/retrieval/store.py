@@ -315,13 +315,21 @@ class RetrievalIndex:
             raise ValueError("empty query: give at least one of " + ", ".join(self.model.adapters))
         if len(items) == 1:
             ((m, v),) = items.items()
-            return np.asarray(self.model.encode(m, [v], output="numpy"), dtype=np.float32)
+            vectors = self.model.encode(m, [v], output="numpy", precision=self.precision)
+            return np.asarray(vectors, dtype=np.float32)
         return np.asarray(
             self.model.encode_multimodal(
                 {m: [v] for m, v in items.items()}, fuse=fuse, weights=weights, output="numpy"
             ),
             dtype=np.float32,
         )
+
+    @property
+    def precision(self) -> str | None:
+        """The precision the folder's vectors were computed in (``info.json``; ``None`` for folders from before it
+        was recorded): single-modality queries are embedded in it too, so an item finds itself exactly."""
+        value = (self.info.get("model") or {}).get("precision")
+        return str(value) if value else None
 
     def search_params(self) -> dict[str, int]:
         """The search parameters in force: the tuned ones recorded in ``info.json`` (``nprobe`` / ``efSearch``)."""

@@ -313,17 +313,17 @@ class SearchService:
 
         start = time.perf_counter()
         vectors: dict[int, np.ndarray] = {}
-        groups: dict[tuple[int, str], list[int]] = {}
+        groups: dict[tuple[int, str, str | None], list[int]] = {}
         for i, j in enumerate(jobs):
-            if len(j.samples) == 1:
-                groups.setdefault((id(j.model), next(iter(j.samples))), []).append(i)
+            if len(j.samples) == 1:  # batched per model, modality and the precision the folder was embedded in
+                groups.setdefault((id(j.model), next(iter(j.samples)), j.index.precision), []).append(i)
             else:  # a composed query: one fused forward of its own
                 vectors[i] = j.index.embed_query(j.raw, fuse=j.fuse)
-        for (_, modality), members in groups.items():
+        for (_, modality, precision), members in groups.items():
             model = jobs[members[0]].model
             batch = model.plugins[modality].collate([jobs[i].samples[modality] for i in members])
             with _EvalMode(model), torch.inference_mode():
-                emb = forward_batch(model, modality, batch, normalize=True).float().cpu().numpy()
+                emb = forward_batch(model, modality, batch, True, precision=precision).float().cpu().numpy()
             for row, i in enumerate(members):
                 vectors[i] = emb[row : row + 1]
             self.batches.append(len(members))
