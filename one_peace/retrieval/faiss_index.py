@@ -410,7 +410,9 @@ def save_index(index: Any, path: str) -> None:
 
 
 def load_index(path: str, params: dict[str, int] | None = None) -> Any:
-    """Read an index written by :func:`save_index` and apply its recorded search parameters."""
-    index = faiss().read_index(path)
+    """Read an index written by :func:`save_index` (or an on-disk one, whose inverted lists are memory-mapped from
+    the ``.ivfdata`` file beside it: :mod:`one_peace.retrieval.ondisk`) and apply its recorded search parameters."""
+    fs = faiss()
+    index = fs.read_index(path, fs.IO_FLAG_ONDISK_SAME_DIR)
     set_search_params(index, params or {})
     return index

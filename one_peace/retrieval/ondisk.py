@@ -113,15 +113,18 @@ class OnDiskReport:
 def plan(n: int, d: int, budget: int, workers: int = 1) -> tuple[str, int, int, int]:
     """``(factory, nlist, train points, block rows)`` for ``n`` vectors of dimension ``d`` under ``budget`` bytes.
 
-    ``nlist`` ~ 4 sqrt(n) (a power of two, 256..65,536); PQ with ``d/4`` bytes per code (at least 8, a divisor of
-    ``d``) after an OPQ rotation; a training sample of 39 points per list (at most 65,536 rows, within a quarter of
-    the budget); each worker's block gets an equal share of a half of the budget (codes + 8-byte ids).
+    PQ with ``d/2`` bytes per code (8 to 64, a divisor of ``d``: 1e9 vectors take 72 GB with their ids at 64) after an
+    OPQ rotation; a training sample within a
+    quarter of the budget, at most 39 points per list; ``nlist`` ~ 4 sqrt(n), a power of two from 256 to 65,536, and
+    no more lists than the sample trains (39 points each, so k-means does not run short); each worker's block gets an
+    equal share of half of the budget (codes + 8-byte ids).
     """
-    nlist = int(min(65536, max(256, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(max(n, 1))))))))
-    m = max(8, d // 4)
+    wanted = int(min(65536, max(256, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(max(n, 1))))))))
+    m = max(8, min(64, d // 2))
     while d % m:
         m -= 1
-    points = int(min(n, 65536, max(39 * nlist // 4, 39 * 256), max(1, budget // 4 // (4 * d))))
+    points = int(min(n, 39 * wanted, max(39 * 256, budget // 4 // (4 * d))))
+    nlist = max(256, min(wanted, 2 ** int(math.log2(max(1, points // 39)))))
     block = max(8192, budget // 2 // max(1, workers) // (m + 8))
     return f"OPQ{m},IVF{nlist},PQ{m}", nlist, points, block
 
@@ -314,3 +317,88 @@ def tune(index: Any, queries: np.ndarray, truth: np.ndarray, target: float = 0.9
             break
     set_search_params(index, chosen)
     return chosen, tried
+
+
+def build_for_folder(
+    root: str | Path,
+    memory: int | str = "4GB",
+    workers: int = 1,
+    queries: np.ndarray | None = None,
+    target: float = 0.95,
+) -> dict[str, Any]:
+    """Build the on-disk index of an embedding folder (from its parts, never all of them in memory), tune its
+    ``nprobe`` on ``queries`` (vectors of the query modality; else corpus vectors) against exact search, and record
+    it in ``info.json`` where ``search``, ``open_index`` and the page find it."""
+    from one_peace.retrieval.store import EmbeddingStore, write_json_atomic
+
+    store = EmbeddingStore(root)
+    info = store.info()
+    if not info or any(not s.get("complete") for s in info.get("sources", [])):
+        raise ValueError(f"{root}: not a finished embedding folder (run python -m one_peace.embed ... mode=resume)")
+    source = FolderChunks(str(root))
+    if not len(source):
+        raise ValueError(f"{root}: no embedded parts")
+    report = build_ondisk(source, store.root / ".ondisk", memory=memory, workers=workers)
+    tuned_on = "queries" if queries is not None and len(queries) else "corpus"
+    if queries is None or not len(queries):
+        queries = sample_rows(source, min(1000, report.vectors), seed=1)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    truth = exact_top_k_streaming(source, queries, min(10, report.vectors))
+    index = read_ondisk(store.root / ".ondisk")
+    half = max(1, len(queries) // 2)
+    report.search_params, tried = tune(index, queries[:half], truth[:half], target)
+    held = queries[half:] if len(queries) > 1 else queries
+    found = index.search(held, truth.shape[1])[1]
+    report.recall_at_10 = {**tried, "held_out": recall_at_k(found, truth[half:] if len(queries) > 1 else truth)}
+    del index
+    for name in (IVFDATA_FILE, INDEX_FILE):  # the data file first: the index (index.faiss, as always) names it
+        os.replace(store.root / ".ondisk" / name, store.root / name)
+    shutil.rmtree(store.root / ".ondisk", ignore_errors=True)
+    info["index"] = {
+        **report.to_json(),
+        "recall_at_10": report.recall_at_10["held_out"],
+        "tuning": tried,
+        "tuned_on": tuned_on,
+        "memory_bytes": report.index_bytes + report.ivfdata_bytes,
+    }
+    write_json_atomic(store.info_path, info)
+    return dict(info["index"])
+
+
+@dataclass
+class OnDiskConfig:
+    """Build the on-disk (memory-mapped) index of an embedding folder: for corpora whose index does not fit memory.
+
+    Attributes:
+        out: The embedding folder (embed it with ``index=none``, or replace its in-memory index).
+        index_memory: The memory budget of the build (``4GB``, ``512MB``...).
+        workers: Processes filling the index in parallel.
+        index_queries: A ``.npy`` of query-modality vectors to tune ``nprobe`` on (default: corpus vectors).
+        target: The 10-recall@10 the tuned ``nprobe`` must reach (the largest one tried when none does).
+    """
+
+    out: str = "???"
+    index_memory: str = "4GB"
+    workers: int = 1
+    index_queries: str | None = None
+    target: float = 0.95
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m one_peace.retrieval.ondisk out=FOLDER [index_memory=4GB] [workers=N]``."""
+    import json
+
+    from one_peace.cli import parse
+
+    cfg = parse(OnDiskConfig, argv, "python -m one_peace.retrieval.ondisk")
+    queries = np.load(cfg.index_queries, allow_pickle=False) if cfg.index_queries else None
+    try:
+        report = build_for_folder(cfg.out, cfg.index_memory, cfg.workers, queries, cfg.target)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"error: {exc}") from None
+    print(json.dumps({k: report[k] for k in ("factory", "vectors", "search_params", "recall_at_10", "memory_bytes")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -316,7 +316,8 @@ class SearchService:
         groups: dict[tuple[int, str, str | None], list[int]] = {}
         for i, j in enumerate(jobs):
             if len(j.samples) == 1:  # batched per model, modality and the precision the folder was embedded in
-                groups.setdefault((id(j.model), next(iter(j.samples)), j.index.precision), []).append(i)
+                precision = j.index.precision if j.index is not None else None  # /v1/embeddings: the model's own
+                groups.setdefault((id(j.model), next(iter(j.samples)), precision), []).append(i)
             else:  # a composed query: one fused forward of its own
                 vectors[i] = j.index.embed_query(j.raw, fuse=j.fuse)
         for (_, modality, precision), members in groups.items():
