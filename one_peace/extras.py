@@ -20,6 +20,11 @@ EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
     "video": (("av", "video decoding (PyAV)"),),
     "serve": (("fastapi", "the search page"), ("uvicorn", "its server"), ("multipart", "uploads (python-multipart)")),
     "gpu": (("xformers", "the xformers attention backend"),),
+    "databases": (
+        ("lancedb", "LanceDB tables"),
+        ("pymilvus", "Milvus collections"),
+        ("qdrant_client", "Qdrant collections"),
+    ),
     "launch": (("submitit", "multi-node launches (python -m one_peace.launch)"),),
     "st": (("sentence_transformers", "SentenceTransformer(folder, trust_remote_code=True)"),),
     "export": (
