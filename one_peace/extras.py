@@ -25,6 +25,7 @@ EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
         ("pymilvus", "Milvus collections"),
         ("qdrant_client", "Qdrant collections"),
     ),
+    "ray": (("ray", "embedding on Ray Data"),),
     "launch": (("submitit", "multi-node launches (python -m one_peace.launch)"),),
     "st": (("sentence_transformers", "SentenceTransformer(folder, trust_remote_code=True)"),),
     "export": (

@@ -7,7 +7,10 @@ not."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -62,22 +65,52 @@ def test_two_local_nodes_train_to_the_single_process_losses_and_a_killed_job_res
     got = _losses(two)
     assert len(got) == len(ref) == 4 and all(abs(a - b) < 1e-5 for a, b in zip(got, ref)), (got, ref)
 
-    # a job that ends after step 2 (the time limit, a preemption) is submitted again and resumes from step 2
-    resumed = tmp_path / "resumed"
-    args = [*cfg.recipe_args[:-1], f"output_dir={resumed}"]
-    first = LaunchConfig(**{**cfg.__dict__, "port": _port(), "recipe_args": args})
-    first.recipe_args = [a for a in first.recipe_args if not a.startswith("trainer.max_steps")] + [
-        "trainer.max_steps=2"
-    ]
-    launch(first)[0].results()
+    # one node killed after the step-2 checkpoint: the job fails; submitted again (as the requeue does), it resumes
+    killed = tmp_path / "killed"
+    args = [a for a in cfg.recipe_args if not a.startswith(("trainer.max_steps", "output_dir"))]
+    first = LaunchConfig(
+        **{**cfg.__dict__, "port": _port(), "recipe_args": [*args, "trainer.max_steps=8", f"output_dir={killed}"]}
+    )
+    (job,) = launch(first)
+    deadline = time.time() + 300
+    while not (killed / "checkpoints" / "step_0000002" / "COMPLETE").is_file():
+        assert time.time() < deadline and not job.done(), "the job ended before its first checkpoint"
+        time.sleep(0.02)
+    victims = _torchrun_pids(first.port)
+    assert len(victims) == 2, victims  # one torchrun per "node"
+    for pid in _tree(victims[-1]):  # the node dies: its torchrun agent and its training process
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(Exception):  # noqa: B017 - submitit wraps the node's failure
+        job.results()
+    assert not (killed / "checkpoints" / "step_0000008").exists()
     again = LaunchConfig(**{**first.__dict__, "port": _port()})
-    again.recipe_args = [a for a in again.recipe_args if not a.startswith("trainer.max_steps")] + [
-        "trainer.max_steps=4"
-    ]
     launch(again)[0].results()
-    lines = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in lines] == [1, 2, 3, 4]
-    assert all(abs(a - b) < 1e-5 for a, b in zip([x["loss"] for x in lines], ref)), (lines, ref)
+    lines = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, 9))
+    full = _single(tmp_path / "single8", "trainer.max_steps=8", "trainer.save_every=2", "trainer.batch_size=8")
+    assert all(abs(x["loss"] - b) < 1e-5 for x, b in zip(lines, full)), (lines, full)
+
+
+def _tree(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    try:
+        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        kids = []
+    return [pid] + [p for k in kids for p in _tree(k)]
+
+
+def _torchrun_pids(port: int) -> list[int]:
+    """The torchrun agents (not their workers) of the launch on ``port``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if b"torch.distributed.run" in cmd and f"--rdzv_endpoint=127.0.0.1:{port}".encode() in cmd:
+            found.append(int(proc.name))
+    return sorted(found)
 
 
 def test_the_sbatch_script_and_the_arguments(tmp_path, capsys):
