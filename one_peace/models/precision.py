@@ -43,7 +43,7 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     """``precision`` with ``auto`` replaced by what is fast on ``device`` (see the module docstring).
 
     Raises:
-        ValueError: an unknown precision, or fp16 on a CPU.
+        ValueError: an unknown precision.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
