@@ -98,6 +98,7 @@ def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
             data.get("valid") or valid, config=build.loader_config(cfg, tcfg.batch_size, train=False), **common
         )
         held.append(eval_loaders[name])
+    say(f"{build.parameter_summary(model, tasks)}; writing to {out.resolve()}")
     if multi:
         from one_peace.train.multitask import MultiLoader, MultiTask
 
@@ -132,8 +133,20 @@ def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
     return results
 
 
+def main() -> None:
+    """``python -m one_peace.run``: the command line is checked first (unknown keys with their closest known ones,
+    values of the wrong type, an ``output_dir`` that is a file), then Hydra composes the config and the run starts."""
+    import sys
+
+    from one_peace.runner.config import check_overrides
+
+    check_overrides(sys.argv[1:])
+    check_output_dir_argument(sys.argv[1:])
+    _hydra_main()
+
+
 @hydra.main(version_base=None, config_path="pkg://one_peace.recipes", config_name="config")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
     """Hydra entry point: a configuration or input error ends the run with one line naming the key or file."""
     from one_peace.data.loader import TooManyBadSamples
     from one_peace.data.manifest import ManifestError
@@ -158,7 +171,4 @@ def check_output_dir_argument(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    check_output_dir_argument(sys.argv[1:])
     main()

@@ -143,6 +143,24 @@ def test_cli_refuses_bad_keys_and_values_naming_them(tmp_path, parity, official_
         assert not (out / "demo_data").exists() or "pretrained" in case, f"{case}: work was done before the error"
 
 
+def test_cli_refuses_unknown_keys_with_a_suggestion_and_wrong_types_in_one_line(tmp_path):
+    """#29 (part): with or without '+', a misspelled key stops at start with the closest known keys (Hydra accepted
+    `+outptu_dir=x` and `+sed=3` silently, and its error for `trainer.max_step` was six lines with no suggestion)."""
+    cases = {
+        "+outptu_dir=x": "error: +outptu_dir: unknown key; did you mean output_dir?",
+        "+sed=3": "did you mean seed?",
+        "trainer.max_step=3": "error: trainer.max_step: unknown key; did you mean trainer.max_steps",
+        "trainer.batch_size=four": "error: trainer.batch_size=four: trainer.batch_size must be an integer, got 'four'",
+        "trainer.bf16=maybe": "trainer.bf16 must be true or false",
+    }
+    procs = {c: _launch(["recipe=vl_contrastive", f"output_dir={tmp_path / 'o'}", c], tmp_path) for c in cases}
+    for case, proc in procs.items():
+        text, _ = proc.communicate(timeout=300)
+        assert proc.returncode != 0 and cases[case] in text, f"{case}:\n{text[-1500:]}"
+        assert len([line for line in text.splitlines() if line.strip()]) == 1, text  # one line, no traceback
+    assert not (tmp_path / "o").exists()
+
+
 def test_cli_model_dimensions_are_built_and_saved_and_plotting_is_optional(tmp_path):
     """``model.layers=3 model.embed_dim=96`` builds and saves that model; without matplotlib and TensorBoard the run
     still finishes and returns its checkpoint."""
@@ -152,6 +170,7 @@ def test_cli_model_dimensions_are_built_and_saved_and_plotting_is_optional(tmp_p
     proc = _launch(args, tmp_path, prelude)
     text, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, text[-3000:]
+    assert "model: " in text and " parameters (shared " in text and f"writing to {tmp_path.resolve()}" in text
     ckpt = Path(text.split("checkpoint: ")[-1].strip().splitlines()[0])
     saved = json.loads((ckpt / "config.json").read_text())["model"]
     assert (saved["layers"], saved["embed_dim"]) == (3, 96)

@@ -361,3 +361,24 @@ def check_config(cfg: DictConfig, modalities: list[str]) -> None:
             raise FileNotFoundError(
                 f"data.{key}={value}: not found (a manifest .jsonl/.tsv, a .tar shard or a folder of .tar shards)"
             )
+
+
+def parameter_summary(model: OnePeaceModel, tasks: dict[str, Any]) -> str:
+    """``model: N parameters (shared ..., <modality> ..., decoder ...)``: the shared stack, each modality's own
+    parameters (adapter, FFNs, norms, head) and the tasks' own (a seq2seq or pretraining decoder)."""
+    groups = set(model.groups.values()) | set(model.adapters)
+    counts: dict[str, int] = {"shared": 0}
+    seen = set()
+    for name, p in model.named_parameters():
+        seen.add(id(p))
+        parts = name.split(".")
+        owner = next(
+            (parts[i + 1] for i, x in enumerate(parts[:-1]) if x in ("adapters", "final_norms", "heads")), None
+        )
+        owner = owner or next((x for x in parts if x in groups), "shared")
+        counts[owner] = counts.get(owner, 0) + p.numel()
+    decoder = sum(p.numel() for t in tasks.values() for p in t.parameters() if id(p) not in seen)
+    if decoder:
+        counts["decoder"] = decoder
+    total = sum(counts.values())
+    return f"model: {total:,} parameters ({', '.join(f'{k} {v:,}' for k, v in counts.items())})"

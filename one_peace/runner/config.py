@@ -352,5 +352,97 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- command-line checks
+#: Hydra config groups chosen on the command line (``recipe=vl_seq2seq``, ``model=base``)
+GROUPS = ("recipe", "model")
+
+
+def _unwrap(t: Any) -> Any:
+    import typing
+
+    if typing.get_origin(t) is typing.Union:
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        return args[0] if len(args) == 1 else t
+    return t
+
+
+def _lookup(cls: Any, parts: List[str]) -> tuple:  # noqa: UP006
+    """``("leaf", type)``, ``("open", None)`` (a dict subtree: any sub-key), ``("section", cls)`` or
+    ``("unknown", None)`` for the dotted key ``parts`` under the dataclass ``cls``."""
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    name, rest = parts[0], parts[1:]
+    if name not in hints:
+        return "unknown", None
+    t = _unwrap(hints[name])
+    if dataclasses.is_dataclass(t):
+        return _lookup(t, rest) if rest else ("section", t)
+    if typing.get_origin(t) in (dict, Dict):  # noqa: UP006
+        value = _unwrap(typing.get_args(t)[1]) if typing.get_args(t) else Any
+        if dataclasses.is_dataclass(value) and len(rest) > 1:
+            return _lookup(value, rest[1:])
+        return "open", None
+    return ("unknown", None) if rest else ("leaf", t)
+
+
+def known_keys(cls: Any = RunConfig, prefix: str = "") -> List[str]:  # noqa: UP006
+    """Every dotted key of the schema (dict-valued keys as themselves), for suggestions."""
+    import typing
+
+    out = []
+    for name, t in typing.get_type_hints(cls).items():
+        t = _unwrap(t)
+        key = f"{prefix}{name}"
+        out += known_keys(t, key + ".") if dataclasses.is_dataclass(t) else [key]
+    return out
+
+
+def _type_error(t: Any, value: str) -> Optional[str]:  # noqa: UP045
+    if value in ("null", "None", "") or "${" in value or value.startswith(("[", "{")):
+        return None
+    try:
+        if t is bool:
+            if value.lower() not in ("true", "false"):
+                return "true or false"
+        elif t is int:
+            int(value)
+        elif t is float:
+            float(value)
+    except ValueError:
+        return "an integer" if t is int else "a number"
+    return None
+
+
+def check_overrides(argv: List[str]) -> None:  # noqa: UP006
+    """Refuse, before Hydra composes anything, a ``key=value`` override whose key the schema does not have (with
+    or without ``+``: Hydra appended ``+outptu_dir=x`` silently) or whose value cannot have the key's type, with one
+    line naming the key and the closest known keys."""
+    import difflib
+
+    keys = known_keys()
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        raw, value = arg.split("=", 1)
+        key = raw.lstrip("+~")
+        if key.startswith("hydra.") or key == "hydra" or (key in GROUPS and "." not in key):
+            continue
+        kind, t = _lookup(RunConfig, key.split("."))
+        if kind == "unknown":
+            near = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(near)}?" if near else ""
+            raise SystemExit(
+                f"error: {raw}: unknown key{hint} (python -m one_peace.runner.config lists every key; a '+' does not "
+                "add keys to a recipe's config)"
+            )
+        if kind == "section":
+            raise SystemExit(f"error: {raw}: {key} is a section; set one of its keys ({key}.<key>=...)")
+        if kind == "leaf":
+            expected = _type_error(t, value)
+            if expected is not None:
+                raise SystemExit(f"error: {raw}={value}: {key} must be {expected}, got {value!r}")
+
+
 if __name__ == "__main__":
     raise SystemExit(main())
