@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -53,6 +52,8 @@ def local_ray():
 
 
 def test_the_ray_route_writes_the_embed_folder_and_resumes_by_part(corpus, tmp_path, local_ray):
+    import pyarrow.parquet as pq
+
     ref = embed_mod.embed(_cfg(corpus, tmp_path / "ref"))
     got = embed_on_ray(_cfg(corpus, tmp_path / "ray"), actors=2)
     assert got["count"] == ref["count"] == 29 and got["bad"] == ref["bad"] == 1
