@@ -285,6 +285,10 @@ def embed(cfg: EmbedConfig, model: Any = None) -> dict[str, Any]:
     model.eval()
     if cfg.modality not in model.adapters:
         raise ValueError(f"modality: {cfg.modality!r} is not in the model (it has {list(model.adapters)})")
+    if rank == 0:
+        from one_peace.checkpoint import warn_unless_trained_for
+
+        warn_unless_trained_for(model, "retrieval", f"embed checkpoint={cfg.checkpoint}")
     digest = model_hash(model)
     store = EmbeddingStore(cfg.out)
     if rank == 0:

@@ -99,6 +99,7 @@ def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
         )
         held.append(eval_loaders[name])
     say(f"{build.parameter_summary(model, tasks)}; writing to {out.resolve()}")
+    model.trained_with = build.trained_for(cfg, specs)  # written into every checkpoint's config.json
     if multi:
         from one_peace.train.multitask import MultiLoader, MultiTask
 

@@ -98,9 +98,30 @@ def test_frozen_parameters_stay_bitwise_unchanged(tmp_path, recipe):
 
 
 def test_vl_seq2seq_short_run_generates_captions(tmp_path):
+    """... and its checkpoints record what they were trained for: used for retrieval, the captioner warns (#29)."""
+    import warnings
+
+    import one_peace
+    from one_peace import embed as embed_mod
+
     results = run(_cfg("vl_seq2seq", tmp_path, "trainer.max_steps=3"))
     assert {"token_f1", "baseline_token_f1", "examples"} <= set(results)
     assert all(isinstance(e["generated"], str) for e in results["examples"])
+    ckpt = Path(results["checkpoint"])
+    assert json.loads((ckpt / "config.json").read_text())["trained"] == {"recipe": "vl_seq2seq", "uses": ["generation"]}
+    assert one_peace.load(ckpt).trained_with == {"recipe": "vl_seq2seq", "uses": ["generation"]}
+    valid = tmp_path / "demo_data" / "valid.jsonl"
+    cfg = embed_mod.EmbedConfig(checkpoint=str(ckpt), data=str(valid), modality="image", out=str(tmp_path / "emb"))
+    cfg.progress, cfg.index, cfg.workers = False, "none", 0
+    with pytest.warns(UserWarning, match="trained by recipe 'vl_seq2seq' for generation, not for retrieval: its"):
+        embed_mod.embed(cfg)
+    contrastive = one_peace.build_model("tiny", modalities=("text",))
+    contrastive.trained_with = {"recipe": "vl_contrastive", "uses": ["retrieval"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        from one_peace.checkpoint import warn_unless_trained_for
+
+        assert not warn_unless_trained_for(contrastive, "retrieval", "here")
 
 
 def test_half_written_checkpoint_is_never_the_latest(tmp_path):

@@ -78,7 +78,8 @@ def save(
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if extra_tensors:
             save_file({k: v.contiguous() for k, v in extra_tensors.items()}, str(tmp / PRETRAIN))
-        write_config(tmp, model.config, model.tokenizer)
+        trained = getattr(model, "trained_with", None)
+        write_config(tmp, model.config, model.tokenizer, **({"trained": trained} if trained else {}))
         _replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -224,7 +225,31 @@ def _load_folder(
         model.tokenizer = load_tokenizer(bpe_dir, modality=tokenizer_modality(config))
     if official_padding is not None:
         model.official_padding = official_padding
+    trained = doc.get("trained")
+    if isinstance(trained, dict) and isinstance(trained.get("uses"), list):
+        model.trained_with = {"recipe": str(trained.get("recipe")), "uses": [str(u) for u in trained["uses"]]}
     return model.eval()
+
+
+def warn_unless_trained_for(model: OnePeaceModel, use: str, where: str) -> bool:
+    """Warn (naming the recipe) when ``model``'s checkpoint records a training run that did not train it for
+    ``use`` (``retrieval``: a seq2seq captioner's embeddings were never aligned across modalities); returns whether
+    it warned. Official checkpoints and models built here record nothing: no warning."""
+    import warnings
+
+    trained = getattr(model, "trained_with", None)
+    if not trained or use in trained.get("uses", []):
+        return False
+    what = ", ".join(trained.get("uses", [])) or "nothing it records"
+    consequence = (
+        "its embeddings were not aligned across modalities; expect near-chance results"
+        if use == "retrieval"
+        else "expect poor results"
+    )
+    recipe = trained.get("recipe")
+    message = f"{where}: this checkpoint was trained by recipe {recipe!r} for {what}, not for {use}: {consequence}"
+    warnings.warn(message, stacklevel=2)
+    return True
 
 
 # ------------------------------------------------------------------------------------------- official files

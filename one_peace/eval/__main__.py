@@ -85,6 +85,9 @@ def evaluate(cfg: EvalConfig, model: Any = None) -> dict[str, Any]:
     evaluator = build_evaluator(spec)
     if model is None:
         model = one_peace.load(cfg.checkpoint, bpe_dir=cfg.bpe_dir, device=cfg.device)
+    from one_peace.checkpoint import warn_unless_trained_for
+
+    warn_unless_trained_for(model, "retrieval", f"task={cfg.task} checkpoint={cfg.checkpoint}")
     rows, base = read_rows(cfg.data, cfg.limit)
     ctx = EvalContext(model, rows, base, batch_size=cfg.batch_size, fields=dict(cfg.fields))
     result = evaluator(ctx)

@@ -97,6 +97,8 @@ class OnePeaceModel(nn.Module):
             modality_options=copy.deepcopy(config.modality_options),
         )
         self.config = config
+        #: what the training run that wrote its checkpoint trained it for (``{"recipe", "uses"}``), or None
+        self.trained_with: dict[str, Any] | None = None
         self.plugins: dict[str, ModalityPlugin] = {p.name: p for p in plugins}
         self.groups: dict[str, str] = {p.name: p.shares or p.name for p in plugins}
         for name, group in self.groups.items():

@@ -382,3 +382,17 @@ def parameter_summary(model: OnePeaceModel, tasks: dict[str, Any]) -> str:
         counts["decoder"] = decoder
     total = sum(counts.values())
     return f"model: {total:,} parameters ({', '.join(f'{k} {v:,}' for k, v in counts.items())})"
+
+
+def trained_for(cfg: DictConfig, specs: dict[str, Any]) -> dict[str, Any]:
+    """What the run trains the model for, recorded in its checkpoints' ``config.json`` (``trained``): the recipe and
+    its uses: ``retrieval`` (a contrastive objective aligns modalities), ``generation`` (a seq2seq task),
+    ``denoising`` (masked-token reconstruction only)."""
+    uses = set()
+    for spec in specs.values():
+        if spec.get("type") == "seq2seq":
+            uses.add("generation")
+        for entry in (spec.get("objectives") or {}).values():
+            name = dict(to_container(entry)).get("name")
+            uses.add({"contrastive": "retrieval", "denoise": "denoising"}.get(str(name), str(name)))
+    return {"recipe": str(cfg.recipe_name), "uses": sorted(uses)}
