@@ -42,6 +42,10 @@ class SyntheticChunks:
     def __len__(self) -> int:
         return -(-self.n // self.chunk_rows)
 
+    @property
+    def rows(self) -> int:
+        return self.n
+
     def sizes(self) -> list[int]:
         return [min(self.chunk_rows, self.n - i * self.chunk_rows) for i in range(len(self))]
 

@@ -109,6 +109,15 @@ def _operation(exc: BaseException, plugin: Any) -> str:
     return f"{Path(frame.filename).name}:{frame.lineno} in {frame.name}: `{(frame.line or '').strip()}`"
 
 
+def _failure(model: OnePeaceModel, modality: str, exc: BaseException, what: str) -> ExportError:
+    """One line naming the modality, its plugin, what failed and the first line of the underlying error."""
+    first = next((line for line in str(exc).splitlines() if line.strip()), "")
+    return ExportError(
+        f"cannot export modality {modality!r} ({plugin_label(model, modality)}): {what} "
+        f"({type(exc).__name__}{': ' + first if first else ''})"
+    )
+
+
 def example_batch(model: OnePeaceModel, modality: str, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """A collated example batch of ``modality`` from its plugin (tensors only)."""
     gen = torch.Generator().manual_seed(seed)
@@ -162,11 +171,8 @@ def trace(model: OnePeaceModel, modality: str, batch_size: int = 2) -> tuple[Any
         try:
             program = torch.export.export(encoder, args, dynamic_shapes=(tuple(shapes),))
         except Exception as exc:
-            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            raise ExportError(
-                f"cannot export modality {modality!r} ({plugin_label(model, modality)}): "
-                f"{_operation(exc, model.plugins[modality])} cannot be traced ({type(exc).__name__}: {first})"
-            ) from exc
+            where = _operation(exc, model.plugins[modality])
+            raise _failure(model, modality, exc, f"{where} cannot be traced") from exc
     return program, keys, args
 
 
@@ -271,11 +277,7 @@ def _write_onnx(
                 program, args, dynamo=True, input_names=keys, output_names=[OUTPUT], verbose=False
             )
         except Exception as exc:
-            first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-            raise ExportError(
-                f"cannot export modality {encoder.modality!r} ({plugin_label(model, encoder.modality)}) to ONNX: "
-                f"{type(exc).__name__}: {first}"
-            ) from exc
+            raise _failure(model, encoder.modality, exc, "the ONNX exporter failed") from exc
         assert onnx_program is not None
         large = sum(p.numel() * p.element_size() for p in model.parameters()) > (1 << 30)
         onnx_program.save(str(folder / "model.onnx"), external_data=large)

@@ -157,7 +157,8 @@ def save_pretrained(
         if isinstance(source, OnePeaceModel):
             config = source.config
             write_weights(tmp, source.state_dict().items(), size)
-            write_config(tmp, config, source.tokenizer)
+            record: dict[str, Any] = {"trained": source.trained_with} if source.trained_with else {}
+            write_config(tmp, config, source.tokenizer, **record)
         else:
             assert checkpoint is not None
             checked = read_folder(checkpoint)  # validated before anything is copied

@@ -46,6 +46,7 @@ class ChunkSource(Protocol):
     Picklable (workers are separate processes)."""
 
     dim: int
+    rows: int  # vectors over all chunks (plans the index before any chunk is read)
 
     def __len__(self) -> int: ...
 
@@ -58,6 +59,7 @@ class FolderChunks:
 
     root: str
     dim: int = 0
+    rows: int = 0
     parts: list[int] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
 
@@ -70,6 +72,7 @@ class FolderChunks:
         for p in self.parts:
             self.offsets.append(total)
             total += len(np.load(store.root / "embeddings" / f"{store.part_name(p)}.npy", mmap_mode="r"))
+        self.rows = total
         self.dim = int(store.info().get("dim", 0))
 
     def __len__(self) -> int:
@@ -216,8 +219,7 @@ def build_ondisk(
     out.mkdir(parents=True, exist_ok=True)
     budget = parse_memory(memory)
     d = source.dim
-    n_est = _count(source)
-    factory, planned, points, block_rows = plan(n_est, d, budget, workers)
+    factory, planned, points, block_rows = plan(source.rows, d, budget, workers)
     if nlist is not None:
         factory, planned = factory.replace(f"IVF{planned}", f"IVF{nlist}"), nlist
     report = OnDiskReport(factory, planned, workers=workers, block_rows=block_rows, train_points=points)
@@ -269,17 +271,6 @@ def build_ondisk(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report
-
-
-def _count(source: ChunkSource) -> int:
-    sizes = getattr(source, "sizes", None)
-    if callable(sizes):
-        return int(sum(sizes()))
-    offsets = getattr(source, "offsets", None)
-    if offsets:
-        last_ids, _ = source.chunk(len(source) - 1)
-        return int(offsets[-1] + len(last_ids))
-    return int(sum(len(source.chunk(i)[0]) for i in range(len(source))))
 
 
 def read_ondisk(folder: str | Path) -> Any:
