@@ -157,8 +157,8 @@ def save_pretrained(
         if isinstance(source, OnePeaceModel):
             config = source.config
             write_weights(tmp, source.state_dict().items(), size)
-            record: dict[str, Any] = {"trained": source.trained_with} if source.trained_with else {}
-            write_config(tmp, config, source.tokenizer, **record)
+            trained: dict[str, Any] = {"trained": source.trained_with} if source.trained_with else {}
+            write_config(tmp, config, source.tokenizer, **trained)
         else:
             assert checkpoint is not None
             checked = read_folder(checkpoint)  # validated before anything is copied
