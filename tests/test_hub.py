@@ -255,3 +255,13 @@ def test_sentence_transformers_encode_equals_model_encode_for_every_modality(st_
     resaved = SentenceTransformer(str(tmp_path / "resaved"), trust_remote_code=True, device="cpu")
     torch.testing.assert_close(resaved.encode(TEXTS, convert_to_tensor=True), model.encode("text", TEXTS))
     assert torch.equal(one_peace.load(tmp_path / "resaved").encode("text", TEXTS), model.encode("text", TEXTS))
+
+
+def test_save_pretrained_of_a_model_in_memory(st_folder, tmp_path):
+    model = one_peace.load(st_folder)
+    model.trained_with = {"recipe": "vl_contrastive", "uses": ["retrieval"]}
+    shared = save_pretrained(model, tmp_path / "shared", shard_size="128kB")
+    again = one_peace.load(shared)
+    assert again.trained_with == model.trained_with
+    assert torch.equal(again.encode("text", TEXTS), model.encode("text", TEXTS))
+    assert _front_matter((shared / "README.md").read_text())["library_name"] == "one-peace"
