@@ -61,6 +61,16 @@ def load(
     return _load(path, dtype=dtype, device=device, bpe_dir=bpe_dir, **kwargs)
 
 
+def load_generator(
+    path: str | Path, generator: str | None = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> Any:
+    """A seq2seq checkpoint's decoder with its encoder (:class:`one_peace.generation.Generator`):
+    ``load_generator(ck).generate(["cat.png"])``; ``one_peace.load(ck).generate(...)`` does the same lazily."""
+    from one_peace.generation import load_generator as _load_generator
+
+    return _load_generator(path, generator, device=device, dtype=dtype)
+
+
 def save(model: OnePeaceModel, folder: str | Path, **kwargs: Any) -> Path:
     """Write ``model`` as a checkpoint folder (safetensors + ``config.json`` + tokenizer files).
 
@@ -85,6 +95,7 @@ __all__ = [
     "get_plugin",
     "list_modalities",
     "load",
+    "load_generator",
     "model_config",
     "register_modality",
     "save",

@@ -315,7 +315,7 @@ def embed(cfg: EmbedConfig, model: Any = None) -> dict[str, Any]:
     return result
 
 
-def _item_id(row: dict[str, Any], id_field: str, number: int) -> str:
+def row_id(row: dict[str, Any], id_field: str, number: int) -> str:
     """The row's ``id_field``; else a shard sample's key; else ``#<row number>`` (the duplicate-id check catches a
     clash with a real id)."""
     if row.get(id_field) is not None:
@@ -354,7 +354,7 @@ def _run_parts(
             current = part
         mine = (first_part + part) % job.world == job.rank and (first_part + part) not in done
         if mine:
-            item_id = _item_id(row, cfg.id_field, offset + pos)
+            item_id = row_id(row, cfg.id_field, offset + pos)
             jobs.append((pos, item_id, row))
         if bar is not None:
             bar.update(1)

@@ -4,7 +4,8 @@
 pushed) and ``SentenceTransformer(folder, trust_remote_code=True)`` all read:
 
 * ``config.json`` (our format: the model config, the tokenizer entry, each modality's plugin record: distribution,
-  version, options), the tokenizer files, and ``pretrain_decoder.safetensors`` when the source has one;
+  version, options), the tokenizer files, ``pretrain_decoder.safetensors`` when the source has one and
+  ``task.safetensors`` (only the seq2seq decoders, :mod:`one_peace.generation`) when it was trained to generate;
 * the weights as ``model.safetensors`` or, above ``shard_size``, ``model-0000i-of-0000N.safetensors`` with
   ``model.safetensors.index.json`` (streamed one tensor at a time from a folder: a 4B model needs one shard of
   memory, not the model);
@@ -38,6 +39,7 @@ from one_peace.checkpoint import (
 )
 from one_peace.checkpoint.folder import CONFIG, read_folder, regular_file, tokenizer_files
 from one_peace.checkpoint.writer import WeightWriter, parse_size
+from one_peace.generation import copy_generator_weights, save_generators
 from one_peace.models.encoder import OnePeaceModel
 
 PRETRAIN = "pretrain_decoder.safetensors"
@@ -157,8 +159,13 @@ def save_pretrained(
         if isinstance(source, OnePeaceModel):
             config = source.config
             write_weights(tmp, source.state_dict().items(), size)
-            trained: dict[str, Any] = {"trained": source.trained_with} if source.trained_with else {}
-            write_config(tmp, config, source.tokenizer, **trained)
+            trained: dict[str, Any] = dict(source.trained_with) if source.trained_with else {}
+            trained.pop("generators", None)
+            written = save_generators(source, tmp)  # a loaded seq2seq checkpoint's decoders
+            if written:
+                trained["generators"] = written
+            extra: dict[str, Any] = {"trained": trained} if trained else {}
+            write_config(tmp, config, source.tokenizer, **extra)
         else:
             assert checkpoint is not None
             checked = read_folder(checkpoint)  # validated before anything is copied
@@ -168,11 +175,13 @@ def save_pretrained(
                 target = tmp / f.relative_to(checkpoint)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(f, target)
+            copy_generator_weights(checkpoint, checked.doc, tmp)  # the seq2seq decoders the config names
             if (checkpoint / PRETRAIN).exists():
                 shutil.copyfile(regular_file(checkpoint, PRETRAIN, str(checkpoint)), tmp / PRETRAIN)
             shutil.copyfile(checked.config_path, tmp / CONFIG)
             write_st_files(tmp)
-        (tmp / CARD).write_text(model_card(config, record, repo_id or dest.name, license))
+        generators = (json.loads((tmp / CONFIG).read_text()).get("trained") or {}).get("generators")
+        (tmp / CARD).write_text(model_card(config, record, repo_id or dest.name, license, generators))
         _replace_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -199,9 +208,12 @@ def _metric_rows(results: dict[str, Any], prefix: str = "") -> list[tuple[str, f
     return rows
 
 
-def model_card(config: Any, record: RunRecord, name: str, license: str | None = None) -> str:
-    """The ``README.md`` of a shared folder: YAML metadata for the Hub, then what the model is, how to load it,
-    how it was trained and what it scored (from ``record``)."""
+def model_card(
+    config: Any, record: RunRecord, name: str, license: str | None = None, generators: dict[str, Any] | None = None
+) -> str:
+    """The ``README.md`` of a shared folder: YAML metadata for the Hub, then what the model is, how to load it (and
+    generate with it, for ``generators``: a seq2seq run's decoder records), how it was trained and what it scored
+    (from ``record``)."""
     import yaml
 
     import one_peace
@@ -274,6 +286,18 @@ def model_card(config: Any, record: RunRecord, name: str, license: str | None = 
         "```",
         "",
     ]
+    for gen_name, gen in (generators or {}).items():
+        lines += [
+            f"## Generate ({gen_name})",
+            "",
+            f"Trained with the instruction `{gen['instruction']}` (beam {gen['beam']}, at most {gen['max_tokens']} "
+            "tokens); `generate` uses them unless told otherwise:",
+            "",
+            "```python",
+            f'out = one_peace.load("hf-hub:{name}").generate([...])  # rows or items: .text, .score, .box',
+            "```",
+            "",
+        ]
     if record.recipe or record.config_yaml:
         lines += ["## Training", ""]
         if record.recipe:

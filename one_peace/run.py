@@ -99,7 +99,6 @@ def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
         )
         held.append(eval_loaders[name])
     say(f"{build.parameter_summary(model, tasks)}; writing to {out.resolve()}")
-    model.trained_with = build.trained_for(cfg, specs)  # written into every checkpoint's config.json
     if multi:
         from one_peace.train.multitask import MultiLoader, MultiTask
 
@@ -114,6 +113,10 @@ def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
     valid_of = {
         name: ((spec.get("data") or {}).get("valid") if multi else None) or valid for name, spec in specs.items()
     }
+    model.trained_with = build.trained_for(cfg, specs)  # written into every checkpoint's config.json, with
+    generators = build.generator_records(specs, needs, tasks, train_of, multi)  # what generation needs
+    if generators:
+        model.trained_with["generators"] = generators
 
     def evaluate(step: int, limit: int | None = None) -> dict[str, Any]:
         found = evaluate_all(cfg, specs, needs, tasks, eval_loaders, valid_of, train_of, say, multi, limit)

@@ -57,6 +57,7 @@ def save(
     folder: str | Path,
     extra_tensors: dict[str, torch.Tensor] | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
+    task_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model`` into ``folder`` atomically (a temp folder renamed into place).
 
@@ -66,6 +67,9 @@ def save(
         extra_tensors: Optional pretraining-only tensors written to ``pretrain_decoder.safetensors``.
         state_dict: Weights to write instead of ``model.state_dict()`` (e.g. the gathered full state of an
             FSDP-sharded model).
+        task_state: A training task's own tensors (its decoders), written to ``task.safetensors``; without it, the
+            decoders of a loaded seq2seq checkpoint (:mod:`one_peace.generation`) are written there, and the
+            ``trained`` record keeps its ``generators`` only when their weights are written.
     """
     from safetensors.torch import save_file
 
@@ -78,8 +82,20 @@ def save(
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if extra_tensors:
             save_file({k: v.contiguous() for k, v in extra_tensors.items()}, str(tmp / PRETRAIN))
-        trained = getattr(model, "trained_with", None)
-        write_config(tmp, model.config, model.tokenizer, **({"trained": trained} if trained else {}))
+        from one_peace.generation import TASK_WEIGHTS, save_generators
+
+        recorded = getattr(model, "trained_with", None)
+        trained: dict[str, Any] | None = dict(recorded) if recorded else None
+        if task_state:  # a training run's (its record of the generators is in trained_with)
+            save_file(task_state, str(tmp / TASK_WEIGHTS))
+        else:  # a loaded seq2seq checkpoint's decoders; a record without weights is never written
+            written = save_generators(model, tmp)
+            if trained is not None:
+                trained.pop("generators", None)
+                if written:
+                    trained["generators"] = written
+        extra: dict[str, Any] = {"trained": trained} if trained else {}
+        write_config(tmp, model.config, model.tokenizer, **extra)
         _replace_dir(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -228,6 +244,10 @@ def _load_folder(
     trained = doc.get("trained")
     if isinstance(trained, dict) and isinstance(trained.get("uses"), list):
         model.trained_with = {"recipe": str(trained.get("recipe")), "uses": [str(u) for u in trained["uses"]]}
+        if trained.get("generators") is not None:  # a seq2seq run's decoders: built when generation asks for them
+            from one_peace.generation import attach_generators
+
+            attach_generators(model, folder, trained["generators"], where=f"{checked.config_path} (trained)")
     return model.eval()
 
 

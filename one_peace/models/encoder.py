@@ -367,6 +367,32 @@ class OnePeaceModel(nn.Module):
 
         return encode_multimodal(self, inputs, fuse, weights, batch_size, output)
 
+    def generate(
+        self,
+        inputs: Any,
+        instruction: str | None = None,
+        beams: int | None = None,
+        max_tokens: int | None = None,
+        constraints: Sequence[str] | None = None,
+        generator: str | None = None,
+        batch_size: int = 16,
+        progress: bool = False,
+    ) -> list[Any]:
+        """Captions, answers, closed-set labels or boxes from a seq2seq checkpoint's decoder: one
+        :class:`one_peace.generation.Generated` (``.text``, ``.score``, ``.box``) per input.
+
+        ``inputs``: rows (``{"image": "cat.png", ...}``) or bare items when the instruction reads one field;
+        ``instruction`` (default: the trained one; a source side alone keeps the trained target), ``beams`` and
+        ``max_tokens`` (default: the run's validation settings), ``constraints`` (allowed outputs; default: the
+        training labels of a ``closed_set`` target). A model without a decoder raises, naming the recipe that
+        trained it. See :mod:`one_peace.generation`.
+        """
+        from one_peace.generation import get_generator
+
+        return get_generator(self, generator).generate(  # type: ignore[return-value]
+            inputs, instruction, beams, max_tokens, constraints, batch_size=batch_size, progress=progress
+        )
+
     def prepare(self, modality: str, items: Any) -> dict[str, torch.Tensor]:
         """Preprocess and collate raw inputs of ``modality`` into one batch on the model's device."""
         from one_peace.models.encoding import as_item_list, preprocessor, to_device

@@ -225,7 +225,23 @@ def generate(
     trie: Trie | None = None,
     length_penalty: float = 1.0,
 ) -> list[list[int]]:
-    """Decode every row of ``memory``; ``beam=1`` is greedy. Returns token ids without BOS, ending at EOS.
+    """Decode every row of ``memory``; ``beam=1`` is greedy. Returns token ids without BOS, ending at EOS
+    (:func:`generate_scored` without the scores)."""
+    return [tokens for tokens, _ in generate_scored(decoder, memory, memory_pad, beam, max_len, trie, length_penalty)]
+
+
+@torch.no_grad()
+def generate_scored(
+    decoder: TextDecoder,
+    memory: torch.Tensor,
+    memory_pad: torch.Tensor | None = None,
+    beam: int = 1,
+    max_len: int = 30,
+    trie: Trie | None = None,
+    length_penalty: float = 1.0,
+) -> list[tuple[list[int], float]]:
+    """Decode every row of ``memory``: ``(token ids without BOS ending at EOS, score)`` per row, the score being the
+    sequence's log-probability divided by ``len ** length_penalty``.
 
     Batched with a KV cache (module docstring); the tokens equal ``generate_reference``'s. Each step keeps, per
     sample, the best ``beam`` non-EOS continuations among its top ``2 * beam``; a continuation ending in EOS is
@@ -286,7 +302,7 @@ def generate(
     for s in range(samples):
         if not finished[s]:
             finished[s] = [([*seq, EOS], score / ((len(seq) + 1) ** length_penalty)) for seq, score, _ in live[s]]
-        results.append(max(finished[s], key=lambda t: t[1])[0])
+        results.append(max(finished[s], key=lambda t: t[1]))
     return results
 
 

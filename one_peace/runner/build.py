@@ -396,3 +396,48 @@ def trained_for(cfg: DictConfig, specs: dict[str, Any]) -> dict[str, Any]:
             name = dict(to_container(entry)).get("name")
             uses.add({"contrastive": "retrieval", "denoise": "denoising"}.get(str(name), str(name)))
     return {"recipe": str(cfg.recipe_name), "uses": sorted(uses)}
+
+
+def generator_records(
+    specs: dict[str, Any], needs: dict[str, Any], tasks: dict[str, Any], train: dict[str, Any], multi: bool
+) -> dict[str, Any]:
+    """``name -> record`` of each seq2seq task, written into its run's checkpoints (``config.json`` ``trained``
+    ``generators``) so that :func:`one_peace.generation.load_generator` rebuilds the decoder and generates as the
+    run's validation does: the instruction, the decoder's sizes, where its weights are, the decoding settings, the
+    closed set and the baselines (both from the training rows, as the validation computes them)."""
+    import dataclasses
+    from collections import Counter
+
+    import numpy as np
+
+    from one_peace.runner.evaluate import _rows
+
+    records: dict[str, Any] = {}
+    for name, spec in specs.items():
+        n = needs[name]
+        if n["kind"] != "seq2seq":
+            continue
+        rows = _rows(train[name])[0]
+        box = n["target_field"] is None
+        closed = n.get("closed_set")
+        record: dict[str, Any] = {
+            "instruction": str(spec.instruction),
+            "decoder": dataclasses.asdict(tasks[name].decoder.config),
+            "text_vocab": int(tasks[name].text_vocab),
+            "weights": "task.safetensors",
+            "prefix": f"tasks.{name}.decoder." if multi else "decoder.",
+            "beam": int(spec.get("beam", 1)),
+            "max_tokens": 6 if box else 30,
+            "target": "box" if box else "text",
+            "target_field": n["box_field"] if box else n["target_field"],
+            "closed_set": sorted({str(r[closed]) for r in rows if closed in r}) if closed else None,
+        }
+        if box:
+            boxes = [r[n["box_field"]] for r in rows if isinstance(r.get(n["box_field"]), list | tuple)]
+            mean_box = [float(np.mean([b[i] for b in boxes])) for i in range(4)] if boxes else None
+            record["baseline"] = {"box": mean_box}
+        else:
+            refs = [str(r[n["target_field"]]).lower() for r in rows if n["target_field"] in r]
+            record["baseline"] = {"text": Counter(refs).most_common(1)[0][0] if refs else None}
+        records[name] = record
+    return records

@@ -136,8 +136,6 @@ def save_checkpoint(self: Any) -> Path:
     Under FSDP2 the full encoder state is gathered (collective) and written as safetensors by rank 0, and the
     sharded model + optimizer state goes through ``torch.distributed.checkpoint`` (``training_state/dcp``).
     """
-    from safetensors.torch import save_file
-
     root = self.out / "checkpoints"
     final = root / f"step_{self.step:07d}"
     tmp = root / f".{final.name}.tmp"
@@ -146,7 +144,7 @@ def save_checkpoint(self: Any) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "training_state").mkdir(parents=True)
     barrier()
-    full_state = full_model_state(self)
+    full_state, full_extra = full_task_state(self)
     try:
         if self.sharded:
             import torch.distributed.checkpoint as dcp
@@ -169,18 +167,16 @@ def save_checkpoint(self: Any) -> Path:
         torch.save(state, tmp / "training_state" / f"rank{self.rank}.pt")
         barrier()
         if self.rank == 0:
-            save_folder(self.task.model, tmp / "weights", state_dict=full_state)  # type: ignore[arg-type]
+            extra = full_extra if self.sharded else _task_only(self.task.state_dict())
+            save_folder(  # the task's own modules (decoders) in task.safetensors, under FSDP2 too
+                self.task.model,
+                tmp / "weights",
+                state_dict=full_state,  # type: ignore[arg-type]
+                task_state={k: v.detach().contiguous().cpu() for k, v in (extra or {}).items()} or None,
+            )
             for f in (tmp / "weights").iterdir():
                 f.rename(tmp / f.name)
             (tmp / "weights").rmdir()
-            if not self.sharded:
-                extra = {
-                    k: v.detach().contiguous().cpu()
-                    for k, v in self.task.state_dict().items()
-                    if not k.startswith("model.") and ".model." not in k  # the encoder is in model.safetensors
-                }
-                if extra:
-                    save_file(extra, str(tmp / "task.safetensors"))
             meta = {**asdict(self.cfg), "world_size": self.world}
             (tmp / "training_state" / "trainer.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
             (tmp / "COMPLETE").write_text(f"{self.step}\n")
@@ -299,13 +295,24 @@ def _restore(self: Any, ckpt: Path) -> None:
 # ------------------------------------------------------------------------------------------ training
 
 
-def full_model_state(self: Any) -> dict[str, torch.Tensor] | None:
-    """The encoder's full (unsharded) state on rank 0 (collective under FSDP2), ``None`` when not sharded."""
+def _task_only(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The task's own tensors of a task state dict (the encoder, ``model.*`` at any depth, is written apart)."""
+    return {
+        k: v
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor) and not k.startswith("model.") and ".model." not in k
+    }
+
+
+def full_task_state(self: Any) -> tuple[dict[str, torch.Tensor] | None, dict[str, torch.Tensor] | None]:
+    """The encoder's and the task's own (decoders) full (unsharded) states on rank 0 (collective under FSDP2);
+    ``(None, None)`` when not sharded."""
     if not self.sharded:
-        return None
+        return None, None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(self.task, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {
+    encoder = {
         k.removeprefix("model."): v for k, v in full.items() if k.startswith("model.") and isinstance(v, torch.Tensor)
     }
+    return encoder, _task_only(full)

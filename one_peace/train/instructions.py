@@ -180,6 +180,32 @@ class Instruction:
         t = self.templates[idx]
         if image_size is None and "width" in row and "height" in row:  # original image size for BOX slots
             image_size = (int(row["width"]), int(row["height"]))
+        source = self.render_source(row, idx, image_size)
+        target: list[tuple[Any, bool]] = []
+        closed = False
+        for p in t.target:
+            if isinstance(p, str):
+                if p.strip():
+                    target.append((p, True))
+                continue
+            scored = "no_loss" not in p.attrs
+            closed = closed or "closed_set" in p.attrs
+            value = quantize_box(row[p.field], image_size) if p.kind == "box" else str(row[p.field])
+            target.append((value, scored))
+        return {**source, "target": target, "closed_set": closed, "template": idx}
+
+    def render_source(
+        self, row: Mapping[str, Any], template: int = 0, image_size: tuple[int, int] | None = None
+    ) -> dict[str, Any]:
+        """The encoder side of template ``template`` filled from ``row`` (generation needs no target field).
+
+        Returns:
+            ``inputs`` (modality -> raw field value), ``prompt`` (str pieces and location-token lists) and
+            ``mask_ratio`` (modality -> ratio), as :meth:`render` does.
+        """
+        t = self.templates[template]
+        if image_size is None and "width" in row and "height" in row:
+            image_size = (int(row["width"]), int(row["height"]))
         inputs: dict[str, Any] = {}
         prompt: list[Any] = []
         mask_ratio: dict[str, float] = {}
@@ -194,25 +220,7 @@ class Instruction:
                 inputs[p.kind] = row.get(p.field)  # media are loaded by the data loader
                 if "mask_ratio" in p.attrs:
                     mask_ratio[p.kind] = float(p.attrs["mask_ratio"])
-        target: list[tuple[Any, bool]] = []
-        closed = False
-        for p in t.target:
-            if isinstance(p, str):
-                if p.strip():
-                    target.append((p, True))
-                continue
-            scored = "no_loss" not in p.attrs
-            closed = closed or "closed_set" in p.attrs
-            value = quantize_box(row[p.field], image_size) if p.kind == "box" else str(row[p.field])
-            target.append((value, scored))
-        return {
-            "inputs": inputs,
-            "prompt": prompt,
-            "target": target,
-            "mask_ratio": mask_ratio,
-            "closed_set": closed,
-            "template": idx,
-        }
+        return {"inputs": inputs, "prompt": prompt, "mask_ratio": mask_ratio}
 
 
 def quantize_box(box: Sequence[float], image_size: tuple[int, int] | None, bins: int = NUM_BINS) -> list[int]:

@@ -12,7 +12,15 @@ from torch import nn
 from one_peace.models.encoder import OnePeaceModel
 from one_peace.models.seq2seq import EOS as EOS_ID
 from one_peace.models.seq2seq import PAD as PAD_ID
-from one_peace.models.seq2seq import Seq2SeqConfig, TextDecoder, Trie, generate, seq2seq_loss, shift_right
+from one_peace.models.seq2seq import (
+    Seq2SeqConfig,
+    TextDecoder,
+    Trie,
+    generate,
+    generate_scored,
+    seq2seq_loss,
+    shift_right,
+)
 from one_peace.tokenizer import LANGUAGE
 from one_peace.train.instructions import NUM_BINS, Instruction
 from one_peace.train.objectives import Logs
@@ -165,3 +173,33 @@ class Seq2SeqTask(nn.Module):
         trie = Trie([self._ids([c]) for c in closed_set]) if closed_set else None
         out = generate(self.decoder, memory, pad, beam=beam, max_len=max_len, trie=trie)
         return [self.tokenizer.decode([i for i in ids if i < self.text_vocab]) for ids in out]
+
+    @torch.no_grad()
+    def generate_rendered(
+        self,
+        batch: Mapping[str, Any],
+        rendered: list[dict[str, Any]],
+        beam: int = 1,
+        max_len: int = 30,
+        trie: Trie | None = None,
+    ) -> list[tuple[list[int], float]]:
+        """``(token ids, score)`` per sample for prompts already rendered (``prompt`` and ``mask_ratio`` of
+        :meth:`~one_peace.train.instructions.Instruction.render_source`): what :mod:`one_peace.generation` runs."""
+        memory, pad = self._encode_batch(batch, rendered)
+        return generate_scored(self.decoder, memory, pad, beam=beam, max_len=max_len, trie=trie)
+
+    def trie(self, values: list[str]) -> Trie:
+        """The closed set ``values`` as a token trie (each value as the decoder would write it, ending with EOS)."""
+        return Trie([self._ids([v]) for v in values])
+
+    def decode_text(self, ids: list[int]) -> str:
+        """The text of generated ``ids`` (location tokens and EOS left out)."""
+        return str(self.tokenizer.decode([i for i in ids if i < self.text_vocab]))
+
+    def decode_box(self, ids: list[int], size: tuple[int, int]) -> list[float] | None:
+        """The first four location tokens of ``ids`` as ``[x0, y0, x1, y1]`` in pixels of an image of ``size``
+        (``None`` when fewer than four were generated)."""
+        from one_peace.train.instructions import dequantize_box
+
+        bins = [t - self.text_vocab for t in ids if t >= self.text_vocab][:4]
+        return dequantize_box(bins, size) if len(bins) == 4 else None
