@@ -201,10 +201,14 @@ def _fsdp2_one_rank(tmp_path, device: str) -> None:
             if dist.is_initialized():
                 dist.destroy_process_group()
         curves[mode] = [h["loss"] for h in trainer.history]
+        task_keys = set(load_file(str(last / "task.safetensors"))) if (last / "task.safetensors").exists() else set()
         if mode == "fsdp2":
             assert (last / "training_state" / "dcp").is_dir()
             weights = load_file(str(last / "model.safetensors"))
             assert weights and all(torch.isfinite(v.float()).all() for v in weights.values())
+            assert task_keys and task_keys == plain_task_keys  # the task's own modules (decoders) are gathered and written too
+        else:
+            plain_task_keys = task_keys
     assert all(abs(a - b) < 1e-2 * max(1.0, abs(b)) for a, b in zip(curves["fsdp2"], curves["plain"])), curves
 
 

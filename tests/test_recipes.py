@@ -108,7 +108,9 @@ def test_vl_seq2seq_short_run_generates_captions(tmp_path):
     assert {"token_f1", "baseline_token_f1", "examples"} <= set(results)
     assert all(isinstance(e["generated"], str) for e in results["examples"])
     ckpt = Path(results["checkpoint"])
-    assert json.loads((ckpt / "config.json").read_text())["trained"] == {"recipe": "vl_seq2seq", "uses": ["generation"]}
+    trained = json.loads((ckpt / "config.json").read_text())["trained"]
+    assert {k: trained[k] for k in ("recipe", "uses")} == {"recipe": "vl_seq2seq", "uses": ["generation"]}
+    assert trained["generators"]["vl_seq2seq"]["prefix"] == "decoder."  # what generation needs (test_generate.py)
     assert one_peace.load(ckpt).trained_with == {"recipe": "vl_seq2seq", "uses": ["generation"]}
     valid = tmp_path / "demo_data" / "valid.jsonl"
     cfg = embed_mod.EmbedConfig(checkpoint=str(ckpt), data=str(valid), modality="image", out=str(tmp_path / "emb"))

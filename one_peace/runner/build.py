@@ -410,14 +410,17 @@ def generator_records(
 
     import numpy as np
 
-    from one_peace.runner.evaluate import _rows
+    from one_peace.data.shards import iter_rows
 
     records: dict[str, Any] = {}
     for name, spec in specs.items():
         n = needs[name]
         if n["kind"] != "seq2seq":
             continue
-        rows = _rows(train[name])[0]
+        wanted = [f for f in (n["target_field"], n["box_field"], n.get("closed_set")) if f]
+        source = train[name]  # streamed, keeping only those fields (shard rows carry their media)
+        stream = ((i, r) for i, r in enumerate(source)) if isinstance(source, list | tuple) else iter_rows(str(source))
+        rows = [{f: r[f] for f in wanted if f in r} for _, r in stream if isinstance(r, dict)]
         box = n["target_field"] is None
         closed = n.get("closed_set")
         record: dict[str, Any] = {
