@@ -38,8 +38,8 @@ from one_peace.checkpoint import (
     write_st_files,
 )
 from one_peace.checkpoint.folder import CONFIG, read_folder, regular_file, tokenizer_files
+from one_peace.checkpoint.generators import copy_generator_weights, save_generators
 from one_peace.checkpoint.writer import WeightWriter, parse_size
-from one_peace.generation import copy_generator_weights, save_generators
 from one_peace.models.encoder import OnePeaceModel
 
 PRETRAIN = "pretrain_decoder.safetensors"

@@ -82,7 +82,7 @@ def save(
         save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt"})
         if extra_tensors:
             save_file({k: v.contiguous() for k, v in extra_tensors.items()}, str(tmp / PRETRAIN))
-        from one_peace.generation import TASK_WEIGHTS, save_generators
+        from one_peace.checkpoint.generators import TASK_WEIGHTS, save_generators
 
         recorded = getattr(model, "trained_with", None)
         trained: dict[str, Any] | None = dict(recorded) if recorded else None
@@ -245,7 +245,7 @@ def _load_folder(
     if isinstance(trained, dict) and isinstance(trained.get("uses"), list):
         model.trained_with = {"recipe": str(trained.get("recipe")), "uses": [str(u) for u in trained["uses"]]}
         if trained.get("generators") is not None:  # a seq2seq run's decoders: built when generation asks for them
-            from one_peace.generation import attach_generators
+            from one_peace.checkpoint.generators import attach_generators
 
             attach_generators(model, folder, trained["generators"], where=f"{checked.config_path} (trained)")
     return model.eval()
