@@ -205,3 +205,32 @@ def test_multitask_checkpoint_generates_with_its_caption_task(tmp_path):
     assert [g.text for g in model.generate(rows[: len(printed)])] == printed
     with pytest.raises(ValueError, match=r"feeds \[\], but this decoder was trained on \['image'\]"):
         model.generate([{"caption": "x"}], instruction="[TEXT:caption] say it again")
+
+
+def test_a_hostile_generator_record_is_refused_at_load(captioner, tmp_path):
+    import shutil
+
+    from one_peace.checkpoint import CheckpointError
+
+    _, results = captioner
+    folder = tmp_path / "ck"
+    shutil.copytree(results["checkpoint"], folder)
+    doc = json.loads((folder / "config.json").read_text())
+    record = doc["trained"]["generators"]["vl_seq2seq"]
+    for key, value, message in [
+        ("weights", "../../etc/passwd", "generators.vl_seq2seq.weights"),
+        ("beam", "2", r"generators.vl_seq2seq.beam: expected int"),
+        ("target", "audio", "expected 'text' or 'box'"),
+    ]:
+        (folder / "config.json").write_text(
+            json.dumps({**doc, "trained": {**doc["trained"], "generators": {"vl_seq2seq": {**record, key: value}}}})
+        )
+        with pytest.raises(CheckpointError, match=message):
+            one_peace.load(folder)
+    (folder / "config.json").write_text(
+        json.dumps(
+            {**doc, "trained": {**doc["trained"], "generators": {"vl_seq2seq": {**record, "prefix": "nothing."}}}}
+        )
+    )
+    with pytest.raises(CheckpointError, match=r"holds no tensor under 'nothing\.'"):
+        one_peace.load(folder).generate(["x.png"])
