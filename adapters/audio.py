@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from one_peace.models.adapter import (
 )
 from one_peace.models.relpos import bucket_1d, bucket_1d_rows
 from one_peace.registry import MaskingPolicy, ModalityPlugin, OfficialKeyRule, PluginOptions, register_modality
+from one_peace.segments import Segment, SegmentSpec, stream_windows
 
 SAMPLE_RATE = 16000
 CONV_SPEC: tuple[tuple[int, int], ...] = ((10, 5),) + ((3, 2),) * 4 + ((2, 2),) * 2
@@ -235,7 +236,17 @@ AUDIO_TYPES = MediaTypes(
 
 
 def _load_with_av(item: Any) -> tuple[np.ndarray, int]:
-    """Decode the first audio stream of a container (a video's sound track, WebM/Opus) with PyAV."""
+    """Decode the first audio stream of a container (a video's sound track, WebM/Opus) with PyAV: mono float32 at
+    16 kHz whatever the stream's layout and sample format."""
+    chunks = list(_av_chunks(item))
+    if not chunks:
+        label = str(item)[:120] if isinstance(item, str | Path) else "<bytes>"
+        raise EmptyMedia(f"the audio stream of {label} has no samples")
+    return np.concatenate(chunks).astype(np.float32), SAMPLE_RATE
+
+
+def _av_chunks(item: Any) -> Iterator[np.ndarray]:
+    """The first audio stream of a container as mono float32 chunks at 16 kHz, decoded as they are read."""
     from one_peace.extras import require
 
     require("video", "av", feature="decoding the sound track of a video or WebM/Opus file")
@@ -243,23 +254,55 @@ def _load_with_av(item: Any) -> tuple[np.ndarray, int]:
 
     source = str(item) if isinstance(item, str | Path) else io.BytesIO(bytes(item))
     label = str(item)[:120] if isinstance(item, str | Path) else "<bytes>"
-    # PyAV's resampler gives mono float32 at 16 kHz whatever the stream's layout and sample format
     resampler = av.AudioResampler(format="fltp", layout="mono", rate=SAMPLE_RATE)
-    chunks: list[np.ndarray] = []
     try:
         with av.open(source, mode="r") as container:
             if not container.streams.audio:
                 raise UndecodableMedia(f"{label} has no audio stream")
             for frame in container.decode(audio=0):
-                chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
-            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+                for f in resampler.resample(frame):
+                    yield f.to_ndarray().reshape(-1).astype(np.float32)
+            for f in resampler.resample(None):
+                yield f.to_ndarray().reshape(-1).astype(np.float32)
     except UndecodableMedia:
         raise
     except Exception as exc:
         raise UndecodableMedia(f"cannot decode audio {label}: {exc}") from exc
-    if not chunks:
-        raise EmptyMedia(f"the audio stream of {label} has no samples")
-    return np.concatenate(chunks).astype(np.float32), SAMPLE_RATE
+
+
+def audio_chunks(item: Any, seconds: float = 1.0) -> tuple[Iterator[np.ndarray], int]:
+    """``(mono float32 chunks, rate)`` of ``item`` read ``seconds`` at a time (a file is never read whole): sound
+    files at their own rate through soundfile, containers' sound tracks at 16 kHz through PyAV, arrays as one chunk.
+
+    Raises:
+        one_peace.errors.DataError: an input that does not open (later chunks raise while being read).
+    """
+    import soundfile as sf
+
+    if isinstance(item, tuple | torch.Tensor | np.ndarray):
+        data, rate = load_audio(item)
+        return iter([data.mean(axis=1, dtype=np.float32) if data.ndim == 2 else data]), rate
+    if isinstance(item, str | Path) and Path(item).suffix.lower() in AV_SUFFIXES:
+        return _av_chunks(item), SAMPLE_RATE
+    if not isinstance(item, str | Path | bytes | bytearray | memoryview):
+        raise InvalidValue(f"unsupported audio input type {type(item).__name__} (path, bytes, (array, rate), array)")
+    label = str(item) if isinstance(item, str | Path) else "<bytes>"
+    try:
+        handle = sf.SoundFile(str(item) if isinstance(item, str | Path) else io.BytesIO(bytes(item)))
+    except (RuntimeError, sf.LibsndfileError) as exc:
+        if isinstance(item, bytes | bytearray | memoryview) and _av_available():
+            return _av_chunks(item), SAMPLE_RATE
+        raise UndecodableMedia(f"cannot decode audio {label}: {exc}") from exc
+
+    def blocks() -> Iterator[np.ndarray]:
+        with handle:
+            try:
+                for block in handle.blocks(blocksize=max(1, int(seconds * handle.samplerate)), dtype="float32"):
+                    yield block.mean(axis=1, dtype=np.float32) if block.ndim == 2 else block
+            except (RuntimeError, sf.LibsndfileError) as exc:
+                raise UndecodableMedia(f"cannot decode audio {label}: {exc}") from exc
+
+    return blocks(), int(handle.samplerate)
 
 
 def load_audio(item: Any) -> tuple[np.ndarray, int]:
@@ -422,6 +465,18 @@ class AudioModality(ModalityPlugin):
         seconds = min(info.frames / info.samplerate, float(o["max_seconds"]))
         samples = max(int(seconds * SAMPLE_RATE), SAMPLE_RATE)
         return max(1, int(num_frames(samples, FRONTENDS.get(o["frontend"], CONV_SPEC)))) + 1
+
+    def segment_defaults(self, config: ModelConfig) -> SegmentSpec | None:
+        """Windows of ``max_seconds`` (the longest clip the model reads), no overlap, a last one kept from 1 s."""
+        return SegmentSpec(float(self.options(config)["max_seconds"]), None, 1.0)
+
+    def iter_segments(self, value: Any, config: ModelConfig, spec: SegmentSpec) -> Iterator[Segment]:
+        """Windows of ``(waveform, rate)`` read block by block (each then preprocessed as a clip of its own)."""
+        longest = float(self.options(config)["max_seconds"])
+        if spec.window > longest + 1e-9:
+            raise ValueError(f"segments.window {spec.window:g} s is longer than audio max_seconds {longest:g} s")
+        chunks, rate = audio_chunks(value)
+        return stream_windows(chunks, rate, spec)
 
     def validate_options(self, options: PluginOptions) -> None:
         """A known front end, a positive clip length and positive sizes."""

@@ -9,7 +9,7 @@ Zero-initialised, the temporal embedding makes a one-frame video encode exactly 
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,12 @@ import torch
 from torch import nn
 
 from one_peace.config import ModelConfig
-from one_peace.errors import EmptyMedia, UndecodableMedia
+from one_peace.errors import EmptyMedia, InvalidValue, UndecodableMedia
 from one_peace.media import MediaTypes, Preview
 from one_peace.models.adapter import Adapter, AdapterOutput, padding_or_none, require
 from one_peace.models.relpos import bucket_2d
 from one_peace.registry import MaskingPolicy, ModalityPlugin, PluginOptions, get_plugin, register_modality
+from one_peace.segments import Segment, SegmentSpec, plan_windows
 
 from .image import PATCH, ImageAdapter, preprocess_image, resize_pos_embed
 
@@ -81,8 +82,77 @@ def sample_frame_indices(total: int, num: int) -> list[int]:
     return [min(total - 1, int((i + 0.5) * total / num)) for i in range(num)]
 
 
+def sample_times(start: float, end: float, num: int) -> list[float]:
+    """``num`` times spread uniformly over ``[start, end)`` (segment centres)."""
+    return [start + (i + 0.5) * (end - start) / num for i in range(num)]
+
+
+def _open_video(item: Any) -> Any:
+    from one_peace.extras import require
+
+    require("video", "av", feature="decoding video files")
+    import av
+
+    return av.open(str(item) if isinstance(item, str | Path) else io.BytesIO(bytes(item)), "r")
+
+
+def video_duration(container: Any) -> float | None:
+    """Seconds of the first video stream from the container's metadata (``None`` when it does not say)."""
+    stream = container.streams.video[0]
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return float(container.duration) / 1_000_000
+    return None
+
+
+def frames_at(container: Any, times: Sequence[float]) -> tuple[list[Any], int]:
+    """The frames shown at ``times`` (seconds, ascending), reached by seeking to the key frame before each time and
+    decoding forward to it; returns ``(PIL images, frames decoded)``. Only the chosen frames become images."""
+    stream = container.streams.video[0]
+    base = stream.start_time or 0
+    images: list[Any] = []
+    decoded = 0
+    for t in times:
+        container.seek(base + int(t / stream.time_base), stream=stream, backward=True, any_frame=False)
+        previous = None
+        chosen = None
+        for frame in container.decode(stream):
+            decoded += 1
+            at = frame.time
+            if at is None:
+                raise UndecodableMedia("video frames carry no timestamps")
+            if at > t + 1e-6:
+                chosen = previous if previous is not None else frame
+                break
+            previous = frame
+        chosen = chosen if chosen is not None else previous
+        if chosen is None:
+            raise EmptyMedia("video has no frames")
+        images.append(chosen.to_image())
+    return images, decoded
+
+
+def _frames_by_index(item: Any, num_frames: int) -> list[Any]:
+    """Streams without timing: count the frames once, then keep only the sampled ones (two passes, no frame kept
+    but those)."""
+    with _open_video(item) as container:
+        total = sum(1 for _ in container.decode(video=0))
+    wanted = sample_frame_indices(total, num_frames)
+    picked: dict[int, Any] = {}
+    with _open_video(item) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i in wanted and i not in picked:
+                picked[i] = frame.to_image()
+            if i >= wanted[-1]:
+                break
+    return [picked[i] for i in wanted]
+
+
 def load_video_frames(item: Any, num_frames: int) -> list[Any]:
-    """Frames of a video: a folder of images, a list of images/paths, or a file decoded with PyAV."""
+    """Frames of a video: a folder of images, a list of images/paths, or a file decoded with PyAV by seeking to
+    ``num_frames`` uniformly spread times (only those frames are decoded into images; memory does not grow with
+    the video's length)."""
     if isinstance(item, list | tuple):
         frames = list(item)
     elif isinstance(item, str | Path) and Path(item).is_dir():
@@ -91,20 +161,40 @@ def load_video_frames(item: Any, num_frames: int) -> list[Any]:
         if not frames:
             raise EmptyMedia(f"video folder {item} holds no image frames")
     else:
-        from one_peace.extras import require
-
-        require("video", "av", feature="decoding video files")
-        import av
-
         try:
-            source = (
-                str(item) if isinstance(item, str | Path) else io.BytesIO(item) if isinstance(item, bytes) else item
-            )
-            with av.open(source, "r") as container:
-                frames = [f.to_image() for f in container.decode(video=0)]
+            with _open_video(item) as container:
+                if not container.streams.video:
+                    raise UndecodableMedia(f"{str(item)[:120]} has no video stream")
+                duration = video_duration(container)
+                if duration:
+                    return frames_at(container, sample_times(0.0, duration, num_frames))[0]
+            return _frames_by_index(item, num_frames)
+        except (UndecodableMedia, EmptyMedia):
+            raise
         except Exception as exc:
-            raise UndecodableMedia(f"cannot decode video {item}: {exc}") from exc
+            label = str(item)[:120] if isinstance(item, str | Path) else "<bytes>"
+            raise UndecodableMedia(f"cannot decode video {label}: {exc}") from exc
     return [frames[i] for i in sample_frame_indices(len(frames), num_frames)]
+
+
+def video_segments(item: Any, num_frames: int, spec: SegmentSpec) -> Iterator[Segment]:
+    """Windows of a video file, each ``num_frames`` frames reached by seeking (see :func:`frames_at`)."""
+    label = str(item)[:120] if isinstance(item, str | Path) else "<bytes>"
+    if isinstance(item, list | tuple) or (isinstance(item, str | Path) and Path(item).is_dir()):
+        raise InvalidValue("timed segments need a video file (frames given as images carry no times)")
+    try:
+        with _open_video(item) as container:
+            if not container.streams.video:
+                raise UndecodableMedia(f"{label} has no video stream")
+            duration = video_duration(container)
+            if not duration:
+                raise UndecodableMedia(f"{label}: the container does not state its duration")
+            for start, end in plan_windows(duration, spec):
+                yield Segment(start, end, frames_at(container, sample_times(start, end, num_frames))[0])
+    except (UndecodableMedia, EmptyMedia):
+        raise
+    except Exception as exc:
+        raise UndecodableMedia(f"cannot decode video {label}: {exc}") from exc
 
 
 @dataclass
@@ -148,6 +238,14 @@ class VideoModality(ModalityPlugin):
             return {"frames": torch.stack([preprocess_image(f, size) for f in load_video_frames(item, n)])}
 
         return preprocess
+
+    def segment_defaults(self, config: ModelConfig) -> SegmentSpec | None:
+        """10-s windows, no overlap, a last one kept from 1 s; each gets ``num_frames`` frames."""
+        return SegmentSpec(10.0, None, 1.0)
+
+    def iter_segments(self, value: Any, config: ModelConfig, spec: SegmentSpec) -> Iterator[Segment]:
+        """Windows of a video file, their frames reached by seeking (:func:`video_segments`)."""
+        return video_segments(value, self.options(config)["num_frames"], spec)
 
     def padding(self, batch: Mapping[str, Any]) -> torch.Tensor | None:
         """Padded frames."""

@@ -45,6 +45,15 @@ PART_DONE_HOOK: Callable[[int], None] | None = None
 
 
 @dataclass
+class SegmentsConfig:
+    """``segments.*`` of :class:`EmbedConfig` (all seconds; no window: items are embedded whole)."""
+
+    window: float | None = None
+    hop: float | None = None
+    min_length: float | None = None
+
+
+@dataclass
 class EmbedConfig:
     """Embed a manifest or shard folder into an embedding folder with a FAISS index.
 
@@ -81,6 +90,10 @@ class EmbedConfig:
         long_text: ``truncate`` or ``chunks`` (see ``OnePeaceModel.encode``).
         compile: Run the forward through ``torch.compile`` (one compilation, then faster per item: for corpora).
         progress: Show a progress bar.
+        segments: Long audio / video as timed windows, one row each (``id`` ``<parent>#t=<start>,<end>``, with
+            ``parent_id``, ``start``, ``end``): ``segments.window=10`` seconds, ``segments.hop`` (default: the window),
+            ``segments.min_length`` (default 1 s); media are decoded a window at a time. Recorded in the folder: a
+            resume or append must cut the same way.
     """
 
     checkpoint: str = "???"
@@ -107,6 +120,7 @@ class EmbedConfig:
     long_text: str = "truncate"
     compile: bool = False
     progress: bool = True
+    segments: SegmentsConfig = _field(default_factory=lambda: SegmentsConfig())
 
 
 def _check(cfg: EmbedConfig) -> None:
@@ -204,6 +218,7 @@ class _Embedder:
         self.base_dir = Path(cfg.data).parent if Path(cfg.data).is_file() else Path(cfg.data)
         self.prep = preprocessor(model, cfg.modality)
         self.split = chunker(model, cfg.modality) if cfg.long_text == "chunks" else None
+        self.segments = segment_spec_of(cfg, model)
         self.store = EmbeddingStore(cfg.out)
         self.truncated = 0
 
@@ -214,6 +229,8 @@ class _Embedder:
                 raise UndecodableMedia(str(row["__error__"]))
             resolved = self.plugin.read_field(row, self.field, self.base_dir)
             value = row[self.field]
+            if self.segments is not None:  # windows are decoded as they are embedded (memory bounded by one)
+                return pos, item_id, row, (resolved, _source_of(value, row, resolved, self.media))
             group = self.split(resolved) if self.split is not None else [self.prep(resolved)]
             return pos, item_id, row, (group, _source_of(value, row, resolved, self.media))
         except DataError as exc:
@@ -223,7 +240,7 @@ class _Embedder:
         from one_peace.models.encoding import embed_samples
 
         bad: list[dict[str, Any]] = []
-        meta: dict[int, dict[str, Any]] = {}
+        meta: dict[Any, dict[str, Any]] = {}
         ahead = self.cfg.batch_size * 4
 
         def samples() -> Iterator[tuple[int, list[dict[str, Any]]]]:
@@ -233,12 +250,16 @@ class _Embedder:
                     bad.append(bad_record(item_id, got, modality, row=pos))
                     continue
                 group, (src, kind) = got
-                self.truncated += any(s.get("truncated") for s in group)
                 fields = row_metadata(row, skip=(self.field,) if self.media else ())
-                meta[pos] = {**fields, "id": item_id, "row": pos, "source": src, "source_kind": kind}
+                record = {**fields, "id": item_id, "row": pos, "source": src, "source_kind": kind}
                 located = (row.get("__members__") or {}).get(self.field)
                 if kind == "shard" and located:
-                    meta[pos]["source_member"] = ":".join(str(x) for x in located)
+                    record["source_member"] = ":".join(str(x) for x in located)
+                if self.segments is not None:
+                    yield from self._segments(pos, item_id, group, record, bad, meta)
+                    continue
+                self.truncated += any(s.get("truncated") for s in group)
+                meta[pos] = record
                 yield pos, group
 
         vectors, rows = [], []
@@ -257,6 +278,46 @@ class _Embedder:
         if PART_DONE_HOOK is not None:
             PART_DONE_HOOK(part)
         return record
+
+    def _segments(
+        self,
+        pos: int,
+        item_id: str,
+        resolved: Any,
+        record: dict[str, Any],
+        bad: list[dict[str, Any]],
+        meta: dict[Any, dict[str, Any]],
+    ) -> Iterator[tuple[Any, list[dict[str, Any]]]]:
+        """One row per window of one item; a window that fails to decode ends the item (the windows before it are
+        kept, and the item is listed in ``bad.jsonl`` with how many were embedded)."""
+        from one_peace.segments import fragment_id
+
+        done = 0
+        try:
+            for k, seg in enumerate(self.plugin.iter_segments(resolved, self.model.config, self.segments)):
+                sample = self.prep(seg.item)
+                meta[(pos, k)] = {
+                    **record,
+                    "id": fragment_id(item_id, seg.start, seg.end),
+                    "parent_id": item_id,
+                    "start": float(seg.start),
+                    "end": float(seg.end),
+                }
+                done += 1
+                yield (pos, k), [sample]
+        except DataError as exc:
+            bad.append({**bad_record(item_id, exc, self.cfg.modality, row=pos), "segments_embedded": done})
+
+
+def segment_spec_of(cfg: EmbedConfig, model: Any) -> Any:
+    """The resolved :class:`~one_peace.segments.SegmentSpec` of ``cfg.segments`` (``None``: items are whole)."""
+    if cfg.segments.window is None:
+        if cfg.segments.hop is not None or cfg.segments.min_length is not None:
+            raise ValueError("segments: hop and min_length need segments.window")
+        return None
+    from one_peace.models.encoding import segment_spec
+
+    return segment_spec(model, cfg.modality, vars(cfg.segments))
 
 
 def _barrier(world: int) -> None:
@@ -292,7 +353,7 @@ def embed(cfg: EmbedConfig, model: Any = None) -> dict[str, Any]:
     digest = model_hash(model)
     store = EmbeddingStore(cfg.out)
     if rank == 0:
-        info = prepare_folder(cfg, store, model, digest, precision)
+        info = prepare_folder(cfg, store, model, digest, precision, segment_spec_of(cfg, model))
         store.save_info(info)
     _barrier(world)
     info = store.info()

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from one_peace.checkpoint.generators import ATTR, decoder_state
+from one_peace.checkpoint.generators import ATTR, BOX_TARGET, TEXT_TARGET, decoder_state
 from one_peace.checkpoint.safe_pickle import CheckpointError
 from one_peace.errors import DataError, InvalidValue, MissingField, UndecodableMedia
 from one_peace.tokenizer import LANGUAGE
@@ -56,7 +56,7 @@ class Generated:
 
     text: str
     score: float
-    kind: str = "text"
+    kind: str = TEXT_TARGET
     box: list[float] | None = None
     tokens: list[int] = field(default_factory=list)
     image_size: tuple[int, int] | None = None
@@ -253,7 +253,7 @@ class Generator:
             if values is None:
                 raise GenerationError("the target is closed_set, but the checkpoint records no set: pass constraints=")
         trie = self.task.trie(values) if values else None
-        return Settings(parsed, template, beam, limit, trie, "box" if box else "text", uses_box, values)
+        return Settings(parsed, template, beam, limit, trie, BOX_TARGET if box else TEXT_TARGET, uses_box, values)
 
     def rows_of(self, inputs: Any, settings: Settings) -> list[Mapping[str, Any]]:
         """``inputs`` as rows: dicts stay; a bare item (a path, a PIL image...) fills the template's one media field."""

@@ -20,7 +20,7 @@ import os
 import threading
 import typing
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from one_peace.config import ModelConfig
+    from one_peace.segments import Segment, SegmentSpec
     from one_peace.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -252,6 +253,20 @@ class ModalityPlugin:
         in its sample so that ``encode`` can warn.
         """
         return None
+
+    def segment_defaults(self, config: ModelConfig) -> SegmentSpec | None:
+        """The default window of timed segments (:mod:`one_peace.segments`) for a modality with a time axis;
+        ``None`` (the default): its inputs have no time axis and are never cut into segments."""
+        return None
+
+    def iter_segments(self, value: Any, config: ModelConfig, spec: SegmentSpec) -> Iterator[Segment]:
+        """Yield the windows of one resolved input (``spec`` resolved), each decoded on its own: memory stays bounded
+        by the window for any length. Only for modalities whose :meth:`segment_defaults` is not ``None``.
+
+        Raises:
+            one_peace.errors.DataError: the input does not decode.
+        """
+        raise NotImplementedError(f"the {self.name!r} plugin has no timed segments")
 
     def collate(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Batch preprocessed samples into the adapter's input dict."""

@@ -19,6 +19,10 @@ from one_peace.checkpoint.safe_pickle import CheckpointError
 if TYPE_CHECKING:
     from one_peace.models.encoder import OnePeaceModel
 
+#: what a decoder writes: words (captions, answers, labels) or a region (four location tokens). Kinds of target, not
+#: modalities, although the first is spelt like the text modality.
+TEXT_TARGET, BOX_TARGET = "text", "box"
+TARGETS = (TEXT_TARGET, BOX_TARGET)
 #: the file holding a training task's own tensors (its decoders), beside the encoder's weights
 TASK_WEIGHTS = "task.safetensors"
 #: the model attribute holding the generators of its checkpoint: ``{"folder", "records", "built"}``
@@ -54,7 +58,7 @@ def attach_generators(model: OnePeaceModel, folder: str | Path, records: Any, wh
             value = record.get(key)
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise CheckpointError(f"{here}.{key}: expected {kind.__name__}, got {value!r}")
-        if record["target"] not in ("text", "box"):
+        if record["target"] not in TARGETS:
             raise CheckpointError(f"{here}.target: expected 'text' or 'box', got {record['target']!r}")
         regular_file(Path(folder), record["weights"], f"{here}.weights")
         checked[str(name)] = dict(record)

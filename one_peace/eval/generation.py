@@ -145,11 +145,13 @@ def evaluate_generator(
     when given, else from the checkpoint's record (computed from its run's training rows). Rows that cannot be read
     are skipped and listed (``bad``).
     """
+    from one_peace.checkpoint.generators import BOX_TARGET, TEXT_TARGET
     from one_peace.errors import DataError, bad_record
+    from one_peace.tokenizer import LANGUAGE
     from one_peace.train.instructions import dequantize_box, quantize_box
 
     t = settings.instruction.templates[settings.template]
-    slot = next((s for s in t.target_slots if s.kind == ("box" if settings.kind == "box" else "text")), None)
+    slot = next((s for s in t.target_slots if s.kind == ("box" if settings.kind == BOX_TARGET else LANGUAGE)), None)
     target = target_field or (slot.field if slot is not None else None)
     if target is None:
         raise ValueError("target_field: the instruction has no target slot to score against; name the field")
@@ -189,8 +191,8 @@ def evaluate_generator(
         train_refs = [str(r[target]).lower() for r in train_rows or [] if target in r]
         if train_refs:
             baseline, source = Counter(train_refs).most_common(1)[0][0], "train"
-        elif record.get("text") is not None:
-            baseline, source = str(record["text"]), "checkpoint"
+        elif record.get(TEXT_TARGET) is not None:
+            baseline, source = str(record[TEXT_TARGET]), "checkpoint"
         else:
             baseline, source = (Counter(texts).most_common(1)[0][0] if texts else ""), "evaluation rows"
         result = text_metrics(preds, texts, baseline)

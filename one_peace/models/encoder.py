@@ -338,17 +338,22 @@ class OnePeaceModel(nn.Module):
         long_text: str = "truncate",
         compile: bool = False,
         precision: str | None = None,
+        segments: Any = None,
     ) -> Any:
         """``(N, D)`` embeddings of one modality in input order, L2-normalised unless ``normalize=False``.
 
         ``items``: raw inputs (paths, bytes, PIL images, arrays, ``(waveform, rate)`` pairs, videos...) batched by
         length under inference mode, or a ready batch dict (one plain forward). ``precision``: ``"fp32"``,
-        ``"bf16"``, ``"fp16"``, ``"int8"`` (ONNX Runtime) or ``"auto"``. Every option is described in
+        ``"bf16"``, ``"fp16"``, ``"int8"`` (ONNX Runtime) or ``"auto"``. ``segments`` (seconds, or ``{window, hop,
+        min_length}``): long audio/video as timed windows, one row each (a ``SegmentEmbeddings``). Every option is
+        described in
         :func:`one_peace.models.encoding.encode`.
         """
         from one_peace.models.encoding import encode
 
-        return encode(self, modality, items, batch_size, normalize, output, progress, long_text, compile, precision)
+        return encode(
+            self, modality, items, batch_size, normalize, output, progress, long_text, compile, precision, segments
+        )
 
     def encode_multimodal(
         self,

@@ -215,6 +215,7 @@ def encode(
     long_text: str = "truncate",
     compile: bool = False,
     precision: str | None = None,
+    segments: Any = None,
 ) -> Any:
     """``(N, D)`` embeddings of one modality, in input order, L2-normalised unless ``normalize=False``.
 
@@ -235,6 +236,11 @@ def encode(
         precision: ``None`` (the model's own dtype), ``"fp32"``, ``"bf16"``, ``"fp16"``, ``"int8"`` (ONNX Runtime's
             int8 graph of this modality: the ``export`` extra) or ``"auto"`` (bf16 where measured faster, else
             fp32); see :mod:`one_peace.models.precision`. Vectors come back in the model's dtype.
+        segments: Long media (a modality with a time axis: audio, video) cut into timed windows, each embedded on its
+            own: seconds (the window), a ``{window, hop, min_length}`` mapping or a
+            :class:`~one_peace.segments.SegmentSpec`; missing values are the plugin's defaults. Returns a
+            :class:`~one_peace.segments.SegmentEmbeddings` (``vectors (M, D)``, and per row its ``item``, ``start``
+            and ``end``); media are decoded one window at a time.
 
     Raw items run under ``torch.inference_mode()`` in eval mode (the training flag is restored afterwards); a
     ready batch dict is one plain forward in the caller's mode, with gradients when enabled (as before).
@@ -253,6 +259,8 @@ def encode(
     items = as_item_list(items)
     if not items:
         raise ValueError(f"no {modality} inputs given")
+    if segments is not None:
+        return _encode_segments(model, modality, items, segments, batch_size, normalize, output, progress, precision)
     prep = preprocessor(model, modality)
     split = chunker(model, modality) if long_text == "chunks" else None
     truncated = 0
@@ -283,6 +291,67 @@ def encode(
         )
     out = torch.stack(rows)
     return out.float().cpu().numpy() if output == "numpy" else out
+
+
+def segment_spec(model: OnePeaceModel, modality: str, segments: Any) -> Any:
+    """``segments`` (seconds, a mapping or a spec) resolved against the modality's defaults.
+
+    Raises:
+        ValueError: a modality without a time axis, or a malformed spec.
+    """
+    from one_peace.segments import SegmentSpec
+
+    defaults = model.plugins[modality].segment_defaults(model.config)
+    if defaults is None:
+        raise ValueError(f"segments: the {modality!r} modality has no time axis (audio and video have)")
+    spec = SegmentSpec.parse(segments)
+    return (spec or defaults).resolved(defaults)
+
+
+def _encode_segments(
+    model: OnePeaceModel,
+    modality: str,
+    items: list[Any],
+    segments: Any,
+    batch_size: int,
+    normalize: bool,
+    output: str,
+    progress: bool,
+    precision: str | None,
+) -> Any:
+    """:func:`encode` with ``segments``: one row per window of every item, windows decoded as they are embedded."""
+    from one_peace.segments import SegmentEmbeddings
+
+    spec = segment_spec(model, modality, segments)
+    plugin = model.plugins[modality]
+    prep = preprocessor(model, modality)
+    spans: dict[tuple[int, int], tuple[float, float]] = {}
+
+    def samples() -> Iterator[tuple[tuple[int, int], list[dict[str, Any]]]]:
+        for i, item in enumerate(items):
+            try:
+                for k, seg in enumerate(plugin.iter_segments(item, model.config, spec)):
+                    spans[(i, k)] = (seg.start, seg.end)
+                    yield (i, k), [prep(seg.item)]
+            except DataError as exc:
+                raise type(exc)(f"{modality} input {i}: {exc}") from exc
+
+    stream: Iterable[tuple[tuple[int, int], list[dict[str, Any]]]] = samples()
+    if progress:
+        from tqdm import tqdm
+
+        stream = tqdm(stream, desc=f"encode {modality} segments", unit="segment")
+    keys, rows = [], []
+    for key, emb in embed_samples(model, modality, stream, batch_size, normalize, False, precision):
+        keys.append(key)
+        rows.append(emb)
+    vectors = torch.stack(rows)
+    return SegmentEmbeddings(
+        vectors.float().cpu().numpy() if output == "numpy" else vectors,
+        [i for i, _ in keys],
+        [spans[k][0] for k in keys],
+        [spans[k][1] for k in keys],
+    )
 
 
 def encode_multimodal(

@@ -17,10 +17,12 @@ __all__ = ["model_hash", "prepare_folder", "update_index"]
 
 
 def prepare_folder(
-    cfg: Any, store: EmbeddingStore, model: Any, digest: str, precision: str | None = None
+    cfg: Any, store: EmbeddingStore, model: Any, digest: str, precision: str | None = None, segments: Any = None
 ) -> dict[str, Any]:
     """Create or check ``info.json`` for ``cfg.mode`` (``cfg``: an :class:`one_peace.embed.EmbedConfig`;
-    ``precision``: the resolved precision the vectors are computed in, recorded and checked on resume/append).
+    ``precision``: the resolved precision the vectors are computed in; ``segments``: the resolved
+    :class:`~one_peace.segments.SegmentSpec` items are cut by, or ``None``; both recorded and checked on
+    resume/append).
 
     Returns the info with this run's source recorded.
     """
@@ -28,6 +30,7 @@ def prepare_folder(
     identity = files_identity(data_files)
     key = str(Path(cfg.data).resolve())
     info = store.info()
+    cut = None if segments is None else {"window": segments.window, "hop": segments.hop, "min": segments.min_length}
     if cfg.mode == "new":
         if store.has_parts() or info:
             raise ValueError(
@@ -60,6 +63,7 @@ def prepare_folder(
             "plugins": {m: p.record(model.config) for m, p in model.plugins.items()},
             "reserved": list(RESERVED_COLUMNS),
             "duplicate_ids": cfg.duplicate_ids,
+            "segments": cut,
             "schema": {},
             "part_size": cfg.part_size,
             "sources": [],
@@ -79,6 +83,11 @@ def prepare_folder(
             raise ValueError(
                 f"mode={cfg.mode}: {cfg.out} was embedded in precision {had}, this run would embed in {precision} "
                 f"(precision={cfg.precision}); vectors of two precisions do not mix: pass precision={had}"
+            )
+        if info.get("segments") != cut:
+            raise ValueError(
+                f"mode={cfg.mode}: {cfg.out} was cut into segments {info.get('segments')}, this run cuts {cut}: rows "
+                "cut two ways do not mix (pass the same segments.*)"
             )
         info["duplicate_ids"] = cfg.duplicate_ids  # the policy of the latest run (resume may accept duplicates)
         for k in ("modality", "id_field"):

@@ -34,7 +34,7 @@ FORMAT_VERSION = 2
 #: formats this version reads (format 1 folders are read as they are: no schema, no plugin record)
 READABLE = (1, 2)
 #: metadata columns embed computes; a row field of one of these names is stored as ``field.<name>``
-RESERVED_COLUMNS = ("id", "row", "source", "source_kind", "source_member")
+RESERVED_COLUMNS = ("id", "row", "source", "source_kind", "source_member", "parent_id", "start", "end")
 DUPLICATE_POLICIES = ("error", "keep")
 
 

@@ -410,6 +410,7 @@ def generator_records(
 
     import numpy as np
 
+    from one_peace.checkpoint.generators import BOX_TARGET, TEXT_TARGET
     from one_peace.data.shards import iter_rows
 
     records: dict[str, Any] = {}
@@ -431,7 +432,7 @@ def generator_records(
             "prefix": f"tasks.{name}.decoder." if multi else "decoder.",
             "beam": int(spec.get("beam", 1)),
             "max_tokens": 6 if box else 30,
-            "target": "box" if box else "text",
+            "target": BOX_TARGET if box else TEXT_TARGET,
             "target_field": n["box_field"] if box else n["target_field"],
             "closed_set": sorted({str(r[closed]) for r in rows if closed in r}) if closed else None,
         }
@@ -441,6 +442,6 @@ def generator_records(
             record["baseline"] = {"box": mean_box}
         else:
             refs = [str(r[n["target_field"]]).lower() for r in rows if n["target_field"] in r]
-            record["baseline"] = {"text": Counter(refs).most_common(1)[0][0] if refs else None}
+            record["baseline"] = {TEXT_TARGET: Counter(refs).most_common(1)[0][0] if refs else None}
         records[name] = record
     return records

@@ -90,6 +90,9 @@ function card(hit, index) {
   const meta = hit.metadata || {};
   const url = `/items/${encodeURIComponent(index.name)}/${encodeURIComponent(hit.id)}`;
   const served = meta.source_kind === "file" || meta.source_kind === "shard";
+  // a timed segment (embed segments.window=...): the player starts at its window (a media fragment)
+  const timed = typeof meta.start === "number" && typeof meta.end === "number";
+  const span = timed ? `#t=${meta.start},${meta.end}` : "";
   let media = null;
   if (served && index.modality === "image") {
     media = document.createElement("img");
@@ -98,12 +101,12 @@ function card(hit, index) {
   } else if (served && index.modality === "audio") {
     media = document.createElement("audio");
     media.controls = true;
-    media.src = url;
+    media.src = url + span;
   } else if (served && index.modality === "video") {
     media = document.createElement("video");
     media.controls = true;
     media.muted = true;
-    media.src = url;
+    media.src = url + span;
   } else if (served && index.preview) {
     media = document.createElement("div");  // the plugin's preview hook draws it (a PNG, a sound clip, text)
     media.className = "preview";
@@ -115,7 +118,9 @@ function card(hit, index) {
   }
   const score = document.createElement("div");
   score.className = "score";
-  score.textContent = `${hit.score.toFixed(3)}  ${hit.id}`;
+  const clock = (s) => `${Math.floor(s / 60)}:${String(Math.floor(s % 60)).padStart(2, "0")}`;
+  score.textContent = `${hit.score.toFixed(3)}  ${timed ? meta.parent_id : hit.id}` +
+    (timed ? `  at ${clock(meta.start)}-${clock(meta.end)}` : "");
   el.appendChild(score);
   if (media) el.appendChild(media);
   const text = meta[index.field];
