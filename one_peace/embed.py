@@ -237,7 +237,7 @@ class _Embedder:
             return pos, item_id, row, exc
 
     def embed_part(self, part: int, jobs: list[tuple[int, str, dict[str, Any]]], source: int) -> dict[str, Any]:
-        from one_peace.models.encoding import embed_samples
+        from one_peace.models.encoding import WINDOW_BATCHES, embed_samples
 
         bad: list[dict[str, Any]] = []
         meta: dict[Any, dict[str, Any]] = {}
@@ -265,7 +265,13 @@ class _Embedder:
         vectors, rows = [], []
         int8 = "int8" if self.precision == "int8" else None  # otherwise the model is already in its dtype
         for pos, emb in embed_samples(
-            self.model, self.cfg.modality, samples(), self.cfg.batch_size, compile=self.cfg.compile, precision=int8
+            self.model,
+            self.cfg.modality,
+            samples(),
+            self.cfg.batch_size,
+            compile=self.cfg.compile,
+            precision=int8,
+            window_batches=1 if self.segments is not None else WINDOW_BATCHES,  # segments: one batch held at a time
         ):
             vectors.append(emb.float().cpu().numpy())
             rows.append(meta.pop(pos))

@@ -31,7 +31,7 @@ def _run(out: Path, *overrides: str) -> dict:
         return run(compose(config_name="config", overrides=[f"output_dir={out}", *overrides]))
 
 
-def _embed(checkpoint: str, data: Path, modality: str, out: Path) -> Path:
+def _embed(checkpoint: str, data: Path, modality: str, out: Path, window: float | None = None) -> Path:
     from one_peace.embed import EmbedConfig, embed
 
     # fp32: the demo data has near-identical images (same shape and colours, a few pixels apart) that this briefly
@@ -39,6 +39,7 @@ def _embed(checkpoint: str, data: Path, modality: str, out: Path) -> Path:
     # composition decides which of them a query finds first, and this test checks ids
     cfg = EmbedConfig(checkpoint=checkpoint, data=str(data), modality=modality, out=str(out), dtype="float32")
     cfg.progress, cfg.precision = False, "fp32"
+    cfg.segments.window = window
     embed(cfg)
     return out
 
@@ -76,6 +77,8 @@ def corpus(tmp_path_factory) -> dict:
     audio_ckpt = one_peace.save(audio_model, root / "audio-model")
     clips = _clips(root / "clips", 24)  # distinct clips: the demo's repeat a few sounds, so "itself" is ambiguous
     sounds = _embed(str(audio_ckpt), clips, "audio", root / "sounds")
+    talks = _talk(clips.parent, root / "talk")  # a 60-s recording of six 10-s sounds, as timed segments (#28)
+    talk_index = _embed(str(audio_ckpt), talks, "audio", root / "talks", window=10)
     rows = [json.loads(x) for x in valid.read_text().splitlines()]
     clip_rows = [json.loads(x) for x in clips.read_text().splitlines()]
     motions = _motion_index(root, tokenizer)
@@ -87,6 +90,8 @@ def corpus(tmp_path_factory) -> dict:
         "clip_rows": clip_rows,
         "images": images,
         "sounds": sounds,
+        "talks": talk_index,
+        "talk_query": talks.parent / "query.wav",
         "root": root,
     }
 
@@ -113,6 +118,18 @@ def _motion_index(root: Path, tokenizer) -> Path | None:
     rows = [{"id": f"walk{i}", "motion": name} for i, name in enumerate(names)]
     (folder / "motions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return _embed(str(checkpoint), folder / "motions.jsonl", "motion", root / "motions")
+
+
+def _talk(clips: Path, folder: Path) -> Path:
+    """One 60-s file: clips 0-5 each repeated to 10 s; ``query.wav`` is the 4th of them (30-40 s)."""
+    import soundfile as sf
+
+    folder.mkdir()
+    tiles = [np.resize(sf.read(clips / f"clip{i}.wav", dtype="float32")[0], 160_000) for i in range(6)]
+    sf.write(folder / "talk.wav", np.concatenate(tiles), 16000, subtype="FLOAT")
+    sf.write(folder / "query.wav", tiles[3], 16000, subtype="FLOAT")
+    (folder / "talks.jsonl").write_text(json.dumps({"id": "talk", "audio": "talk.wav"}) + "\n")
+    return folder / "talks.jsonl"
 
 
 def _clips(folder: Path, n: int) -> Path:
@@ -177,6 +194,28 @@ def test_api_text_and_image_queries_and_items(client, corpus):
     res = client.post("/search", data={"index": "sounds"}, files={"audio": ("c.wav", clip.read_bytes(), "audio/wav")})
     assert res.json()["results"][0]["id"] == "clip5"
     assert client.get("/items/sounds/clip5").headers["content-type"].startswith("audio/")
+
+
+def test_timed_segments_are_searched_and_served_with_their_times(corpus):
+    """#28: a segment row comes back with its parent, start and end; its id serves the recording it was cut from."""
+    from urllib.parse import quote
+
+    from fastapi.testclient import TestClient
+
+    from one_peace.serve.app import create_app
+    from one_peace.serve.service import SearchService
+
+    service = SearchService([str(corpus["talks"])])
+    with TestClient(create_app(service)) as c:
+        query = corpus["talk_query"].read_bytes()
+        res = c.post("/search", data={"index": "talks"}, files={"audio": ("q.wav", query, "audio/wav")})
+        assert res.status_code == 200, res.text
+        top = res.json()["results"][0]
+        assert top["id"] == "talk#t=30,40", res.json()["results"][:3]
+        assert (top["metadata"]["parent_id"], top["metadata"]["start"], top["metadata"]["end"]) == ("talk", 30.0, 40.0)
+        item = c.get(f"/items/talks/{quote(top['id'], safe='')}")
+        assert item.status_code == 200 and item.content == (corpus["talk_query"].parent / "talk.wav").read_bytes()
+    service.close()
 
 
 def test_a_composed_query_equals_the_library_s(client, corpus):
@@ -314,6 +353,7 @@ def server(corpus):
         "one_peace.serve",
         f"index={corpus['images']}",
         f"index={corpus['sounds']}",
+        f"index={corpus['talks']}",
         *([f"index={corpus['motions']}"] if corpus["motions"] else []),
         f"port={port}",
     ]
@@ -424,13 +464,23 @@ def test_the_page_in_headless_chromium(server, browser, corpus):
     _search(d, 2)
     first = d.find_elements("css selector", "#results .card")[0]
     assert first.get_attribute("data-id") == "clip9" and first.find_elements("tag name", "audio")
+    # a timed segment of a long recording: the card names the recording and the span, the player starts there
+    d.find_element("id", "clear").click()
+    Select(d.find_element("id", "index")).select_by_value("talks")
+    _upload(d, "audio", corpus["talk_query"])
+    _search(d, 3)
+    first = d.find_elements("css selector", "#results .card")[0]
+    assert first.get_attribute("data-id") == "talk#t=30,40" and "talk at 0:30-0:40" in first.text, first.text
+    player = first.find_element("tag name", "audio")
+    assert player.get_attribute("src").endswith("/items/talks/talk%23t%3D30%2C40#t=30,40")
+    _wait(d, lambda x: float(x.execute_script("return arguments[0].currentTime", player)) >= 29.9)
     # a bad upload shows the error on the page
     d.find_element("id", "clear").click()
     broken = corpus["root"] / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n not really")
     Select(d.find_element("id", "index")).select_by_value("images")
     _upload(d, "image", broken)
-    _search(d, 3)
+    _search(d, 4)
     error = d.find_element("id", "error")
     assert error.is_displayed() and "image query cannot be used" in error.text, error.text
     d.save_screenshot(str(ARTIFACTS / "search-page-error.png"))
@@ -443,7 +493,7 @@ def test_the_page_in_headless_chromium(server, browser, corpus):
     upload = d.find_element("id", "input-motion")
     assert ".npy" in upload.get_attribute("accept") and not d.find_element("id", "drop").is_displayed()
     upload.send_keys(str(corpus["root"] / "motion-data" / "motion_3.npy"))
-    _search(d, 3)  # the failed search before did not count
+    _search(d, 4)  # the failed search before did not count
     first = d.find_elements("css selector", "#results .card")[0]
     assert first.get_attribute("data-id") == "walk3", d.find_element("id", "error").text
     _wait(d, lambda x: first.find_elements("css selector", ".preview img"))

@@ -156,8 +156,10 @@ def embed_samples(
     normalize: bool = True,
     compile: bool = False,
     precision: str | None = None,
+    window_batches: int = WINDOW_BATCHES,
 ) -> Iterator[tuple[Any, torch.Tensor]]:
-    """Stream ``(key, embedding)`` for ``(key, [sample, ...])`` pairs, batching by length inside windows.
+    """Stream ``(key, embedding)`` for ``(key, [sample, ...])`` pairs, batching by length inside windows of
+    ``window_batches`` batches (1: samples of one length, e.g. timed segments, held one batch at a time).
 
     Each key carries one or more preprocessed samples (several: the chunks of a long text); its embedding is the
     L2-normalised mean of its samples' normalised embeddings (one sample: its embedding). Keys come out in the
@@ -172,7 +174,7 @@ def embed_samples(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     plugin = model.plugins[modality]
-    window = batch_size * WINDOW_BATCHES
+    window = batch_size * max(1, window_batches)
 
     def flush(pending: list[tuple[Any, list[dict[str, Any]]]]) -> Iterator[tuple[Any, torch.Tensor]]:
         flat = [(i, s) for i, (_, group) in enumerate(pending) for s in group]
@@ -342,7 +344,7 @@ def _encode_segments(
 
         stream = tqdm(stream, desc=f"encode {modality} segments", unit="segment")
     keys, rows = [], []
-    for key, emb in embed_samples(model, modality, stream, batch_size, normalize, False, precision):
+    for key, emb in embed_samples(model, modality, stream, batch_size, normalize, False, precision, window_batches=1):
         keys.append(key)
         rows.append(emb)
     vectors = torch.stack(rows)
