@@ -87,10 +87,14 @@ def sample_times(start: float, end: float, num: int) -> list[float]:
     return [start + (i + 0.5) * (end - start) / num for i in range(num)]
 
 
-def _open_video(item: Any) -> Any:
+def _require_av() -> None:
     from one_peace.extras import require
 
     require("video", "av", feature="decoding video files")
+
+
+def _open_video(item: Any) -> Any:
+    _require_av()
     import av
 
     return av.open(str(item) if isinstance(item, str | Path) else io.BytesIO(bytes(item)), "r")
@@ -161,6 +165,7 @@ def load_video_frames(item: Any, num_frames: int) -> list[Any]:
         if not frames:
             raise EmptyMedia(f"video folder {item} holds no image frames")
     else:
+        _require_av()  # a missing extra is said as such, not as an undecodable video
         try:
             with _open_video(item) as container:
                 if not container.streams.video:
@@ -182,6 +187,7 @@ def video_segments(item: Any, num_frames: int, spec: SegmentSpec) -> Iterator[Se
     label = str(item)[:120] if isinstance(item, str | Path) else "<bytes>"
     if isinstance(item, list | tuple) or (isinstance(item, str | Path) and Path(item).is_dir()):
         raise InvalidValue("timed segments need a video file (frames given as images carry no times)")
+    _require_av()
     try:
         with _open_video(item) as container:
             if not container.streams.video:

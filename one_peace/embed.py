@@ -122,6 +122,10 @@ class EmbedConfig:
     progress: bool = True
     segments: SegmentsConfig = _field(default_factory=lambda: SegmentsConfig())
 
+    def __post_init__(self) -> None:
+        if isinstance(self.segments, dict):  # rebuilt from dataclasses.asdict (the Ray route's actors)
+            self.segments = SegmentsConfig(**self.segments)
+
 
 def _check(cfg: EmbedConfig) -> None:
     for key, value, allowed in (

@@ -65,6 +65,73 @@ def _video(path: Path, shape: str, color: tuple[int, int, int], speed: float, si
             container.mux(packet)
 
 
+#: audio-visual demo: a picture colour and a sound pitch; the scene is decided by the pair only (neither alone)
+AV_COLOURS = {"red": (210, 40, 40), "blue": (40, 70, 210)}
+AV_PITCHES = {"low": 220.0, "high": 880.0}
+
+
+def av_scene(colour: str, pitch: str) -> str:
+    """``harmony`` for red+low and blue+high, ``clash`` for the other two pairs (an XOR: each half alone says
+    nothing about the scene)."""
+    return "harmony" if (colour == "red") == (pitch == "low") else "clash"
+
+
+def _av_clip(path: Path, colour: tuple[int, int, int], freq: float, rng: np.random.Generator, size: int = 32) -> None:
+    """A 1-s mp4 with 8 frames (a square of ``colour`` moving over grey noise) and an AAC sound track (``freq`` Hz
+    with noise), both in the one file."""
+    import av
+
+    rate, fps = 16000, 8
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("mpeg4", rate=fps)
+        video.width = video.height = size
+        video.pix_fmt = "yuv420p"
+        audio = container.add_stream("aac", rate=rate)
+        audio.layout = "mono"
+        x0, y0 = rng.integers(0, size // 2, size=2)
+        for i in range(fps):
+            img = rng.integers(90, 140, size=(size, size, 3), dtype=np.uint8)
+            x = (x0 + i) % (size // 2)
+            img[y0 : y0 + size // 2, x : x + size // 2] = colour
+            for packet in video.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        t = np.arange(rate) / rate
+        wave = (0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+        step = audio.frame_size or 1024
+        for start in range(0, wave.size, step):
+            frame = av.AudioFrame.from_ndarray(wave[None, start : start + step], format="fltp", layout="mono")
+            frame.sample_rate = rate
+            for packet in audio.encode(frame):
+                container.mux(packet)
+        for stream in (video, audio):
+            for packet in stream.encode():
+                container.mux(packet)
+
+
+def make_av_dataset(root: str | Path, n_train: int = 256, n_valid: int = 64, seed: int = 0) -> dict[str, Path]:
+    """The audio-visual demo under ``root``: rows ``id``, ``clip`` (one mp4 with picture and sound), ``colour``,
+    ``pitch`` and ``scene`` (:func:`av_scene`); returns ``{"train": manifest, "valid": manifest}``."""
+    from one_peace.extras import require
+
+    require("video", "av", feature="the audio-visual demo clips")
+    root = Path(root)
+    (root / "av").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, n in (("train", n_train), ("valid", n_valid)):
+        path = root / f"{split}.jsonl"
+        with open(path, "w") as fh:
+            for i in range(n):
+                sid = f"{split}{i:05d}"
+                colour = list(AV_COLOURS)[i % 2]
+                pitch = list(AV_PITCHES)[(i // 2) % 2] if split == "valid" else list(AV_PITCHES)[rng.integers(2)]
+                _av_clip(root / "av" / f"{sid}.mp4", AV_COLOURS[colour], AV_PITCHES[pitch], rng)
+                row = {"id": sid, "clip": f"av/{sid}.mp4", "colour": colour, "pitch": pitch}
+                fh.write(json.dumps({**row, "scene": av_scene(colour, pitch)}) + "\n")
+        out[split] = path
+    return out
+
+
 def make_demo_dataset(
     root: str | Path, n_train: int = 256, n_valid: int = 64, seed: int = 0, image_size: int = 64, video: bool = True
 ) -> dict[str, Path]:

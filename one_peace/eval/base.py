@@ -79,6 +79,8 @@ def embed_rows(
     from one_peace.models.encoding import embed_samples, preprocessor
 
     model = ctx.model
+    if "+" in modality:
+        return _embed_fused_rows(ctx, modality.split("+"))
     prep: Callable[[Any], dict[str, Any]] = preprocessor(model, modality)
     plugin = get_plugin(modality)
     fld = ctx.field_of(modality)
@@ -104,4 +106,35 @@ def embed_rows(
     embs = [emb for _, emb in embed_samples(model, modality, samples(), ctx.batch_size)]
     dim = model.config.embed_dim
     out = torch.stack(embs).float().cpu() if embs else torch.zeros(0, dim)
+    return out, ok, bad
+
+
+def _embed_fused_rows(ctx: EvalContext, parts: list[str]) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+    """:func:`embed_rows` of a fused item (``video+audio``): each row's field of every part, one joint pass."""
+    from one_peace.models.encoding import embed_fused_samples, preprocessor
+
+    model = ctx.model
+    for m in parts:
+        if m not in model.adapters:
+            raise KeyError(f"modality {m!r} is not in this model (it has {list(model.adapters)})")
+    ok = torch.zeros(len(ctx.rows), dtype=torch.bool)
+    bad: list[dict[str, Any]] = []
+
+    def samples() -> Iterator[tuple[int, dict[str, Any]]]:
+        for i, row in enumerate(ctx.rows):
+            sample: dict[str, Any] = {}
+            try:
+                if "__error__" in row:
+                    raise UndecodableMedia(str(row["__error__"]))
+                for m in parts:
+                    value = get_plugin(m).read_field(row, ctx.field_of(m), ctx.base_dir)
+                    sample[m] = preprocessor(model, m)(value)
+            except DataError as exc:
+                bad.append(bad_record(row.get("id", i), exc, "+".join(parts)))
+                continue
+            ok[i] = True
+            yield i, sample
+
+    embs = [emb for _, emb in embed_fused_samples(model, parts, samples(), ctx.batch_size)]
+    out = torch.stack(embs).float().cpu() if embs else torch.zeros(0, model.config.embed_dim)
     return out, ok, bad

@@ -247,6 +247,10 @@ def encode(
     Raw items run under ``torch.inference_mode()`` in eval mode (the training flag is restored afterwards); a
     ready batch dict is one plain forward in the caller's mode, with gradients when enabled (as before).
     """
+    if "+" in modality:  # a fused item: every item feeds each modality, one joint pass (encode_multimodal)
+        if segments is not None or precision is not None or isinstance(items, Mapping):
+            raise ValueError(f"{modality}: a fused item takes raw items only (no segments, precision or ready batch)")
+        return encode_multimodal(model, dict.fromkeys(modality.split("+"), items), "joint", None, batch_size, output)
     if modality not in model.adapters:
         raise KeyError(f"modality {modality!r} is not in this model (it has {list(model.adapters)})")
     if output not in OUTPUTS:
@@ -354,6 +358,29 @@ def _encode_segments(
         [spans[k][0] for k in keys],
         [spans[k][1] for k in keys],
     )
+
+
+def embed_fused_samples(
+    model: OnePeaceModel, parts: Sequence[str], samples: Iterable[tuple[Any, dict[str, Any]]], batch_size: int = 64
+) -> Iterator[tuple[Any, torch.Tensor]]:
+    """``(key, embedding)`` of fused items: ``(key, {modality: preprocessed sample})`` pairs, one joint pass per
+    batch, the embedding as ``encode_multimodal(fuse="joint")`` defines it (equal weights), in input order."""
+    pending: list[tuple[Any, dict[str, Any]]] = []
+
+    def flush() -> Iterator[tuple[Any, torch.Tensor]]:
+        batch = {m: to_device(model, model.plugins[m].collate([s[m] for _, s in pending])) for m in parts}
+        out = model.forward_features(batch)
+        joint = torch.stack([project(model, m, out.hidden[m]) for m in parts]).mean(0)
+        yield from zip([k for k, _ in pending], F.normalize(joint, dim=-1, eps=1e-12))
+
+    with _EvalMode(model):
+        for key, sample in samples:
+            pending.append((key, sample))
+            if len(pending) == batch_size:
+                yield from flush()
+                pending = []
+        if pending:
+            yield from flush()
 
 
 def encode_multimodal(

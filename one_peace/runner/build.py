@@ -30,6 +30,11 @@ def demo_data(cfg: DictConfig, out: Path) -> tuple[str, str]:
 
     root = out / "demo_data"
     if not (root / "valid.jsonl").is_file():
+        if cfg.data.get("demo_av"):
+            from one_peace.data.demo import make_av_dataset
+
+            make_av_dataset(root, cfg.data.demo_train, cfg.data.demo_valid, seed=cfg.seed)
+            return str(root / "train.jsonl"), str(root / "valid.jsonl")
         size = cfg.data.image_size or DEFAULT_IMAGE_SIZE
         make_demo_dataset(root, cfg.data.demo_train, cfg.data.demo_valid, seed=cfg.seed, image_size=size, video=False)
     return str(root / "train.jsonl"), str(root / "valid.jsonl")
@@ -202,6 +207,7 @@ def modality_options(cfg: DictConfig, modalities: list[str], vocab_size: int | N
     type than the plugin's default is an error naming ``model.modality_options.<modality>.<option>``).
     """
     options: dict[str, dict[str, Any]] = {}
+    modalities = with_required(modalities)  # video's image stem takes data.image_size too
     for modality in modalities:  # the recipe's defaults: data.image_size, and the run's tokenizer's vocabulary
         plugin = get_plugin(modality)
         names = plugin.Options().keys()
@@ -222,6 +228,11 @@ def modality_options(cfg: DictConfig, modalities: list[str], vocab_size: int | N
     return options
 
 
+def with_required(modalities: list[str]) -> list[str]:
+    """``modalities`` and those their plugins require (video: image), which the model builds anyway."""
+    return list(dict.fromkeys([*modalities, *(r for m in modalities for r in get_plugin(m).requires)]))
+
+
 def model_config(cfg: DictConfig, modalities: list[str], vocab_size: int | None) -> ModelConfig:
     """The encoder config the ``model`` section describes (dimensions as given, validated)."""
     m = cfg.model
@@ -230,7 +241,7 @@ def model_config(cfg: DictConfig, modalities: list[str], vocab_size: int | None)
         layers=int(m.layers),
         heads=int(m.heads),
         ffn_dim=int(m.ffn_dim),
-        modalities=tuple(modalities),
+        modalities=tuple(with_required(modalities)),
         modality_options=modality_options(cfg, modalities, vocab_size),
         layer_scale_init=float(m.layer_scale_init),
         drop_path_rate=float(m.drop_path_rate),

@@ -66,6 +66,8 @@ class DataSection:
         text_field: Field of its text (``add_modality``), used when ``fields`` is empty.
         demo_train: Rows of generated demo training data.
         demo_valid: Rows of generated demo validation data.
+        demo_av: The demo data is the audio-visual set instead (``clip``: one mp4 with picture and sound; ``scene``
+            decided by the colour and the pitch together; ``av_fusion``).
         image_size: Image resolution. ``null``: 64 for models built from scratch, the checkpoint's own for
             ``model.pretrained`` (an explicit value re-grids an official checkpoint, and says so).
         shuffle_window: 0 = in order; at least the row count = a full permutation per epoch; else blocks of this
@@ -97,6 +99,7 @@ class DataSection:
     text_field: Optional[str] = None  # noqa: UP045
     demo_train: int = 384
     demo_valid: int = 64
+    demo_av: bool = False
     image_size: Optional[int] = None  # noqa: UP045
     shuffle_window: int = 512
     backend: str = "auto"

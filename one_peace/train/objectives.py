@@ -183,6 +183,10 @@ def scaled_logit_scale(logit_scale: torch.Tensor) -> torch.Tensor:
 class ContrastiveObjective(Objective):
     """CLIP-style InfoNCE between the projected CLS embeddings of two modalities.
 
+    A side may fuse several modalities, written ``video+audio``: one forward pass over them together (each attends
+    to the others through the shared attention), its embedding the normalised mean of each modality's normalised head
+    output on its own CLS state (what ``encode("video+audio", ...)`` and ``encode_multimodal(fuse="joint")`` compute).
+
     The other side is all-gathered across ranks with gradient; each rank computes the loss of its local rows
     against all columns (local-loss), so the summed gradient over ranks equals the single-process gradient of
     the global batch. ``valid`` masks padded samples out of both rows and columns.
@@ -200,19 +204,21 @@ class ContrastiveObjective(Objective):
     caches_features = True
 
     def uses(self) -> set[str] | None:
-        """Both sides' heads and the logit scale."""
-        return {f"head.{self.a}", f"head.{self.b}", "logit_scale"}
+        """Both sides' heads (every fused modality's) and the logit scale."""
+        return {f"head.{m}" for side in (self.a, self.b) for m in side.split("+")} | {"logit_scale"}
 
     def views(self) -> list[View]:
-        """Unmasked single-modality passes of both sides."""
-        return [View(self.a, (self.a,)), View(self.b, (self.b,))]
+        """Unmasked passes of both sides (one fused pass for a ``a+b`` side)."""
+        return [View(side, tuple(side.split("+"))) for side in (self.a, self.b)]
 
     def features(
         self, outputs: Mapping[str, Any], model: nn.Module, batch: Mapping[str, Any]
     ) -> dict[str, torch.Tensor]:
         """Both sides' normalised embeddings and the valid-sample mask."""
-        ea = model.embed(self.a, outputs[self.a].hidden[self.a])  # type: ignore[operator]
-        eb = model.embed(self.b, outputs[self.b].hidden[self.b])  # type: ignore[operator]
+        ea, eb = (
+            side_embedding(model, self.a, outputs[self.a].hidden),
+            side_embedding(model, self.b, outputs[self.b].hidden),
+        )
         valid = batch.get("valid")
         v = torch.ones(ea.shape[0], dtype=torch.bool, device=ea.device) if valid is None else valid.to(ea.device).bool()
         return {"a": ea, "b": eb, "valid": v}
@@ -232,6 +238,16 @@ class ContrastiveObjective(Objective):
             if not cache.last:
                 scale = scale.detach()
         return contrastive_loss(feats["a"], feats["b"], scale, feats["valid"], self.label_smoothing)
+
+
+def side_embedding(model: nn.Module, side: str, hidden: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The normalised embedding of one contrastive side from its pass's states: a modality's head on its CLS state,
+    or for a fused side ``a+b`` the normalised mean of each modality's."""
+    parts = side.split("+")
+    if len(parts) == 1:
+        return model.embed(side, hidden[side])  # type: ignore[operator,no-any-return]
+    joint = torch.stack([model.embed(m, hidden[m]) for m in parts]).mean(0)  # type: ignore[operator]
+    return torch.nn.functional.normalize(joint, dim=-1, eps=1e-12)
 
 
 def _masked_smoothed_ce(
