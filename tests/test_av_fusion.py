@@ -45,6 +45,17 @@ def test_av_fusion_recipe_fuses_one_file_s_picture_and_sound(tmp_path):
     assert torch.allclose(fused, encode_multimodal(model, {"video": clips, "audio": clips}), atol=1e-6)
     assert not torch.allclose(fused, model.encode("video", clips), atol=1e-3)
     assert torch.allclose(fused.norm(dim=-1), torch.ones(3), atol=1e-5)
+    from one_peace.eval.__main__ import EvalConfig, evaluate
+
+    valid = tmp_path / "demo_data" / "valid.jsonl"
+    cfg = EvalConfig(task="retrieval", checkpoint=results["checkpoint"], data=str(valid), pair=["video+audio", "text"])
+    cfg.fields, cfg.group_field, cfg.out = (
+        {"video": "clip", "audio": "clip", "text": "scene"},
+        "scene",
+        str(tmp_path / "r"),
+    )
+    retrieval = evaluate(cfg)
+    assert (retrieval["video+audio_items"], retrieval["text_items"]) == (8, 2) and "text->video+audio/R@1" in retrieval
 
 
 @pytest.mark.slow

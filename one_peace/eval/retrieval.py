@@ -64,12 +64,13 @@ class RetrievalEvaluator:
 
     def _check(self, ctx: EvalContext) -> None:
         have = list(getattr(ctx.model, "adapters", {}) or [])
-        for m in self.pair:
-            if have and m not in have:
-                raise ValueError(f"pair: the model has no {m!r} modality (it has {have})")
+        for side in self.pair:  # a fused side (video+audio) needs each of its modalities
+            missing = [m for m in side.split("+") if have and m not in have]
+            if missing:
+                raise ValueError(f"pair: the model has no {missing[0]!r} modality (it has {have})")
         if not ctx.rows:
             raise ValueError("data: no rows to evaluate (an empty manifest, or limit=0)")
-        for m in self.pair:
+        for m in (m for side in self.pair for m in side.split("+")):
             fld = ctx.field_of(m)
             if not any(isinstance(r, Mapping) and r.get(fld) is not None for r in ctx.rows):
                 raise ValueError(
@@ -83,17 +84,19 @@ class RetrievalEvaluator:
 
     def _items(self, ctx: EvalContext, modality: str) -> tuple[list[int], list[int]]:
         """Per row, its item number on this side (-1: no value); and per item, the first row holding it."""
-        media = get_plugin(modality).media
-        fld = ctx.field_of(modality)
+        parts = modality.split("+")  # a fused side's item: the values of each of its modalities' fields
+        media = [get_plugin(m).media for m in parts]
+        fields = [ctx.field_of(m) for m in parts]
         table: dict[Any, int] = {}
         of_row: list[int] = []
         first: list[int] = []
         for i, row in enumerate(ctx.rows):
-            value = row.get(fld) if isinstance(row, Mapping) else None
-            if value is None:
+            values = [row.get(f) if isinstance(row, Mapping) else None for f in fields]
+            if any(v is None for v in values):
                 of_row.append(-1)
                 continue
-            key = item_key(value, media)
+            keys = [item_key(v, m) for v, m in zip(values, media)]
+            key = keys[0] if len(keys) == 1 else tuple(keys)
             if key not in table:
                 table[key] = len(first)
                 first.append(i)
