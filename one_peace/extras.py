@@ -26,6 +26,7 @@ EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
         ("qdrant_client", "Qdrant collections"),
     ),
     "ray": (("ray", "embedding on Ray Data"),),
+    "languages": (("num2words", "the number words of the languages demo"),),
     "launch": (("submitit", "multi-node launches (python -m one_peace.launch)"),),
     "st": (("sentence_transformers", "SentenceTransformer(folder, trust_remote_code=True)"),),
     "export": (

@@ -73,7 +73,13 @@ def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
     text_fields = list(dict.fromkeys(f for n in needs.values() for f in n["text_fields"]))
     plain = [p for n in needs.values() for p in n["plain"]]
     model = build.load_pretrained(cfg, modalities, say)
-    if model is not None:
+    teacher = None
+    if cfg.model.get("retokenize") and model is None:
+        raise ValueError("model.retokenize: needs model.pretrained (the model whose text is taught a new tokenizer)")
+    if model is not None and cfg.model.get("retokenize"):
+        tokenizer = rank0_first(rank, world, build.build_tokenizer, cfg, train, text_fields, out, plain)
+        teacher = build.retokenize(model, tokenizer, say)
+    elif model is not None:
         tokenizer = model.tokenizer
     else:
         tokenizer = rank0_first(rank, world, build.build_tokenizer, cfg, train, text_fields, out, plain)
@@ -83,7 +89,7 @@ def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
     tasks, loaders, eval_loaders = {}, {}, {}
     for name, spec in specs.items():
         n = needs[name]
-        tasks[name] = build.build_task(cfg, spec, n, model, tokenizer)
+        tasks[name] = build.build_task(cfg, spec, n, model, tokenizer, teacher)
         data = (spec.get("data") or {}) if multi else {}
         common = dict(fields=n["fields"], model_config=model.config, tokenizer=tokenizer, passthrough=n["passthrough"])
         loaders[name] = MultimodalLoader(

@@ -31,6 +31,7 @@ ALLOWED = {
     ("checkpoint/__init__.py", "official_state_items"): "the same, for the official relative table",
     ("checkpoint/pretrain.py", "decoder_from_official_state"): "the official pretraining decoder's key names",
     ("data/demo.py", "make_demo_dataset"): "the built-in demo data set (images, captions, sounds, videos)",
+    ("data/demo.py", "make_numbers_dataset"): "the numbers demo's rows: digit images and their number words",
     ("data/demo.py", "make_av_dataset"): "'video' there is the name of the `video` extra (PyAV) the clips need",
     ("demo.py", "main"): "the quick demo of the built-in modalities",
     ("eval/__main__.py", "EvalConfig"): "CLI defaults: image-text retrieval, image zero-shot",

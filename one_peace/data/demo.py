@@ -132,6 +132,75 @@ def make_av_dataset(root: str | Path, n_train: int = 256, n_valid: int = 64, see
     return out
 
 
+#: the languages of the numbers demo besides English (number words from num2words)
+NUMBER_LANGUAGES = ("de", "fr", "es", "it", "nl")
+
+
+def number_words(lang: str) -> list[str]:
+    """The words for 0-9 in ``lang`` (from num2words, the ``languages`` extra)."""
+    from one_peace.extras import require
+
+    require("languages", "num2words", feature="the number words of the languages demo")
+    from num2words import num2words
+
+    return [str(num2words(n, lang=lang)) for n in range(10)]
+
+
+def make_numbers_dataset(
+    root: str | Path,
+    n_train: int = 2000,
+    n_valid: int = 1000,
+    seed: int = 0,
+    image_size: int = 64,
+    languages: tuple[str, ...] = NUMBER_LANGUAGES,
+) -> dict[str, Path]:
+    """Digits 0-9 drawn large at random sizes, places and colours, named by their English number word, and parallel
+    number words in ``languages`` (the ``add_language`` recipe's data).
+
+    Writes ``train.jsonl`` / ``valid.jsonl`` (``id``, ``image``, ``label`` 0-9, ``text`` the English word),
+    ``parallel.jsonl`` (``text`` a word in any language, English included, ``english`` its English word, ``lang``)
+    and ``prompts/<lang>.json`` (English word -> [the word in ``lang``]: zero-shot prompts whose labels are the rows'
+    ``text``); returns their paths.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    root = Path(root)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    (root / "prompts").mkdir(exist_ok=True)
+    words = {lang: number_words(lang) for lang in ("en", *languages)}
+    rng = np.random.default_rng(seed)
+    fonts = {size: ImageFont.load_default(size=size) for size in range(int(image_size * 0.7), int(image_size * 0.95))}
+    out: dict[str, Path] = {}
+    for split, n in (("train", n_train), ("valid", n_valid)):
+        path = root / f"{split}.jsonl"
+        with open(path, "w") as fh:
+            for i in range(n):
+                sid, digit = f"{split}{i:05d}", int(rng.integers(10))
+                fg = rng.integers(0, 256, size=3)
+                bg = (fg + rng.integers(90, 166, size=3)) % 256  # a colour far enough from the digit's
+                img = Image.new("RGB", (image_size, image_size), tuple(int(c) for c in bg))
+                font = fonts[int(rng.integers(min(fonts), max(fonts) + 1))]
+                box = ImageDraw.Draw(img).textbbox((0, 0), str(digit), font=font)
+                w, h = int(box[2] - box[0]), int(box[3] - box[1])
+                x = int(rng.integers(0, max(1, image_size - w))) - int(box[0])
+                y = int(rng.integers(0, max(1, image_size - h))) - int(box[1])
+                ImageDraw.Draw(img).text((x, y), str(digit), fill=tuple(int(c) for c in fg), font=font)
+                img.save(root / "img" / f"{sid}.png")
+                row = {"id": sid, "image": f"img/{sid}.png", "label": digit, "text": words["en"][digit]}
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        out[split] = path
+    with open(root / "parallel.jsonl", "w") as fh:
+        for lang, names in words.items():
+            for digit, word in enumerate(names):
+                row = {"text": word, "english": words["en"][digit], "lang": lang, "label": digit}
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    out["parallel"] = root / "parallel.jsonl"
+    for lang, names in words.items():
+        prompts = {en: [word] for en, word in zip(words["en"], names)}
+        (root / "prompts" / f"{lang}.json").write_text(json.dumps(prompts, ensure_ascii=False) + "\n")
+    return out
+
+
 def make_demo_dataset(
     root: str | Path, n_train: int = 256, n_valid: int = 64, seed: int = 0, image_size: int = 64, video: bool = True
 ) -> dict[str, Path]:

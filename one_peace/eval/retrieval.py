@@ -65,9 +65,9 @@ class RetrievalEvaluator:
     def _check(self, ctx: EvalContext) -> None:
         have = list(getattr(ctx.model, "adapters", {}) or [])
         for side in self.pair:  # a fused side (video+audio) needs each of its modalities
-            missing = [m for m in side.split("+") if have and m not in have]
-            if missing:
-                raise ValueError(f"pair: the model has no {missing[0]!r} modality (it has {have})")
+            absent = [m for m in side.split("+") if have and m not in have]
+            if absent:
+                raise ValueError(f"pair: the model has no {absent[0]!r} modality (it has {have})")
         if not ctx.rows:
             raise ValueError("data: no rows to evaluate (an empty manifest, or limit=0)")
         for m in (m for side in self.pair for m in side.split("+")):

@@ -7,6 +7,7 @@ starts (:func:`check_config`), with errors naming the key.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +131,11 @@ def task_needs(cfg: DictConfig, spec: Any) -> dict[str, Any]:
         raise ValueError(f"task.type must be 'seq2seq', 'objectives' or 'multitask', got {kind!r}")
     data = spec.get("data") or {}
     fields = {str(k): str(v) for k, v in (data.get("fields") or {}).items()} or data_fields(cfg)
+    entries = [dict(to_container(e)) for e in (spec.get("objectives") or {}).values()]
     return {
         "kind": kind,
         "fields": fields,
-        "passthrough": [],
+        "passthrough": sorted({str(e["teacher_field"]) for e in entries if e.get("teacher_field")}),
         "modalities": list(fields),
         "text_fields": [f for m, f in fields.items() if get_plugin(m).needs_tokenizer],
         "plain": [],
@@ -149,8 +151,9 @@ def task_specs(cfg: DictConfig) -> dict[str, Any]:
     return {str(cfg.recipe_name): cfg.task}
 
 
-def objectives_task(cfg: DictConfig, spec: Any, model: OnePeaceModel) -> Any:
-    """A :class:`~one_peace.train.task.Task` with the section's objectives (and the denoising decoder)."""
+def objectives_task(cfg: DictConfig, spec: Any, model: OnePeaceModel, teacher: Any = None) -> Any:
+    """A :class:`~one_peace.train.task.Task` with the section's objectives (and the denoising decoder); ``teacher``
+    (``model.retokenize``) goes to the objectives that take one (``distill_text``)."""
     from one_peace.models.decoder import DecoderConfig, DenoiseDecoder
     from one_peace.train.objectives import OBJECTIVES
     from one_peace.train.task import Task
@@ -167,6 +170,8 @@ def objectives_task(cfg: DictConfig, spec: Any, model: OnePeaceModel) -> Any:
             )
         if "modalities" in entry:
             entry["modalities"] = tuple(entry["modalities"])
+        if "teacher" in inspect.signature(OBJECTIVES[name]).parameters:
+            entry["teacher"] = teacher
         try:
             objectives[key] = (OBJECTIVES[name](**entry), weight)
         except TypeError as exc:
@@ -189,14 +194,16 @@ def objectives_task(cfg: DictConfig, spec: Any, model: OnePeaceModel) -> Any:
     return Task(model, objectives, decoder=decoder, seed=cfg.seed)
 
 
-def build_task(cfg: DictConfig, spec: Any, needs: dict[str, Any], model: OnePeaceModel, tokenizer: Any) -> Any:
-    """The task module of one task section."""
+def build_task(
+    cfg: DictConfig, spec: Any, needs: dict[str, Any], model: OnePeaceModel, tokenizer: Any, teacher: Any = None
+) -> Any:
+    """The task module of one task section (``teacher``: see :func:`objectives_task`)."""
     if needs["kind"] == "seq2seq":
         from one_peace.train.seq2seq_task import Seq2SeqTask
 
         decoder = dict(to_container(spec.decoder)) if spec.get("decoder") is not None else {}
         return Seq2SeqTask(model, tokenizer, needs["instruction"], decoder, spec.label_smoothing, cfg.seed)
-    return objectives_task(cfg, spec, model)
+    return objectives_task(cfg, spec, model, teacher)
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -456,3 +463,33 @@ def generator_records(
             record["baseline"] = {TEXT_TARGET: Counter(refs).most_common(1)[0][0] if refs else None}
         records[name] = record
     return records
+
+
+def retokenize(model: OnePeaceModel, tokenizer: Any, say: Any = print) -> OnePeaceModel:
+    """``model.retokenize``: a frozen copy of ``model`` (the teacher, returned), then ``model`` reads text with
+    ``tokenizer``: its text adapter is built anew for the new vocabulary, keeping every tensor whose name and shape
+    agree (positions, CLS, relative table); the token table starts from random. Nothing else changes."""
+    import copy
+
+    from one_peace.checkpoint import tokenizer_modality
+
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    modality = tokenizer_modality(model.config)
+    old = model.adapters[modality]
+    options = model.config.modality_options.setdefault(modality, {})
+    before = options.get("vocab_size")
+    options["vocab_size"] = int(tokenizer.vocab_size)
+    siblings = {k: v for k, v in model.adapters.items() if k != modality}
+    new = model.plugins[modality].build_adapter(model.config, siblings)
+    theirs = old.state_dict()
+    kept = {k: v for k, v in new.state_dict().items() if k in theirs and theirs[k].shape == v.shape}
+    new.load_state_dict({**new.state_dict(), **{k: theirs[k] for k in kept}})
+    ref = next(old.parameters())
+    model.adapters[modality] = new.to(ref.device, ref.dtype)
+    model.tokenizer = tokenizer
+    model._preprocessors.clear()
+    say(
+        f"model.retokenize: {modality} now reads a {tokenizer.vocab_size}-token vocabulary (was {before}); its adapter "
+        f"keeps {len(kept)} of {len(theirs)} tensors, the token table starts anew; the pretrained model is the teacher"
+    )
+    return teacher

@@ -39,6 +39,9 @@ class ModelSection:
         attn_backend: ``sdpa``, ``flex`` (FlexAttention) or ``xformers`` (CUDA only); a runtime choice.
         pretrained: Start from an official ``.pt`` file or one of our checkpoint folders (its own size).
         bpe_dir: Folder with the official GPT-2 BPE files (official checkpoints).
+        retokenize: With ``pretrained``: text is read with a new tokenizer trained on this run's text
+            (``data.vocab_size``), the text adapter built anew for it; the pretrained model, frozen, is the teacher of
+            ``distill_text`` (the ``add_language`` recipe).
     """
 
     size: str = "tiny"
@@ -52,6 +55,7 @@ class ModelSection:
     attn_backend: str = "sdpa"
     pretrained: Optional[str] = None  # noqa: UP045
     bpe_dir: Optional[str] = None  # noqa: UP045
+    retokenize: bool = False
 
 
 @dataclass

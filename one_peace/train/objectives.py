@@ -377,3 +377,73 @@ def denoise_loss(
     with torch.no_grad():
         acc = (correct.float() * rows).sum() / n.clamp(min=1)
     return loss, {"acc": acc, "tokens": n}
+
+
+@register_objective("distill_text")
+class TextDistillObjective(Objective):
+    """Teach a text branch new words: each row's sentence (any language) is embedded as a frozen teacher embeds its
+    English counterpart (``teacher_field``): the loss is 1 - cosine of the two normalised embeddings.
+
+    The ``add_language`` recipe gives the teacher (the pretrained model before its text adapter was made anew for a
+    new tokenizer) and trains the text branch only, so every other modality keeps its weights bitwise and the new
+    words land where the English ones were. Teacher embeddings are computed once per distinct English text (kept on
+    the host, at most ``cache_size``).
+
+    Args:
+        teacher_field: The row field holding the English text.
+        modality: The text modality.
+        teacher: The frozen teacher model (not a submodule: never trained, never saved with the task).
+        cache_size: Distinct English texts whose teacher embeddings are kept.
+    """
+
+    def __init__(
+        self, teacher_field: str = "english", modality: str = "text", teacher: Any = None, cache_size: int = 100_000
+    ) -> None:
+        super().__init__()
+        if teacher is None:
+            raise ValueError(
+                "distill_text needs a teacher: start from model.pretrained=<the English model> with "
+                "model.retokenize=true"
+            )
+        self.teacher_field, self.modality, self.cache_size = teacher_field, modality, cache_size
+        object.__setattr__(self, "_teacher", teacher)
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def uses(self) -> set[str] | None:
+        """The text head (the teacher is outside the model)."""
+        return {f"head.{self.modality}"}
+
+    def views(self) -> list[View]:
+        """One unmasked pass of the text."""
+        return [View(self.modality, (self.modality,))]
+
+    def targets(self, texts: list[str], device: torch.device) -> torch.Tensor:
+        """The teacher's normalised embeddings of ``texts`` ``(B, D)`` on ``device``."""
+        teacher = self.__dict__["_teacher"]
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        if missing:
+            if len(self._cache) + len(missing) > self.cache_size:
+                self._cache.clear()
+            with torch.no_grad():
+                found = teacher.encode(self.modality, missing).float().cpu()
+            self._cache.update(zip(missing, found))
+        return torch.stack([self._cache[t] for t in texts]).to(device)
+
+    def forward(
+        self,
+        outputs: Mapping[str, Any],
+        model: nn.Module,
+        batch: Mapping[str, Any],
+        cache: FeatureCache | None = None,
+    ) -> tuple[torch.Tensor, Logs]:
+        """Mean of 1 - cosine over the valid rows; logs the mean cosine."""
+        student = model.embed(self.modality, outputs[self.modality].hidden[self.modality])  # type: ignore[operator]
+        raw = batch.get("raw") or {}
+        if self.teacher_field not in raw:
+            raise KeyError(f"distill_text: the batch has no {self.teacher_field!r} field (teacher_field)")
+        target = self.targets([str(t) for t in raw[self.teacher_field]], student.device).to(student.dtype)
+        cos = (student * target).sum(-1)
+        valid = batch.get("valid")
+        v = torch.ones_like(cos, dtype=torch.bool) if valid is None else valid.to(cos.device).bool()
+        loss = ((1.0 - cos) * v).sum() / v.sum().clamp(min=1)
+        return loss, {"cosine": (cos * v).sum().detach() / v.sum().clamp(min=1)}
