@@ -265,9 +265,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--valid", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-video", action="store_true")
+    p.add_argument(
+        "--kind",
+        choices=("shapes", "av", "numbers"),
+        default="shapes",
+        help="shapes (the default demo), av (audio-visual clips, the av_fusion recipe's) or numbers (digits and "
+        "number words in six languages, the add_language recipe's; the languages extra)",
+    )
     args = p.parse_args(argv)
-    paths = make_demo_dataset(args.out_dir, args.train, args.valid, args.seed, video=not args.no_video)
+    if args.kind == "av":
+        paths = make_av_dataset(args.out_dir, args.train, args.valid, args.seed)
+    elif args.kind == "numbers":
+        paths = make_numbers_dataset(args.out_dir, args.train, args.valid, args.seed)
+    else:
+        paths = make_demo_dataset(args.out_dir, args.train, args.valid, args.seed, video=not args.no_video)
     print(f"wrote {paths['train']} ({args.train} rows) and {paths['valid']} ({args.valid} rows)")
+    if "parallel" in paths:
+        prompts = Path(args.out_dir) / "prompts"
+        print(f"and {paths['parallel']} (parallel number words) with zero-shot prompts in {prompts}")
     return 0
 
 
@@ -275,4 +290,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["make_demo_dataset"]
+__all__ = ["make_av_dataset", "make_demo_dataset", "make_numbers_dataset"]
