@@ -325,7 +325,7 @@ def segment_spec_of(cfg: EmbedConfig, model: Any) -> Any:
         if cfg.segments.hop is not None or cfg.segments.min_length is not None:
             raise ValueError("segments: hop and min_length need segments.window")
         return None
-    from one_peace.models.encoding import segment_spec
+    from one_peace.segments import segment_spec
 
     return segment_spec(model, cfg.modality, vars(cfg.segments))
 

@@ -17,7 +17,7 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from one_peace.runner import build
+from one_peace.runner import build, records
 from one_peace.runner.config import register
 from one_peace.runner.distributed import barrier, init_distributed, rank0_first, shutdown
 from one_peace.runner.outputs import OutputDirInUse, lock_output_dir, prepare_output_dir, record_config
@@ -78,7 +78,9 @@ def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
         raise ValueError("model.retokenize: needs model.pretrained (the model whose text is taught a new tokenizer)")
     if model is not None and cfg.model.get("retokenize"):
         tokenizer = rank0_first(rank, world, build.build_tokenizer, cfg, train, text_fields, out, plain)
-        teacher = build.retokenize(model, tokenizer, say)
+        from one_peace.train.distill import make_student
+
+        teacher = make_student(model, tokenizer, say)
     elif model is not None:
         tokenizer = model.tokenizer
     else:
@@ -104,7 +106,7 @@ def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
             data.get("valid") or valid, config=build.loader_config(cfg, tcfg.batch_size, train=False), **common
         )
         held.append(eval_loaders[name])
-    say(f"{build.parameter_summary(model, tasks)}; writing to {out.resolve()}")
+    say(f"{records.parameter_summary(model, tasks)}; writing to {out.resolve()}")
     if multi:
         from one_peace.train.multitask import MultiLoader, MultiTask
 
@@ -119,8 +121,8 @@ def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
     valid_of = {
         name: ((spec.get("data") or {}).get("valid") if multi else None) or valid for name, spec in specs.items()
     }
-    model.trained_with = build.trained_for(cfg, specs)  # written into every checkpoint's config.json, with
-    generators = build.generator_records(specs, needs, tasks, train_of, multi)  # what generation needs
+    model.trained_with = records.trained_for(cfg, specs)  # written into every checkpoint's config.json, with
+    generators = records.generator_records(specs, needs, tasks, train_of, multi)  # what generation needs
     if generators:
         model.trained_with["generators"] = generators
 

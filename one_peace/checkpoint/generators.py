@@ -1,7 +1,7 @@
 """The seq2seq decoders of a checkpoint folder: their records (``config.json`` ``trained.generators``) and weights.
 
 A seq2seq run writes, per task, a record of what generation needs (instruction, decoder sizes, the weights' file and
-key prefix, decoding settings, closed set, baselines; :func:`one_peace.runner.build.generator_records`) and the
+key prefix, decoding settings, closed set, baselines; :func:`one_peace.runner.records.generator_records`) and the
 decoder's tensors in ``task.safetensors``. Loading keeps the records on the model (:func:`attach_generators`);
 :mod:`one_peace.generation` builds a decoder from them when it is first asked to generate.
 """

@@ -266,7 +266,9 @@ def encode(
     if not items:
         raise ValueError(f"no {modality} inputs given")
     if segments is not None:
-        return _encode_segments(model, modality, items, segments, batch_size, normalize, output, progress, precision)
+        from one_peace.segments import encode_segments
+
+        return encode_segments(model, modality, items, segments, batch_size, normalize, output, progress, precision)
     prep = preprocessor(model, modality)
     split = chunker(model, modality) if long_text == "chunks" else None
     truncated = 0
@@ -297,67 +299,6 @@ def encode(
         )
     out = torch.stack(rows)
     return out.float().cpu().numpy() if output == "numpy" else out
-
-
-def segment_spec(model: OnePeaceModel, modality: str, segments: Any) -> Any:
-    """``segments`` (seconds, a mapping or a spec) resolved against the modality's defaults.
-
-    Raises:
-        ValueError: a modality without a time axis, or a malformed spec.
-    """
-    from one_peace.segments import SegmentSpec
-
-    defaults = model.plugins[modality].segment_defaults(model.config)
-    if defaults is None:
-        raise ValueError(f"segments: the {modality!r} modality has no time axis (audio and video have)")
-    spec = SegmentSpec.parse(segments)
-    return (spec or defaults).resolved(defaults)
-
-
-def _encode_segments(
-    model: OnePeaceModel,
-    modality: str,
-    items: list[Any],
-    segments: Any,
-    batch_size: int,
-    normalize: bool,
-    output: str,
-    progress: bool,
-    precision: str | None,
-) -> Any:
-    """:func:`encode` with ``segments``: one row per window of every item, windows decoded as they are embedded."""
-    from one_peace.segments import SegmentEmbeddings
-
-    spec = segment_spec(model, modality, segments)
-    plugin = model.plugins[modality]
-    prep = preprocessor(model, modality)
-    spans: dict[tuple[int, int], tuple[float, float]] = {}
-
-    def samples() -> Iterator[tuple[tuple[int, int], list[dict[str, Any]]]]:
-        for i, item in enumerate(items):
-            try:
-                for k, seg in enumerate(plugin.iter_segments(item, model.config, spec)):
-                    spans[(i, k)] = (seg.start, seg.end)
-                    yield (i, k), [prep(seg.item)]
-            except DataError as exc:
-                raise type(exc)(f"{modality} input {i}: {exc}") from exc
-
-    stream: Iterable[tuple[tuple[int, int], list[dict[str, Any]]]] = samples()
-    if progress:
-        from tqdm import tqdm
-
-        stream = tqdm(stream, desc=f"encode {modality} segments", unit="segment")
-    keys, rows = [], []
-    for key, emb in embed_samples(model, modality, stream, batch_size, normalize, False, precision, window_batches=1):
-        keys.append(key)
-        rows.append(emb)
-    vectors = torch.stack(rows)
-    return SegmentEmbeddings(
-        vectors.float().cpu().numpy() if output == "numpy" else vectors,
-        [i for i, _ in keys],
-        [spans[k][0] for k in keys],
-        [spans[k][1] for k in keys],
-    )
 
 
 def embed_fused_samples(
