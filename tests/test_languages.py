@@ -76,7 +76,7 @@ def test_new_languages_reach_80_percent_of_english_and_english_holds(tmp_path):
     after add_language, and English drops by at most 2 points."""
     from one_peace.data.demo import NUMBER_LANGUAGES, make_numbers_dataset
 
-    data = make_numbers_dataset(tmp_path / "data", 2000, 1000)
+    data = make_numbers_dataset(tmp_path / "data", 16000, 1000)  # fewer images: the tiny model overfits (0.59 at 8k)
     english = _run(
         "vl_contrastive",
         tmp_path / "en",
@@ -85,12 +85,15 @@ def test_new_languages_reach_80_percent_of_english_and_english_holds(tmp_path):
         "data.fields={image:image,text:text}",
         "data.image_size=64",
         "model.layer_scale_init=0.1",
-        "trainer.max_steps=600",
+        "trainer.max_steps=2500",
+        "trainer.lr=2e-3",
         "trainer.batch_size=64",
         "eval.max_samples=200",
     )
     base = _accuracy(english["checkpoint"], tmp_path / "data", "en")
     assert base >= 0.6, base
+    before = {lang: _accuracy(english["checkpoint"], tmp_path / "data", lang) for lang in NUMBER_LANGUAGES}
+    assert max(before.values()) < 0.5, before  # the English model does not read them (a few words are shared)
     taught = _run(
         "add_language",
         tmp_path / "multi",
@@ -98,6 +101,6 @@ def test_new_languages_reach_80_percent_of_english_and_english_holds(tmp_path):
         f"data.train={data['parallel']}",
     )
     scores = {lang: _accuracy(taught["checkpoint"], tmp_path / "data", lang) for lang in ("en", *NUMBER_LANGUAGES)}
-    print(f"zero-shot digits: English before {base:.3f}; after: {scores}")
+    print(f"zero-shot digits: English model: English {base:.3f}, others {before}; after add_language: {scores}")
     assert scores["en"] >= base - 0.02, (base, scores)
     assert all(scores[lang] >= 0.8 * scores["en"] for lang in NUMBER_LANGUAGES), scores
