@@ -76,8 +76,13 @@ def _run(cfg: DictConfig, held: list[Any]) -> dict[str, Any]:
     teacher = None
     if cfg.model.get("retokenize") and model is None:
         raise ValueError("model.retokenize: needs model.pretrained (the model whose text is taught a new tokenizer)")
+    if cfg.model.get("tokenizer_file") and not cfg.model.get("retokenize"):
+        raise ValueError("model.tokenizer_file: only with model.retokenize=true (the add_language recipe)")
     if model is not None and cfg.model.get("retokenize"):
-        tokenizer = rank0_first(rank, world, build.build_tokenizer, cfg, train, text_fields, out, plain)
+        if cfg.model.get("tokenizer_file"):
+            tokenizer = build.tokenizer_from_file(cfg, model)
+        else:
+            tokenizer = rank0_first(rank, world, build.build_tokenizer, cfg, train, text_fields, out, plain)
         from one_peace.train.distill import make_student
 
         teacher = make_student(model, tokenizer, say)

@@ -68,6 +68,27 @@ def test_retokenize_rebuilds_the_text_adapter_and_distills_from_the_teacher(tmp_
     lines = [json.loads(x) for x in (tmp_path / "de" / "metrics.jsonl").read_text().splitlines()]
     assert all(0 <= x["distill/loss"] <= 2 and -1 <= x["distill/cosine"] <= 1 for x in lines)
 
+    # the other route: a tokenizer file made elsewhere (here a BPE of another size over the same words)
+    from one_peace.adapters.text import TextTokenizer
+
+    rows = [json.loads(x) for x in data["parallel"].read_text().splitlines()]
+    (tmp_path / "tok").mkdir()
+    TextTokenizer.train([r["text"] for r in rows], vocab_size=290).save(tmp_path / "tok")
+    from_file = _run(
+        "add_language",
+        tmp_path / "file",
+        f"model.pretrained={english['checkpoint']}",
+        f"data.train={data['parallel']}",
+        f"model.tokenizer_file={tmp_path / 'tok' / 'tokenizer.json'}",
+        "trainer.max_steps=1",
+        *small[1:],
+    )
+    loaded = one_peace.load(from_file["checkpoint"])
+    expected = TextTokenizer.from_file(tmp_path / "tok" / "tokenizer.json")
+    assert loaded.tokenizer.vocab_size == expected.vocab_size and loaded.tokenizer.encode("sieben") == expected.encode(
+        "sieben"
+    )
+
 
 @pytest.mark.slow
 def test_new_languages_reach_80_percent_of_english_and_english_holds(tmp_path):

@@ -41,6 +41,19 @@ def demo_data(cfg: DictConfig, out: Path) -> tuple[str, str]:
     return str(root / "train.jsonl"), str(root / "valid.jsonl")
 
 
+def tokenizer_from_file(cfg: DictConfig, model: OnePeaceModel) -> Any:
+    """``model.tokenizer_file``: the text plugin's tokenizer read from that file (errors name the key)."""
+    from one_peace.checkpoint import tokenizer_modality
+
+    path = Path(str(cfg.model.tokenizer_file))
+    if not path.is_file():
+        raise FileNotFoundError(f"model.tokenizer_file: {path} is not a file (a tokenizer.json)")
+    try:
+        return model.plugins[tokenizer_modality(model.config)].load_tokenizer(path)
+    except Exception as exc:  # the tokenizers library raises its own exception type
+        raise ValueError(f"model.tokenizer_file: {path} cannot be read as a tokenizer ({exc})") from None
+
+
 def data_fields(cfg: DictConfig) -> dict[str, str]:
     """``modality -> field``: ``data.fields``, else ``{<modality>: data.modality_field, text: data.text_field}``."""
     fields = {str(k): str(v) for k, v in (cfg.data.fields or {}).items()}

@@ -42,6 +42,8 @@ class ModelSection:
         retokenize: With ``pretrained``: text is read with a new tokenizer trained on this run's text
             (``data.vocab_size``), the text adapter built anew for it; the pretrained model, frozen, is the teacher of
             ``distill_text`` (the ``add_language`` recipe).
+        tokenizer_file: With ``retokenize``: read text with this tokenizer (a ``tokenizer.json`` of the tokenizers
+            library, e.g. a multilingual BPE trained on a larger corpus) instead of one trained on the run's text.
     """
 
     size: str = "tiny"
@@ -56,6 +58,7 @@ class ModelSection:
     pretrained: Optional[str] = None  # noqa: UP045
     bpe_dir: Optional[str] = None  # noqa: UP045
     retokenize: bool = False
+    tokenizer_file: Optional[str] = None  # noqa: UP045
 
 
 @dataclass
