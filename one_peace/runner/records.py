@@ -33,6 +33,10 @@ def parameter_summary(model: OnePeaceModel, tasks: dict[str, Any]) -> str:
     return f"model: {total:,} parameters ({', '.join(f'{k} {v:,}' for k, v in counts.items())})"
 
 
+#: objective -> the use it trains the model for (distill_text keeps the teacher's cross-modal alignment in new words)
+USES = {"contrastive": "retrieval", "distill_text": "retrieval", "denoise": "denoising"}
+
+
 def trained_for(cfg: DictConfig, specs: dict[str, Any]) -> dict[str, Any]:
     """What the run trains the model for, recorded in its checkpoints' ``config.json`` (``trained``): the recipe and
     its uses: ``retrieval`` (a contrastive objective aligns modalities), ``generation`` (a seq2seq task),
@@ -43,7 +47,7 @@ def trained_for(cfg: DictConfig, specs: dict[str, Any]) -> dict[str, Any]:
             uses.add("generation")
         for entry in (spec.get("objectives") or {}).values():
             name = dict(to_container(entry)).get("name")
-            uses.add({"contrastive": "retrieval", "denoise": "denoising"}.get(str(name), str(name)))
+            uses.add(USES.get(str(name), str(name)))
     return {"recipe": str(cfg.recipe_name), "uses": sorted(uses)}
 
 
