@@ -470,11 +470,15 @@ class AudioModality(ModalityPlugin):
         """Windows of ``max_seconds`` (the longest clip the model reads), no overlap, a last one kept from 1 s."""
         return SegmentSpec(float(self.options(config)["max_seconds"]), None, 1.0)
 
-    def iter_segments(self, value: Any, config: ModelConfig, spec: SegmentSpec) -> Iterator[Segment]:
-        """Windows of ``(waveform, rate)`` read block by block (each then preprocessed as a clip of its own)."""
+    def check_segments(self, spec: SegmentSpec, config: ModelConfig) -> None:
+        """A window no longer than ``max_seconds`` (the longest clip the model reads)."""
         longest = float(self.options(config)["max_seconds"])
         if spec.window > longest + 1e-9:
             raise ValueError(f"segments.window {spec.window:g} s is longer than audio max_seconds {longest:g} s")
+
+    def iter_segments(self, value: Any, config: ModelConfig, spec: SegmentSpec) -> Iterator[Segment]:
+        """Windows of ``(waveform, rate)`` read block by block (each then preprocessed as a clip of its own)."""
+        self.check_segments(spec, config)
         chunks, rate = audio_chunks(value)
         return stream_windows(chunks, rate, spec)
 

@@ -259,6 +259,10 @@ class ModalityPlugin:
         ``None`` (the default): its inputs have no time axis and are never cut into segments."""
         return None
 
+    def check_segments(self, spec: SegmentSpec, config: ModelConfig) -> None:
+        """Refuse (``ValueError``) a resolved spec this modality cannot take, before any work (audio: a window longer
+        than ``max_seconds``). The default takes any."""
+
     def iter_segments(self, value: Any, config: ModelConfig, spec: SegmentSpec) -> Iterator[Segment]:
         """Yield the windows of one resolved input (``spec`` resolved), each decoded on its own: memory stays bounded
         by the window for any length. Only for modalities whose :meth:`segment_defaults` is not ``None``.

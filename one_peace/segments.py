@@ -171,13 +171,14 @@ def segment_spec(model: OnePeaceModel, modality: str, segments: Any) -> Any:
     """``segments`` (seconds, a mapping or a spec) resolved against the modality's defaults.
 
     Raises:
-        ValueError: a modality without a time axis, or a malformed spec.
+        ValueError: a modality without a time axis, a malformed spec, or one the modality cannot take.
     """
     defaults = model.plugins[modality].segment_defaults(model.config)
     if defaults is None:
         raise ValueError(f"segments: the {modality!r} modality has no time axis (audio and video have)")
-    spec = SegmentSpec.parse(segments)
-    return (spec or defaults).resolved(defaults)
+    spec = (SegmentSpec.parse(segments) or defaults).resolved(defaults)
+    model.plugins[modality].check_segments(spec, model.config)  # e.g. audio windows no longer than max_seconds
+    return spec
 
 
 def encode_segments(

@@ -125,6 +125,14 @@ def test_segments_need_a_time_axis_and_a_window_the_model_takes(tmp_path):
         model.encode("text", ["a"], segments=10)
     with pytest.raises(ValueError, match="longer than audio max_seconds 15"):
         model.encode("audio", [np.zeros(RATE * 20, dtype=np.float32)], segments=20)
+    from one_peace.embed import EmbedConfig, embed
+
+    (tmp_path / "d.jsonl").write_text(json.dumps({"id": "a", "audio": "a.wav"}) + "\n")
+    cfg = EmbedConfig(checkpoint=str(tmp_path / "ck"), data=str(tmp_path / "d.jsonl"), modality="audio", out="o")
+    cfg.out, cfg.segments.window = str(tmp_path / "o"), 20
+    with pytest.raises(ValueError, match="longer than audio max_seconds 15"):
+        embed(cfg)
+    assert not (tmp_path / "o").exists()  # refused before the folder was made
     with pytest.raises(ValueError, match="min_length"):
         model.encode("audio", [np.zeros(RATE, dtype=np.float32)], segments={"window": 5, "min_length": 6})
 
