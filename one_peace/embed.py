@@ -33,7 +33,14 @@ from one_peace.errors import DataError, UndecodableMedia, bad_record
 from one_peace.models.precision import PRECISIONS
 from one_peace.registry import get_plugin
 from one_peace.retrieval.folder import prepare_folder, update_index
-from one_peace.retrieval.format import DUPLICATE_POLICIES, model_hash, row_metadata, schema_json
+from one_peace.retrieval.format import (
+    DUPLICATE_POLICIES,
+    RESERVED_COLUMNS,
+    SEGMENT_COLUMNS,
+    model_hash,
+    row_metadata,
+    schema_json,
+)
 from one_peace.retrieval.store import EmbeddingStore
 from one_peace.tokenizer import LANGUAGE
 
@@ -254,7 +261,8 @@ class _Embedder:
                     bad.append(bad_record(item_id, got, modality, row=pos))
                     continue
                 group, (src, kind) = got
-                fields = row_metadata(row, skip=(self.field,) if self.media else ())
+                reserved = RESERVED_COLUMNS + (SEGMENT_COLUMNS if self.segments is not None else ())
+                fields = row_metadata(row, skip=(self.field,) if self.media else (), reserved=reserved)
                 record = {**fields, "id": item_id, "row": pos, "source": src, "source_kind": kind}
                 located = (row.get("__members__") or {}).get(self.field)
                 if kind == "shard" and located:

@@ -338,16 +338,7 @@ def test_row_fields_never_overwrite_what_embed_computed(tiny_checkpoint, tmp_pat
     ]
     manifest = _images(tmp_path / "d", rows)
     info = _embed(tiny_checkpoint, manifest, tmp_path / "e", id_field="key")
-    assert info["format"] == 2 and info["reserved"] == [
-        "id",
-        "row",
-        "source",
-        "source_kind",
-        "source_member",
-        "parent_id",  # timed segments (#28)
-        "start",
-        "end",
-    ]
+    assert info["format"] == 2 and info["reserved"] == ["id", "row", "source", "source_kind", "source_member"]
     index = open_index(tmp_path / "e")
     meta = index.store.metadata(2)
     assert meta["id"] == "k2" and meta["row"] == 2 and meta["source"] == str((tmp_path / "d" / "2.png").resolve())

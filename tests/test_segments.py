@@ -88,11 +88,9 @@ def test_a_query_for_the_fourth_sound_returns_its_segment(tmp_path):
     cfg.segments.window, cfg.segments.hop = 10, 5
     cfg.progress, cfg.workers, cfg.precision = False, 0, "fp32"
     info = embed(cfg)
-    assert info["count"] == 11 + 3 and info["segments"] == {
-        "window": 10.0,
-        "hop": 5.0,
-        "min": 1.0,
-    }  # 0..50 by 5; 0,5,10+7s
+    # long: starts 0, 5, ..., 50; other (17 s): 0-10, 5-15, 10-17
+    assert info["count"] == 11 + 3 and info["segments"] == {"window": 10.0, "hop": 5.0, "min": 1.0}
+    assert info["reserved"][-3:] == ["parent_id", "start", "end"]  # a row's own "start" goes to field.start
     top = open_index(tmp_path / "e").search({"audio": str(tmp_path / "query.wav")}, top_k=3)[0]
     assert top.id == "long#t=30,40" and abs(top.metadata["start"] - 30) <= 1
     assert top.metadata["parent_id"] == "long" and top.metadata["end"] == 40.0

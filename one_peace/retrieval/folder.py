@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from one_peace.data.shards import files_identity, same_identity, source_files
-from one_peace.retrieval.format import FORMAT_VERSION, RESERVED_COLUMNS, model_hash
+from one_peace.retrieval.format import FORMAT_VERSION, RESERVED_COLUMNS, SEGMENT_COLUMNS, model_hash
 from one_peace.retrieval.store import EmbeddingStore
 
 __all__ = ["model_hash", "prepare_folder", "update_index"]
@@ -61,7 +61,7 @@ def prepare_folder(
             },
             "plugin": plugin.record(model.config),
             "plugins": {m: p.record(model.config) for m, p in model.plugins.items()},
-            "reserved": list(RESERVED_COLUMNS),
+            "reserved": list(RESERVED_COLUMNS) + (list(SEGMENT_COLUMNS) if segments is not None else []),
             "duplicate_ids": cfg.duplicate_ids,
             "segments": cut,
             "schema": {},

@@ -34,18 +34,22 @@ FORMAT_VERSION = 2
 #: formats this version reads (format 1 folders are read as they are: no schema, no plugin record)
 READABLE = (1, 2)
 #: metadata columns embed computes; a row field of one of these names is stored as ``field.<name>``
-RESERVED_COLUMNS = ("id", "row", "source", "source_kind", "source_member", "parent_id", "start", "end")
+RESERVED_COLUMNS = ("id", "row", "source", "source_kind", "source_member")
+#: the columns of timed segments' rows, reserved too in folders cut into segments (``embed segments.window=``)
+SEGMENT_COLUMNS = ("parent_id", "start", "end")
 DUPLICATE_POLICIES = ("error", "keep")
 
 
-def row_metadata(row: Mapping[str, Any], skip: Sequence[str] = ()) -> dict[str, Any]:
+def row_metadata(
+    row: Mapping[str, Any], skip: Sequence[str] = (), reserved: Sequence[str] = RESERVED_COLUMNS
+) -> dict[str, Any]:
     """A row's own fields for the metadata: internal (``__x__``) and byte fields dropped, ``skip`` dropped, reserved
     names moved to ``field.<name>``."""
     out: dict[str, Any] = {}
     for key, value in row.items():
         if key.startswith("__") or isinstance(value, bytes | bytearray) or key in skip:
             continue
-        out[f"field.{key}" if key in RESERVED_COLUMNS else key] = value
+        out[f"field.{key}" if key in reserved else key] = value
     return out
 
 
