@@ -161,7 +161,6 @@ def evaluate_generator(
             bad.append({"id": row.get("id", f"#{number}"), "row": number, "reason": f"no {target!r} field"})
         else:
             usable.append((number, row))
-    refs: dict[int, Any] = {}
     outputs: dict[int, Any] = {}
     for number, got in generator.stream(usable, settings, base_dir, batch_size):
         if isinstance(got, DataError):
@@ -175,8 +174,7 @@ def evaluate_generator(
         for number, got in outputs.items():
             row = rows[number]
             size = got.image_size  # the row's width/height, else the image's own
-            refs[number] = dequantize_box(quantize_box(row[target], size), size)  # as the validation scores it
-            pairs.append((got.box, refs[number]))
+            pairs.append((got.box, dequantize_box(quantize_box(row[target], size), size)))  # as the validation does
         train_boxes = [r[target] for r in train_rows or [] if isinstance(r.get(target), list | tuple)]
         if train_boxes:
             mean_box, source = [float(np.mean([b[i] for b in train_boxes])) for i in range(4)], "train"

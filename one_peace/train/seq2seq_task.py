@@ -16,7 +16,6 @@ from one_peace.models.seq2seq import (
     Seq2SeqConfig,
     TextDecoder,
     Trie,
-    generate,
     generate_scored,
     seq2seq_loss,
     shift_right,
@@ -151,16 +150,13 @@ class Seq2SeqTask(nn.Module):
         from one_peace.train.instructions import dequantize_box
 
         rendered = self._render(batch)
-        memory, pad = self._encode_batch(batch, rendered)
-        out = generate(self.decoder, memory, pad, beam=beam, max_len=6)
+        out = self.generate_rendered(batch, rendered, beam=beam, max_len=6)
         raw = batch["raw"]
         results = []
-        for i, ids in enumerate(out):
+        for i, (ids, _) in enumerate(out):
             size = (int(raw["width"][i]), int(raw["height"][i]))
-            bins = [t - self.text_vocab for t in ids if t >= self.text_vocab][:4]
             ref = next(v for v, _ in rendered[i]["target"] if isinstance(v, list))
-            pred = dequantize_box(bins, size) if len(bins) == 4 else None
-            results.append((pred, dequantize_box(ref, size)))
+            results.append((self.decode_box(ids, size), dequantize_box(ref, size)))
         return results
 
     @torch.no_grad()
@@ -168,11 +164,9 @@ class Seq2SeqTask(nn.Module):
         self, batch: Mapping[str, Any], beam: int = 1, max_len: int = 30, closed_set: list[str] | None = None
     ) -> list[str]:
         """Generated target text per sample (closed-set constrained when ``closed_set`` is given)."""
-        rendered = self._render(batch)
-        memory, pad = self._encode_batch(batch, rendered)
-        trie = Trie([self._ids([c]) for c in closed_set]) if closed_set else None
-        out = generate(self.decoder, memory, pad, beam=beam, max_len=max_len, trie=trie)
-        return [self.tokenizer.decode([i for i in ids if i < self.text_vocab]) for ids in out]
+        trie = self.trie(closed_set) if closed_set else None
+        out = self.generate_rendered(batch, self._render(batch), beam=beam, max_len=max_len, trie=trie)
+        return [self.decode_text(ids) for ids, _ in out]
 
     @torch.no_grad()
     def generate_rendered(
